@@ -1,0 +1,83 @@
+"""Atomic writes: a file or folder appears complete under its final name, or not at all.
+
+Everything is written under a temporary name in the same folder, flushed, and moved into place with
+os.replace (atomic on POSIX), so a crash or kill -9 never leaves a half-written file under a real name.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+TMP_SUFFIX = ".partial"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def replace_dir(tmp_dir, final_dir) -> None:
+    """Swap a fully written folder into place. The old folder is renamed aside first and removed last,
+    so at every instant either the old or the new complete folder exists (readers check `<final>.old` too)."""
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    _fsync_dir(final_dir.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def existing_dir(final_dir) -> Path | None:
+    """The complete folder written by replace_dir: `final_dir`, or `<final>.old` if a swap was interrupted."""
+    final_dir = Path(final_dir)
+    if final_dir.is_dir():
+        return final_dir
+    old = final_dir.with_name(final_dir.name + ".old")
+    return old if old.is_dir() else None

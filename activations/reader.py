@@ -1,0 +1,276 @@
+"""Reading a harvest run back: random access by token index (`RunStore`) and shuffled batch streams for
+training (`ActivationReader`).
+
+Shuffling follows the HDF5 notes in ANCHORS: never per-row fancy indexing on disk. Each shard is cut into
+chunk-aligned blocks; every epoch visits the blocks in a seeded random order, loads a window of blocks into a
+RAM mixing buffer (bounded by `buffer_bytes`), permutes the rows of the window, and emits batches. Each token
+appears exactly once per epoch, the order depends only on (seed, epoch), and batch n can be reached without
+reading anything before it, so training resumes exactly where it stopped.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from activations import layout
+from activations.errors import StrataError
+from activations.manifest import Manifest, load_manifest
+from activations.shards import ACTS, chunk_rows, read_tokens as read_token_file
+
+
+class RunStore:
+    """A harvest run opened for reading. HDF5 handles are opened lazily and are not pickled, so a store can be
+    passed to worker processes."""
+
+    def __init__(self, run):
+        self.path = Path(run)
+        self.manifest: Manifest = load_manifest(self.path)
+        if not self.manifest.shards:
+            raise StrataError(f"{run} has no complete shard yet; finish it with `strata harvest {run} --resume`")
+        self.starts = np.array([s.token_start for s in self.manifest.shards] + [self.manifest.n_tokens], dtype=np.int64)
+        self._files: dict = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # ---- description
+    @property
+    def keys(self) -> list[str]:
+        return list(self.manifest.keys)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.manifest.n_tokens
+
+    @property
+    def shard_ids(self) -> list[int]:
+        return [s.index for s in self.manifest.shards]
+
+    def d(self, key: str) -> int:
+        self.check_keys([key])
+        return int(self.manifest.dims[key])
+
+    def check_keys(self, keys) -> None:
+        missing = [k for k in keys if k not in self.manifest.dims]
+        if missing:
+            raise StrataError(f"run {self.path} has no activations for {missing[0]} (it has {', '.join(self.keys)}); "
+                              f"choose one of those or harvest that site/layer")
+
+    def split(self, heldout_fraction: float = 0.1) -> tuple[list[int], list[int]]:
+        """Whole shards: the last ones are held out (at least one when the run has two or more)."""
+        ids = self.shard_ids
+        if len(ids) < 2 or heldout_fraction <= 0:
+            return ids, []
+        h = min(len(ids) - 1, max(1, round(len(ids) * heldout_fraction)))
+        return ids[:-h], ids[-h:]
+
+    def shard_rows(self, i: int) -> int:
+        return int(self.manifest.shards[i].rows)
+
+    # ---- raw access
+    def _file(self, name: str, i: int) -> h5py.File:
+        with self._lock:
+            f = self._files.get((name, i))
+            if f is None:
+                rec = self.manifest.shards[i].files.get(name)
+                if rec is None:
+                    raise StrataError(f"shard {i} of {self.path} has no file for {name}; re-harvest it")
+                path = self.path / rec["path"]
+                try:
+                    f = h5py.File(path, "r")
+                except OSError as e:
+                    raise StrataError(f"shard file {path} cannot be read ({e}); run `strata verify {self.path}`") from None
+                self._files[(name, i)] = f
+            return f
+
+    def read_block(self, key: str, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Stored rows [start, stop) of shard i, in the storage dtype (float16, or uint16 for bfloat16)."""
+        try:
+            return self._file(key, i)[ACTS][start:stop]
+        except (OSError, KeyError) as e:
+            raise StrataError(f"shard {i} of {key} in {self.path} is corrupt ({e}); run `strata verify {self.path}`") from None
+
+    def to_float(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.manifest.dtype == "bfloat16":
+            return t.view(torch.int16).view(torch.bfloat16).float()
+        return t.float()
+
+    def _locate(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_tokens):
+            raise StrataError(f"token index out of range 0-{self.n_tokens - 1} for {self.path}")
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def read_rows(self, key: str, rows) -> np.ndarray:
+        """Activations [len(rows), d] float32 for global token indices `rows` (any order, repeats allowed)."""
+        self.check_keys([key])
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.d(key)), dtype=np.float32)
+        shard = self._locate(rows)
+        for i in np.unique(shard):
+            sel = np.nonzero(shard == i)[0]
+            local = rows[sel] - self.starts[i]
+            uniq, inverse = np.unique(local, return_inverse=True)
+            lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+            if hi - lo <= 4 * len(uniq) + 1024:  # nearby rows: one contiguous read beats fancy indexing
+                block = self.read_block(key, int(i), lo, hi)[uniq - lo]
+            else:
+                block = self._file(key, int(i))[ACTS][uniq]
+            out[sel] = self.to_float(block).numpy()[inverse]
+        return out
+
+    def read_tokens(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """token_ids, doc_ids, positions of global rows [start, stop)."""
+        start, stop = max(0, start), min(stop, self.n_tokens)
+        parts = []
+        for i in range(len(self.manifest.shards)):
+            a, b = max(start, self.starts[i]), min(stop, self.starts[i + 1])
+            if a < b:
+                rec = self.manifest.shards[i].files["tokens"]
+                parts.append(read_token_file(self.path / rec["path"], int(a - self.starts[i]), int(b - self.starts[i])))
+        if not parts:
+            return {"token_ids": np.zeros(0, np.int32), "doc_ids": np.zeros(0, np.int64), "positions": np.zeros(0, np.int32)}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
+
+def open_run(run) -> RunStore:
+    return RunStore(run)
+
+
+@dataclass
+class ActivationBatch:
+    acts: dict  # key -> float Tensor [B, d]
+    rows: torch.Tensor  # int64 [B]: global token index of each row
+
+
+class ActivationReader:
+    """Shuffled (or sequential) batches of the same tokens for one or several keys."""
+
+    def __init__(self, run, keys, batch_size: int, shards=None, shuffle: bool = True, seed: int = 0, epochs: int = 1,
+                 drop_last: bool = False, start_batch: int = 0, prefetch: int = 2, dtype=torch.float32,
+                 buffer_bytes: int = 1 << 30, block_rows: int | None = None):
+        self.store = run if isinstance(run, RunStore) else open_run(run)
+        self.keys = [keys] if isinstance(keys, str) else list(keys)
+        self.store.check_keys(self.keys)
+        if batch_size < 1:
+            raise StrataError(f"batch size {batch_size} must be positive")
+        self.shards = list(self.store.shard_ids if shards is None else shards)
+        bad = [s for s in self.shards if s not in self.store.shard_ids]
+        if bad or not self.shards:
+            raise StrataError(f"shard {bad[0] if bad else '(none)'} is not in {self.store.path}; it has shards 0-{len(self.store.shard_ids) - 1}")
+        self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, shuffle, seed, epochs
+        self.drop_last, self.start_batch, self.prefetch, self.dtype = drop_last, start_batch, prefetch, dtype
+        d_sum = sum(self.store.d(k) for k in self.keys)
+        chunk = chunk_rows(max(self.store.d(k) for k in self.keys))
+        self.block_rows = block_rows or max(chunk, (4 << 20) // (2 * max(self.store.d(k) for k in self.keys)) // chunk * chunk)
+        self.blocks = [(s, a, min(a + self.block_rows, self.store.shard_rows(s)))
+                       for s in self.shards for a in range(0, self.store.shard_rows(s), self.block_rows)]
+        self.window_blocks = max(1, buffer_bytes // (2 * d_sum * self.block_rows))
+        self.n_rows = sum(b - a for _, a, b in self.blocks)
+        self.batches_per_epoch = self.n_rows // batch_size if drop_last else math.ceil(self.n_rows / batch_size)
+        if self.batches_per_epoch == 0:
+            raise StrataError(f"batch size {batch_size} exceeds the {self.n_rows} tokens in the chosen shards; lower it")
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.epochs
+
+    def _epoch_batches(self, epoch: int, skip: int):
+        """Yield (index arrays into windows) batches of one epoch, skipping the first `skip` batches."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.blocks)) if self.shuffle else np.arange(len(self.blocks))
+        windows = [order[i:i + self.window_blocks] for i in range(0, len(order), self.window_blocks)]
+        skip_rows = skip * self.batch_size
+        carry: list = []  # pieces of a batch that spans windows: (window arrays, row indices)
+        carry_n = 0
+        for w in windows:
+            blocks = [self.blocks[j] for j in w]
+            n = sum(b - a for _, a, b in blocks)
+            perm = rng.permutation(n) if self.shuffle else np.arange(n)
+            if skip_rows >= n:
+                skip_rows -= n
+                continue
+            data = {k: np.concatenate([self.store.read_block(k, s, a, b) for s, a, b in blocks]) for k in self.keys}
+            tok = np.concatenate([np.arange(a, b) + self.store.starts[s] for s, a, b in blocks])
+            pos = skip_rows
+            skip_rows = 0
+            while pos < n:
+                take = min(self.batch_size - carry_n, n - pos)
+                carry.append((data, tok, perm[pos:pos + take]))
+                carry_n += take
+                pos += take
+                if carry_n == self.batch_size:
+                    yield carry
+                    carry, carry_n = [], 0
+        if carry and not self.drop_last:
+            yield carry
+
+    def _assemble(self, pieces) -> ActivationBatch:
+        acts = {}
+        for k in self.keys:
+            parts = [data[k][idx] for data, _, idx in pieces]
+            arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            acts[k] = self.store.to_float(arr).to(self.dtype)
+        rows = np.concatenate([tok[idx] for _, tok, idx in pieces])
+        return ActivationBatch(acts=acts, rows=torch.from_numpy(rows))
+
+    def _generate(self):
+        first_epoch, skip = divmod(self.start_batch, self.batches_per_epoch)
+        for epoch in range(first_epoch, self.epochs):
+            for pieces in self._epoch_batches(epoch, skip if epoch == first_epoch else 0):
+                yield self._assemble(pieces)
+
+    def __iter__(self):
+        if self.prefetch <= 0:
+            yield from self._generate()
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def work():
+            try:
+                for batch in self._generate():
+                    while not stop.is_set():
+                        try:
+                            q.put(batch, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:  # surfaced in the consumer
+                q.put(e)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()

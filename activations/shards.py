@@ -1,0 +1,70 @@
+"""HDF5 shard files: one per (shard, key) for activations, one per shard for tokens.
+
+Activations are rows [tokens, d], stored float16 by default; bfloat16 has no HDF5 type, so it is stored as
+uint16 with the attribute dtype="bfloat16". Chunks span whole rows, ~256-512 KiB each, so a reader that
+takes chunk-aligned blocks touches each chunk once. Datasets are written with track_times=False so the
+same content gives byte-identical files (a resumed run equals an uninterrupted one).
+"""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import torch
+
+ACTS = "acts"
+TOKEN_FIELDS = ("token_ids", "doc_ids", "positions")
+CHUNK_BYTES = 1 << 19
+
+
+def chunk_rows(d: int, itemsize: int = 2) -> int:
+    rows = max(1, CHUNK_BYTES // (d * itemsize))
+    return 1 << (rows.bit_length() - 1)  # a power of two
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """[rows, d] tensor -> numpy array in the storage dtype (on the tensor's device first, to halve the copy)."""
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return x.to(torch.float16).cpu().numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows -> float32."""
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+class ActivationShardWriter:
+    """Appends row blocks to one activation shard file (opened on a temporary path by the caller)."""
+
+    def __init__(self, path, d: int, dtype: str, expected_rows: int):
+        self.file = h5py.File(path, "w", libver="latest")
+        np_dtype = np.uint16 if dtype == "bfloat16" else np.float16
+        self.ds = self.file.create_dataset(ACTS, shape=(expected_rows, d), maxshape=(None, d), dtype=np_dtype,
+                                           chunks=(min(chunk_rows(d), max(1, expected_rows)), d), track_times=False)
+        self.ds.attrs["dtype"] = dtype
+        self.rows = 0
+
+    def append(self, block: np.ndarray) -> None:
+        n = len(block)
+        if self.rows + n > self.ds.shape[0]:
+            self.ds.resize(self.rows + n, axis=0)
+        self.ds[self.rows:self.rows + n] = block
+        self.rows += n
+
+    def close(self) -> None:
+        if self.rows != self.ds.shape[0]:
+            self.ds.resize(self.rows, axis=0)
+        self.file.close()
+
+
+def write_tokens(path, token_ids: np.ndarray, doc_ids: np.ndarray, positions: np.ndarray) -> None:
+    with h5py.File(path, "w", libver="latest") as f:
+        for name, arr in zip(TOKEN_FIELDS, (token_ids, doc_ids, positions)):
+            f.create_dataset(name, data=arr, chunks=(min(len(arr), 1 << 16),), track_times=False)
+
+
+def read_tokens(path, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {name: f[name][start:stop] for name in TOKEN_FIELDS}

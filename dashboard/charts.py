@@ -1,0 +1,114 @@
+"""Plotly figures, built from index arrays and run files only (shared by the app and the static bundle)."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+LAYOUT = dict(margin=dict(l=40, r=10, t=36, b=36), height=300, template="plotly_white")
+
+
+def training_curves(rows: list[dict], metric: str) -> go.Figure:
+    fig = go.Figure()
+    steps = [r.get("step", i) for i, r in enumerate(rows)]
+    series: dict[str, tuple[list, list]] = {}
+    for s, r in zip(steps, rows):
+        for k, v in r.items():
+            name = None
+            if k == metric:
+                name = metric
+            elif k.endswith("/" + metric) or k.startswith(metric + "/"):
+                name = k
+            if name and isinstance(v, (int, float)):
+                series.setdefault(name, ([], []))
+                series[name][0].append(s)
+                series[name][1].append(v)
+            if isinstance(v, dict) and isinstance(v.get(metric), (int, float)):  # {"saes": {id: {metric: v}}}
+                series.setdefault(f"{k}", ([], []))
+                series[k][0].append(s)
+                series[k][1].append(v[metric])
+    for name, (x, y) in sorted(series.items()):
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=name))
+    fig.update_layout(title=metric, xaxis_title="step", **LAYOUT)
+    return fig
+
+
+def numeric_metrics(rows: list[dict]) -> list[str]:
+    names = set()
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, (int, float)) and k not in ("step", "tokens", "time", "elapsed"):
+                names.add(k.split("/")[-1] if "/" in k else k)
+    return sorted(names)
+
+
+def density_histogram(freqs: dict[str, np.ndarray]) -> go.Figure:
+    """log10 firing frequency of every feature, one trace per SAE (dead features at the left edge)."""
+    fig = go.Figure()
+    for sid, f in freqs.items():
+        fig.add_trace(go.Histogram(x=np.log10(np.maximum(f, 1e-10)), name=sid, opacity=0.6, nbinsx=60))
+    fig.update_layout(barmode="overlay", title="feature density", xaxis_title="log10 firing frequency (-10 = never)", **LAYOUT)
+    return fig
+
+
+def activation_histogram(counts: np.ndarray, hi: float) -> go.Figure:
+    edges = np.linspace(0, hi, len(counts) + 1)
+    last = int(np.nonzero(counts)[0].max()) + 1 if counts.any() else len(counts)
+    fig = go.Figure(go.Bar(x=(edges[:-1] + edges[1:])[:last] / 2, y=counts[:last], width=(edges[1] - edges[0]),
+                           marker_color="#f97316"))
+    fig.update_layout(title="activations (non-zero)", xaxis_title="activation", yaxis_title="count", **LAYOUT)
+    return fig
+
+
+def logit_bars(names_top, vals_top, names_bottom, vals_bottom) -> go.Figure:
+    fig = go.Figure()
+    fig.add_trace(go.Bar(y=list(names_bottom)[::-1], x=list(vals_bottom)[::-1], orientation="h", name="suppressed",
+                         marker_color="#dc2626"))
+    fig.add_trace(go.Bar(y=list(names_top)[::-1], x=list(vals_top)[::-1], orientation="h", name="promoted",
+                         marker_color="#2563eb"))
+    fig.update_layout(title="logit effects", **{**LAYOUT, "height": 420})
+    return fig
+
+
+def layer_profile(layers: list[int], mass: np.ndarray, title="activation mass per layer") -> go.Figure:
+    fig = go.Figure(go.Bar(x=[str(x) for x in layers], y=mass, marker_color="#7c3aed"))
+    fig.update_layout(title=title, xaxis_title="layer", **LAYOUT)
+    return fig
+
+
+def feature_layer_heatmap(mass: np.ndarray, layers: list[int], feature_ids: np.ndarray) -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=mass, x=[str(x) for x in layers], y=[str(i) for i in feature_ids],
+                               colorscale="Viridis", colorbar=dict(title="mass")))
+    fig.update_layout(title="features x layers (sorted by mean layer)", xaxis_title="layer",
+                      yaxis_title="feature", **{**LAYOUT, "height": 520})
+    fig.update_yaxes(showticklabels=len(feature_ids) <= 60, type="category")
+    return fig
+
+
+def residual_similarity(rows: list[dict]) -> go.Figure:
+    x = [f"{r['a']}→{r['b']}" for r in rows]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=[r["cos_centred"] for r in rows], mode="lines+markers", name="centred"))
+    fig.add_trace(go.Scatter(x=x, y=[r["cos_raw"] for r in rows], mode="lines+markers", name="raw"))
+    fig.update_layout(title="residual stream: cosine between adjacent layers", yaxis_title="mean cosine", **LAYOUT)
+    return fig
+
+
+def paths_figure(paths: np.ndarray, scores: np.ndarray, sae_names: list[str], limit: int = 40) -> go.Figure:
+    fig = go.Figure()
+    for p, s in zip(paths[:limit], scores[:limit]):
+        xs = [sae_names[i] for i in range(len(p)) if p[i] >= 0]
+        ys = [int(p[i]) for i in range(len(p)) if p[i] >= 0]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"{ys[0]} (r={s:.2f})",
+                                 hovertemplate="feature %{y}<extra></extra>"))
+    fig.update_layout(title="paths of matched features through depth", yaxis_title="feature index",
+                      showlegend=False, **{**LAYOUT, "height": 420})
+    return fig
+
+
+def frontier(points: list[dict], front: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[p["L0"] for p in points], y=[p["FVU"] for p in points], mode="markers",
+                             text=[f"{p['train']}/{p['sae']}" for p in points], name="SAEs"))
+    fig.add_trace(go.Scatter(x=[p["L0"] for p in front], y=[p["FVU"] for p in front], mode="lines", name="frontier"))
+    fig.update_layout(title="L0-FVU frontier", xaxis_title="L0", yaxis_title="FVU", xaxis_type="log", **LAYOUT)
+    return fig

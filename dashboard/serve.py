@@ -1,0 +1,52 @@
+"""Start the Streamlit dashboard for a run: `strata dashboard RUN [--read-only] [--port P]`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from dashboard.data import check_run
+
+APP = Path(__file__).resolve().parent / "app.py"
+
+
+def dashboard_command(port: int, host: str) -> list[str]:
+    return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
+            "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none"]
+
+
+def wait_until_up(url: str, timeout: float = 60.0) -> bool:
+    """Poll Streamlit's health endpoint until it answers (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def serve_dashboard(run, read_only: bool = False, port: int = 8501, host: str = "localhost", block: bool = True):
+    """Serve the dashboard of `run`. block=True runs until interrupted; block=False returns the Popen."""
+    run = check_run(run)
+    env = dict(os.environ, STRATA_RUN=str(run), STRATA_READ_ONLY="1" if read_only else "0")
+    root = str(APP.parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    url = f"http://{host}:{port}"
+    proc = subprocess.Popen(dashboard_command(port, host), env=env, stdout=subprocess.DEVNULL if not block else None)
+    if not block:
+        return proc
+    if wait_until_up(url):
+        print(f"Strata dashboard for {run}: {url}" + ("  (read-only)" if read_only else ""), flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+        return 0

@@ -1,0 +1,39 @@
+"""What every page gets, and small helpers shared by pages."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+
+@dataclass
+class Ctx:
+    run: Path
+    read_only: bool
+    train: str | None  # training run whose index is shown (None: no index yet)
+    trains: list[str]
+    query: object  # st.query_params
+
+
+def need_index(ctx: Ctx) -> bool:
+    if ctx.train is None:
+        st.warning(f"This run has no feature index yet: run `strata analyze {ctx.run}` and reload.")
+        return False
+    return True
+
+
+def pick_sae(ctx: Ctx, sae_ids: list[str], label: str = "SAE", key: str = "sae") -> str:
+    """SAE selector initialised from the URL (?sae=), kept in the URL."""
+    if key not in st.session_state or st.session_state[key] not in sae_ids:
+        q = ctx.query.get("sae")
+        st.session_state[key] = q if q in sae_ids else sae_ids[0]
+    sid = st.selectbox(label, sae_ids, key=key)
+    if key == "sae" and ctx.query.get("sae") != sid:
+        ctx.query["sae"] = sid
+    return sid
+
+
+def html(fragment: str) -> None:
+    """Render HTML built by dashboard.render (corpus text inside it is already escaped)."""
+    st.markdown(fragment, unsafe_allow_html=True)

@@ -1,0 +1,76 @@
+"""Features: filter and sort an SAE's features, then open one (its page is views/feature.py)."""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from dashboard import cache
+from dashboard.views.common import Ctx, need_index, pick_sae
+from dashboard.views.feature import render_feature
+
+SORTS = {"max activation": ("max_act", False), "density (high first)": ("frequency", False),
+         "density (low first)": ("frequency", True), "mean activation": ("mean_act", False),
+         "explanation score": ("score", False), "mean layer": ("mean_layer", True), "feature index": ("feature", True)}
+
+
+def filtered(ctx: Ctx, sid: str, df):
+    c = st.columns(4)
+    text = c[0].text_input("explanation contains", key="q_text")
+    token = c[1].text_input("fires on token", key="q_token", help="features whose top examples peak on this token")
+    lo, hi = c[2].slider("log10 density", -8.0, 0.0, (-8.0, 0.0), 0.25, key="q_density")
+    sorts = [s for s, (col, _) in SORTS.items() if col in df.columns]
+    sort = c[3].selectbox("sort by", sorts, key="q_sort")
+    keep = np.ones(len(df), dtype=bool)
+    logf = np.log10(np.maximum(df["frequency"].to_numpy(), 1e-12))
+    if lo > -8.0:
+        keep &= logf >= lo
+    if hi < 0.0:
+        keep &= logf <= hi
+    if text and "explanation" in df.columns:
+        keep &= df["explanation"].str.contains(text, case=False, regex=False).to_numpy()
+    if token.strip():
+        keep &= np.isin(df["feature"].to_numpy(), cache.features_firing_on(ctx.run, ctx.train, sid, token))
+    if "mean_layer" in df.columns:
+        ml = df["mean_layer"].to_numpy()
+        finite = ml[np.isfinite(ml)]
+        if len(finite) and finite.max() > finite.min():
+            a, b = st.slider("mean layer", float(np.floor(finite.min())), float(np.ceil(finite.max())),
+                             (float(np.floor(finite.min())), float(np.ceil(finite.max()))), key="q_layer")
+            keep &= (ml >= a) & (ml <= b)
+    col, ascending = SORTS[sort]
+    return df[keep].sort_values(col, ascending=ascending, kind="stable", na_position="last")
+
+
+def render(ctx: Ctx) -> None:
+    st.header("Features")
+    if not need_index(ctx):
+        return
+    idx = cache.open_index(ctx.run, ctx.train)
+    if not idx.sae_ids:
+        st.warning("The index holds no SAEs.")
+        return
+    labels = {s: f"{s} ({', '.join(idx.info(s)['cfg'].get('in_keys', []))})" for s in idx.sae_ids}
+    sid = pick_sae(ctx, idx.sae_ids)
+    st.caption(labels[sid] + f" — {idx.n_latents(sid):,} features, {idx.info(sid)['mode']}")
+    df = cache.feature_table(ctx.run, ctx.train, sid)
+    view = filtered(ctx, sid, df)
+    st.caption(f"{len(view):,} of {len(df):,} features match")
+    shown = view.head(1000)
+    event = st.dataframe(shown, hide_index=True, on_select="rerun", selection_mode="single-row", key=f"table-{sid}",
+                         height=280, column_config={"frequency": st.column_config.NumberColumn(format="%.2e")})
+
+    n = idx.n_latents(sid)
+    fkey = f"f-{sid}"
+    picked = getattr(getattr(event, "selection", None), "rows", None) if event is not None else None
+    if picked and st.session_state.get(f"sel-{sid}") != picked:  # a new row click opens that feature
+        st.session_state[f"sel-{sid}"] = picked
+        st.session_state[fkey] = int(shown.iloc[picked[0]]["feature"])
+    if fkey not in st.session_state:
+        q = ctx.query.get("f")
+        first = int(view.iloc[0]["feature"]) if len(view) else 0
+        st.session_state[fkey] = int(q) if q is not None and str(q).isdigit() and int(q) < n else first
+    f = st.number_input("feature", 0, n - 1, key=fkey)
+    if ctx.query.get("f") != str(f):
+        ctx.query["f"] = str(f)
+    st.divider()
+    render_feature(ctx, sid, int(f))

@@ -1,0 +1,205 @@
+"""`strata analyze RUN`: index the features of every SAE of a training run into RUN/index/<name>.h5.
+
+Steps: load the SAEs (sae.checkpoint.load_saes), stream the held-out shards (or all) through them once
+(stream.py), add logit effects from the model's final norm and unembedding (causal LMs), explain and score
+every feature (explain.py), write the index atomically (index_file.py).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from activations import layout
+from activations.errors import StrataError
+from sae.analysis.explain import explain_feature, make_explainer
+from sae.analysis.index_file import write_index
+from sae.analysis.indexer import IndexerSettings
+from sae.analysis.source import run_blocks
+from sae.analysis.stream import index_saes, keys_needed, slots_of
+
+LOGIT_SITES = ("resid", "mlp_out", "attn_out")  # sites that add into the residual stream
+
+
+@dataclass
+class AnalyzeConfig:
+    run_dir: str = field(default="", metadata={"help": "run directory", "cli": False})
+    name: str = field(default="", metadata={"help": "training run to index (RUN/train/<name>); empty = every one"})
+    data: str = field(default="heldout", metadata={"help": "which shards: heldout (last shards, as eval) or all"})
+    heldout_fraction: float = field(default=0.1, metadata={"help": "fraction of shards held out (as in training)"})
+    max_tokens: int = field(default=0, metadata={"help": "stop after this many tokens (0 = all selected shards)"})
+    batch_size: int = field(default=1024, metadata={"help": "tokens encoded at once"})
+    top_k: int = field(default=20, metadata={"help": "top activating contexts kept per feature"})
+    window: int = field(default=5, metadata={"help": "context tokens shown each side of the peak"})
+    intervals: int = field(default=5, metadata={"help": "quantile intervals of example activations"})
+    per_interval: int = field(default=5, metadata={"help": "examples per quantile interval"})
+    neighbours: int = field(default=10, metadata={"help": "nearest features by decoder cosine"})
+    logits: int = field(default=10, metadata={"help": "promoted and suppressed tokens per feature (causal LMs)"})
+    match_candidates: int = field(default=5, metadata={"help": "next-layer candidates (decoder cosine) per feature"})
+    min_link: float = field(default=0.3, metadata={"help": "least activation correlation that continues a path"})
+    explainer: str = field(default="tokens", metadata={"help": "tokens (offline), openai, transformers, or none"})
+    explainer_model: str = field(default="", metadata={"help": "model for the openai/transformers explainers"})
+    explainer_url: str = field(default="", metadata={"help": "OpenAI-compatible base URL, e.g. http://localhost:8080/v1"})
+    explain_max: int = field(default=0, metadata={"help": "explain only the first N features per SAE (0 = all)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    seed: int = field(default=0)
+    progress: bool = field(default=True, metadata={"help": "print progress to stderr"})
+
+
+def train_names(run) -> list[str]:
+    root = layout.train_root(run)
+    names = sorted(p.name for p in root.iterdir() if layout.checkpoint_dir(run, p.name).is_dir()) if root.is_dir() else []
+    if not names:
+        raise StrataError(f"{run} has no trained SAEs (no train/<name>/checkpoint); run `strata train {run}` first")
+    return names
+
+
+def select_spans(run, data: str, heldout_fraction: float) -> tuple[list[tuple[int, int]], list[int]]:
+    if data not in ("heldout", "all"):
+        raise StrataError(f"--data {data!r} is not a choice; use heldout or all")
+    shards = {s.index: s for s in run.manifest.shards}
+    ids = sorted(shards)
+    if data == "heldout":
+        _, held = run.split(heldout_fraction)
+        ids = sorted(held) or ids  # a run too small to hold out a shard is analysed whole
+    return [(shards[i].token_start, shards[i].token_start + shards[i].rows) for i in ids], ids
+
+
+def load_vocab_and_unembedding(model_id: str, device) -> tuple[list[str] | None, object, str]:
+    """(decoded string of every token id, (norm, W_U) or None, note). Never fails: the index is still useful."""
+    from activations.hooks import unembedding
+    from activations.model import load_model
+
+    try:
+        lm = load_model(model_id, device=device)
+    except StrataError as e:
+        return None, None, f"model not loaded ({e}); no logit effects, tokens shown as ids"
+    tok = lm.tokenizer
+    vocab = tok.batch_decode([[i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
+    if not lm.info.get("causal_lm"):
+        return vocab, None, "not a causal LM: no logit effects"
+    try:
+        return vocab, unembedding(lm.model), ""
+    except StrataError as e:
+        return vocab, None, str(e)
+
+
+@torch.no_grad()
+def logit_effects(W_dec: torch.Tensor, norm, W_U: torch.Tensor, k: int, chunk: int = 512) -> dict:
+    """Each decoder direction through the final norm and the unembedding: top/bottom k tokens.
+    norm(d) - norm(0) removes a LayerNorm's bias, which would otherwise add the same logits to every feature."""
+    W_U = W_U.detach().float()
+    out = {"logit_top_ids": [], "logit_top_vals": [], "logit_bottom_ids": [], "logit_bottom_vals": []}
+    zero = norm(torch.zeros(1, W_dec.shape[1], device=W_U.device)).float() if norm is not None else 0.0
+    for s in range(0, len(W_dec), chunk):
+        d = W_dec[s:s + chunk].detach().float().to(W_U.device)
+        h = (norm(d).float() - zero) if norm is not None else d
+        logits = h @ W_U.T
+        top, bottom = torch.topk(logits, k, dim=1), torch.topk(logits, k, dim=1, largest=False)
+        out["logit_top_ids"].append(top.indices.int().cpu())
+        out["logit_top_vals"].append(top.values.cpu())
+        out["logit_bottom_ids"].append(bottom.indices.int().cpu())
+        out["logit_bottom_vals"].append(bottom.values.cpu())
+    return {name: torch.cat(v) for name, v in out.items()}
+
+
+def logit_direction(sae):
+    """The decoder block that writes into the residual stream, or None for sites that do not."""
+    from activations.hooks import split_key
+
+    cfg = sae.cfg
+    keys = cfg.in_keys if cfg.mode == "multilayer" else cfg.out_keys
+    if not keys or split_key(keys[-1])[0] not in LOGIT_SITES:
+        return None
+    W = sae.W_dec.detach()
+    if cfg.mode == "crosscoder" and len(cfg.out_keys) > 1:
+        d = W.shape[1] // len(cfg.out_keys)
+        W = W[:, -d:]  # the deepest layer's block: closest to the unembedding
+    return W
+
+
+def _log(cfg, msg):
+    if cfg.progress:
+        print(f"[analyze] {msg}", file=sys.stderr, flush=True)
+
+
+def analyze(cfg: AnalyzeConfig) -> list:
+    """Index every requested training run of cfg.run_dir; returns the index paths written."""
+    from activations.model import resolve_device
+    from activations.reader import open_run
+    from sae.checkpoint import load_saes
+
+    run = open_run(cfg.run_dir)
+    device = resolve_device(cfg.device)
+    names = [cfg.name] if cfg.name else train_names(cfg.run_dir)
+    spans, shard_ids = select_spans(run, cfg.data, cfg.heldout_fraction)
+    vocab, unemb, note = None, None, ""
+    written = []
+    for name in names:
+        t0 = time.perf_counter()
+        if not layout.checkpoint_dir(cfg.run_dir, name).is_dir():
+            raise StrataError(f"no checkpoint for training run {name!r} in {cfg.run_dir}; choose one of "
+                              f"{', '.join(train_names(cfg.run_dir))}")
+        saes = {sid: sae.to(device).eval() for sid, sae in load_saes(cfg.run_dir, name).items()}
+        if not saes:
+            raise StrataError(f"training run {name!r} has no SAEs in its checkpoint; rerun `strata train`")
+        keys = keys_needed(saes)
+        missing = [k for k in keys if k not in run.keys]
+        if missing:
+            raise StrataError(f"SAEs of {name!r} read {', '.join(missing)}, which this run did not harvest; analyse the run they were trained on")
+        resid = sorted((k for k in run.keys if k.startswith("resid.")), key=lambda k: int(k.split(".")[1]))
+        residual_pairs = list(zip(resid, resid[1:]))
+        settings = IndexerSettings(top_k=cfg.top_k, window=cfg.window, intervals=cfg.intervals,
+                                   per_interval=cfg.per_interval, sample_size=2 * cfg.intervals * cfg.per_interval,
+                                   seed=cfg.seed)
+        total = min(sum(b - a for a, b in spans), cfg.max_tokens or math.inf)
+        done = [0]
+
+        def progress(i, rows):
+            done[0] += rows
+            if i % 20 == 0 or done[0] >= total:
+                _log(cfg, f"{name}: {done[0]:,}/{total:,} tokens")
+
+        blocks = run_blocks(run, sorted(set(keys) | {k for p in residual_pairs for k in p}), spans,
+                            cfg.batch_size, cfg.window, device, cfg.max_tokens)
+        res = index_saes(saes, blocks, settings, device, residual_pairs, cfg.neighbours, cfg.match_candidates,
+                         cfg.min_link, progress)
+        _log(cfg, f"{name}: pass over {done[0]:,} tokens in {res['seconds']:.1f}s")
+
+        if vocab is None and not note:
+            vocab, unemb, note = load_vocab_and_unembedding(run.manifest.model["id"], device)
+        for sid, sae in saes.items():
+            W = logit_direction(sae)
+            if unemb is not None and W is not None and W.shape[1] == unemb[1].shape[1]:
+                res["saes"][sid].update(logit_effects(W, unemb[0], unemb[1], cfg.logits))
+
+        if cfg.explainer != "none":
+            explainer = make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url, device=cfg.device)
+            for sid, r in res["saes"].items():
+                n = int(saes[sid].cfg.n_latents)
+                m = min(n, cfg.explain_max) if cfg.explain_max else n
+                texts, scores = [""] * n, torch.full((n,), float("nan"))
+                for f in range(m):
+                    texts[f], scores[f] = explain_feature(explainer, f, r, vocab)
+                r["explanation"], r["explanation_score"] = texts, scores
+            _log(cfg, f"{name}: explained with {cfg.explainer}")
+
+        sae_info = {sid: {"cfg": _cfg_dict(sae.cfg), "n_latents": int(sae.cfg.n_latents), "mode": sae.cfg.mode,
+                          "slots": slots_of(sae), "vectors": int(res["saes"][sid]["vectors"]),
+                          "match_next": res["saes"][sid].get("match_next")} for sid, sae in saes.items()}
+        meta = {"train_name": name, "tokens": done[0], "data": cfg.data, "shards": shard_ids,
+                "config": asdict(cfg), "model": run.manifest.model, "seconds_pass": res["seconds"],
+                "seconds_total": time.perf_counter() - t0, "notes": [note] if note else [],
+                "explainer": cfg.explainer}
+        path = write_index(layout.index_path(cfg.run_dir, name), meta, res["saes"], sae_info, res["paths"],
+                           res["residual_similarity"], vocab)
+        _log(cfg, f"{name}: wrote {path} ({time.perf_counter() - t0:.1f}s)")
+        written.append(path)
+    return written
+
+
+def _cfg_dict(cfg) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))

@@ -1,0 +1,136 @@
+"""The feature index file, RUN/index/<name>.h5: written once by `strata analyze`, read by the dashboard.
+
+Layout (every per-feature dataset has the feature as its first axis, chunked by 256 features so one
+feature's page reads a few small chunks):
+  attrs      format_version, meta (JSON: train name, tokens analysed, shards, window, settings, notes)
+  vocab      UTF-8 string per token id (decoded by the run's tokenizer; absent if it could not be loaded)
+  residual_similarity   JSON attr: [{a, b, cos_centred, cos_raw, n}] for adjacent residual layers
+  saes/<sae_id>         attrs: info (JSON: cfg, slot keys and layers, vectors, match_next)
+      count frequency mean_act max_act hist_counts hist_hi neighbour_idx neighbour_cos
+      top_{value,row,slot,acts,tokens}  sample_{value,row,slot,acts,tokens,interval}
+      layer_count layer_sum [n, slots]; multilayer: layer_mass mean_layer layer_entropy n_layers_active
+      crosscoder: decoder_layer_norm; bank: match_{idx,cos,corr} best_next_{idx,corr,cos}
+      causal LM: logit_{top,bottom}_{ids,vals}; explanation (string), explanation_score
+  paths/<i>             features [P, n_saes] (-1 = none), score [P]; attrs saes (JSON list)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from activations.atomic import atomic_path
+from activations.errors import StrataError
+
+FORMAT_VERSION = 1
+SKIP = {"neg_tokens", "neg_codes", "vectors", "match_next", "sum", "sumsq"}
+STR = h5py.string_dtype("utf-8")
+
+
+def _np(v):
+    return v.numpy() if hasattr(v, "numpy") else np.asarray(v)
+
+
+def _put(group, name, arr):
+    arr = _np(arr)
+    if arr.dtype == np.float64 and name not in ("hist_hi",):
+        arr = arr.astype(np.float32)
+    chunks = (min(256, len(arr)), *arr.shape[1:]) if arr.ndim >= 1 and len(arr) else None
+    group.create_dataset(name, data=arr, chunks=chunks, track_times=False)
+
+
+def write_index(path, meta: dict, saes: dict, sae_info: dict, paths: list, residual_similarity: list,
+                vocab: list[str] | None) -> Path:
+    """Write atomically: `path` holds a complete index or the previous one."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["meta"] = json.dumps(meta)
+            f.attrs["residual_similarity"] = json.dumps(residual_similarity)
+            if vocab is not None:
+                f.create_dataset("vocab", data=np.array(vocab, dtype=object), dtype=STR)
+            for sid, fields in saes.items():
+                g = f.create_group(f"saes/{sid}")
+                g.attrs["info"] = json.dumps(sae_info[sid])
+                for name, arr in fields.items():
+                    if name in SKIP:
+                        continue
+                    if name == "explanation":
+                        g.create_dataset(name, data=np.array(arr, dtype=object), dtype=STR)
+                    else:
+                        _put(g, name, arr)
+            for i, p in enumerate(paths):
+                g = f.create_group(f"paths/{i}")
+                g.attrs["saes"] = json.dumps(p["saes"])
+                _put(g, "features", p["features"])
+                _put(g, "score", p["score"])
+    return path
+
+
+class FeatureIndex:
+    """Read access to an index file. Opened read-only; cheap per-feature reads."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StrataError(f"no feature index at {self.path}; run `strata analyze` on this run first")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise StrataError(f"{self.path} is not a readable index ({e}); rerun `strata analyze`") from None
+        if int(self.file.attrs.get("format_version", 0)) != FORMAT_VERSION:
+            raise StrataError(f"{self.path} has index format {self.file.attrs.get('format_version')}, expected "
+                              f"{FORMAT_VERSION}; rerun `strata analyze`")
+        self.meta = json.loads(self.file.attrs["meta"])
+        self.residual_similarity = json.loads(self.file.attrs["residual_similarity"])
+        self.vocab = [s.decode() if isinstance(s, bytes) else s for s in self.file["vocab"][()]] \
+            if "vocab" in self.file else None
+        self.sae_ids = list(self.file["saes"].keys()) if "saes" in self.file else []
+        self._info = {sid: json.loads(self.file[f"saes/{sid}"].attrs["info"]) for sid in self.sae_ids}
+        self.paths = [{"saes": json.loads(g.attrs["saes"]), "features": g["features"][()], "score": g["score"][()]}
+                      for _, g in sorted(self.file["paths"].items(), key=lambda kv: int(kv[0]))] \
+            if "paths" in self.file else []
+
+    def close(self):
+        self.file.close()
+
+    def info(self, sid: str) -> dict:
+        if sid not in self._info:
+            raise StrataError(f"no SAE {sid!r} in this index; choose one of {', '.join(self.sae_ids)}")
+        return self._info[sid]
+
+    def n_latents(self, sid: str) -> int:
+        return int(self.info(sid)["n_latents"])
+
+    def has(self, sid: str, name: str) -> bool:
+        return name in self.file[f"saes/{sid}"]
+
+    def column(self, sid: str, name: str) -> np.ndarray:
+        """A whole per-feature array (e.g. frequency for every feature)."""
+        g = self.file[f"saes/{sid}"]
+        if name not in g:
+            return None
+        data = g[name][()]
+        if name == "explanation":
+            data = np.array([s.decode() if isinstance(s, bytes) else s for s in data], dtype=object)
+        return data
+
+    def feature(self, sid: str, i: int) -> dict:
+        """Every stored field of feature i."""
+        n = self.n_latents(sid)
+        if not 0 <= i < n:
+            raise StrataError(f"feature {i} does not exist in {sid} (0-{n - 1}); pick one in range")
+        g = self.file[f"saes/{sid}"]
+        out = {}
+        for name, ds in g.items():
+            v = ds[i]
+            out[name] = v.decode() if isinstance(v, bytes) else v
+        return out
+
+    def token_str(self, t: int) -> str:
+        if self.vocab is not None and 0 <= t < len(self.vocab):
+            return self.vocab[t]
+        return f"<{t}>"

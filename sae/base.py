@@ -1,0 +1,186 @@
+"""The interface every SAE architecture shares, and what they have in common.
+
+Two unit systems: the trainer works in *normalised* units (inputs multiplied by one scalar per key so that
+E||x||^2 = d) through `forward`; users work in *raw* activation units through `encode` / `decode` /
+`reconstruct`, which apply the stored scalars. Choice: the scalars are kept separate (cfg.in_scales /
+out_scales) rather than folded into the weights, so the trained weights stay comparable across layers;
+the SAELens export folds them into the weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from activations.errors import StrataError
+from sae.config import SAEConfig
+
+
+def fvu(y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained about the batch mean: sum ||y - recon||^2 / sum ||y - mean(y)||^2."""
+    err = (y - recon).pow(2).sum()
+    var = (y - y.mean(0, keepdim=True)).pow(2).sum()
+    return err / var.clamp_min(1e-12)
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor           # scalar to backpropagate
+    parts: dict                  # detached scalar tensors: recon, auxk, l1, l0_penalty, ...
+    recon: torch.Tensor          # detached reconstruction [B, d_out], normalised units
+    l0: torch.Tensor             # mean active latents per example (detached scalar)
+    fired: torch.Tensor          # [n_latents] number of examples each latent fired on in this batch
+
+
+class SAE(nn.Module):
+    """Parameters: W_enc [d_in, n] (stored latent-major: each latent's encoder row is contiguous, because the
+    sparse backward writes whole rows), b_enc [n], W_dec [n, d_out], b_dec [d_out], optional W_skip."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, d_in, d_out = cfg.n_latents, cfg.d_in, cfg.d_out
+        self.W_enc = nn.Parameter(torch.empty(n, d_in).t())
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.W_skip = nn.Parameter(torch.zeros(d_in, d_out)) if cfg.skip else None
+        # training statistics (saved with the SAE: the export's sparsity and the dead-latent count come from them)
+        self.register_buffer("stale_tokens", torch.zeros(n, dtype=torch.int64))
+        self.register_buffer("fire_count", torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("tokens_counted", torch.zeros((), dtype=torch.float64))
+        self.compute_dtype = torch.float32  # bf16 training runs the dense encoder matmul in bfloat16
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        cfg = self.cfg
+        dec = torch.randn(cfg.n_latents, cfg.d_out, generator=generator)
+        dec /= dec.norm(dim=1, keepdim=True)
+        if cfg.mode == "transcoder":
+            # input and output spaces differ: random unit encoder rows, decoder starts at zero (learned freely)
+            enc = torch.randn(cfg.n_latents, cfg.d_in, generator=generator)
+            self.W_enc.copy_((enc / enc.norm(dim=1, keepdim=True)).t())
+            self.W_dec.zero_()
+        else:
+            self.W_dec.copy_(dec)
+            self.W_enc.copy_(dec.t())  # encoder = decoder transpose
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, b_dec_init: str = "median") -> None:
+        """Data-dependent init from a sample in normalised units: b_dec = geometric median (or mean) of targets."""
+        if b_dec_init == "median":
+            self.b_dec.copy_(geometric_median(y))
+        elif b_dec_init == "mean":
+            self.b_dec.copy_(y.mean(0))
+
+    # ------------------------------------------------------------------ normalised-unit core
+    def centered(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def dense_preacts(self, x_c: torch.Tensor) -> torch.Tensor:
+        """x_c @ W_enc + b_enc (the one dense matmul of the TopK family), in self.compute_dtype."""
+        if self.compute_dtype == torch.float32:
+            return torch.addmm(self.b_enc, x_c, self.W_enc)
+        dt = self.compute_dtype
+        return torch.addmm(self.b_enc.to(dt), x_c.to(dt), self.W_enc.to(dt)).float()
+
+    @torch.no_grad()
+    def relu_preacts(self, x_c: torch.Tensor) -> torch.Tensor:
+        """relu(x_c @ W_enc + b_enc) without autograd, in place: addmm would first copy the broadcast bias
+        into the B x n output (a full extra pass over the largest tensor of the step)."""
+        dt = self.compute_dtype
+        pre = x_c.to(dt) @ self.W_enc.to(dt)
+        if dt != torch.float32:
+            pre = pre.float()
+        return pre.add_(self.b_enc).relu_()
+
+    def skip_out(self, x: torch.Tensor):
+        return x @ self.W_skip if self.W_skip is not None else 0.0
+
+    def encode_n(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_n(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, step: int = 0) -> Output:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ raw-unit API (loader contract)
+    def _scale(self, keys: list, scales: list, key, d: int) -> torch.Tensor | float:
+        if key is not None:
+            if key not in keys:
+                raise StrataError(f"key {key!r} is not one of this SAE's keys {keys}; pass one of them")
+            return float(scales[keys.index(key)])
+        if len(keys) == 1:
+            return float(scales[0])
+        if self.cfg.mode == "crosscoder":  # concatenated blocks, one scalar each
+            block = d // len(keys)
+            return torch.tensor(scales, dtype=torch.float32, device=self.W_dec.device).repeat_interleave(block)
+        raise StrataError(f"this {self.cfg.mode} SAE reads {len(keys)} keys with different normalisations; "
+                          f"pass key= (one of {keys})")
+
+    def in_scale(self, key=None):
+        return self._scale(self.cfg.in_keys, self.cfg.in_scales, key, self.cfg.d_in)
+
+    def out_scale(self, key=None):
+        return self._scale(self.cfg.out_keys, self.cfg.out_scales, key, self.cfg.d_out)
+
+    def encode(self, x: torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """Raw activations [B, d_in] -> dense non-negative latents [B, n_latents]."""
+        return self.encode_n(x.to(self.W_dec.dtype) * self.in_scale(key))
+
+    def decode(self, f: torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """Latents -> raw-unit output [B, d_out] (without a transcoder's skip term; see reconstruct)."""
+        return self.decode_n(f) / self.out_scale(key)
+
+    def reconstruct(self, x: torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """Raw input -> raw reconstruction/prediction, skip connection included."""
+        xs = x.to(self.W_dec.dtype) * self.in_scale(key)
+        return (self.decode_n(self.encode_n(xs)) + self.skip_out(xs)) / self.out_scale(key)
+
+    # ------------------------------------------------------------------ training hooks
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop each decoder row's gradient component along the row (the unit-norm constraint's tangent)."""
+        if self.cfg.normalize_decoder and self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g -= (g * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.cfg.normalize_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def track_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """Dead/dense bookkeeping counted in tokens (not steps)."""
+        fired = fired.to(self.fire_count.device)
+        self.stale_tokens += n_tokens
+        self.stale_tokens[fired > 0] = 0
+        self.fire_count += fired.double()
+        self.tokens_counted += n_tokens
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.stale_tokens >= self.cfg.dead_tokens
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows of x."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        dist = (x - m).norm(dim=1).clamp_min(1e-9)
+        w = 1.0 / dist
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() <= tol * max(1.0, float(m.norm())):
+            m = new
+            break
+        m = new
+    return m.float()

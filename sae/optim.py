@@ -1,0 +1,63 @@
+"""One SAE's optimisation step: Adam, learning-rate warm-up and decay, gradient clipping, decoder unit-norm.
+
+Default learning rate scales with width as in Gao et al.: 2e-4 * sqrt(2^14 / n_latents). Schedule: linear
+warm-up over `warmup_steps`, constant, then linear decay to zero over the last `decay_fraction` of the steps.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from activations.errors import StrataError
+from sae.base import SAE, Output, fvu
+
+
+def default_lr(n_latents: int) -> float:
+    return 2e-4 * math.sqrt(2**14 / n_latents)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_fraction: float) -> float:
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = int(total_steps * decay_fraction)
+    start = total_steps - decay_steps
+    if decay_steps > 0 and step >= start:
+        return max(0.0, (total_steps - step) / decay_steps)
+    return 1.0
+
+
+class NonFiniteLoss(StrataError):
+    pass
+
+
+class SAEStepper:
+    def __init__(self, sae: SAE, lr: float, total_steps: int, warmup_steps: int = 0, decay_fraction: float = 0.2,
+                 grad_clip: float = 1.0, betas=(0.9, 0.999), eps: float = 6.25e-10):
+        self.sae = sae
+        self.base_lr = lr
+        self.total_steps, self.warmup_steps, self.decay_fraction = total_steps, warmup_steps, decay_fraction
+        self.grad_clip = grad_clip
+        params = [p for p in sae.parameters() if p.requires_grad]
+        try:  # the fused CPU/GPU kernel is ~4x faster than foreach on CPU
+            self.opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int, loss_fn=fvu) -> Output:
+        sae = self.sae
+        out = sae(x, y, loss_fn, step)
+        if not bool(torch.isfinite(out.loss)):
+            raise NonFiniteLoss(f"loss became {float(out.loss)} at step {step}")
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_parallel_grad()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], self.grad_clip, foreach=True)
+        lr = self.base_lr * lr_factor(step, self.total_steps, self.warmup_steps, self.decay_fraction)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        sae.normalize_decoder()
+        sae.track_firing(out.fired, x.shape[0])
+        return out

@@ -1,0 +1,128 @@
+"""TopK (Gao et al. 2024) with AuxK, BatchTopK (arXiv 2412.06410) and Matryoshka BatchTopK (arXiv 2503.17547).
+
+All three pick active latents from relu pre-activations, then decode sparsely (only the chosen decoder rows
+are touched, forward and backward; see kernels.py). AuxK: the top k_aux *dead* latents reconstruct the
+residual y - recon; its loss is that residual's FVU, weighted aux_coef (1/32).
+"""
+from __future__ import annotations
+
+import torch
+
+from sae import kernels
+from sae.base import SAE, Output, fvu
+
+
+class TopKSAE(SAE):
+    def select(self, pre: torch.Tensor):
+        """Active (rows, cols, vals) from relu'd pre-activations [B, n], sorted by row."""
+        k = self.cfg.k
+        vals, cols = pre.topk(k, dim=1, sorted=False)
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+        return rows, cols.reshape(-1), vals.reshape(-1)
+
+    def after_select(self, vals: torch.Tensor, n_rows: int) -> None:
+        pass
+
+    def encode_n(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.relu_preacts(self.centered(x))
+        rows, cols, vals = self.select(pre)
+        f = torch.zeros_like(pre)
+        f[rows, cols] = vals
+        return f
+
+    def _aux_select(self, pre: torch.Tensor):
+        dead = self.dead_mask()
+        if self.cfg.k_aux <= 0 or not bool(dead.any()):
+            return None
+        dead_ids = dead.nonzero().squeeze(1).to(pre.device)
+        ka = min(self.cfg.k_aux, dead_ids.numel())
+        vals, j = pre[:, dead_ids].topk(ka, dim=1, sorted=False)
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(ka)
+        return rows, dead_ids[j].reshape(-1), vals.reshape(-1)
+
+    def prefix_loss(self, y, vals, cols, offsets, loss_fn):
+        """Reconstruction loss of the full dictionary (Matryoshka overrides with nested prefixes)."""
+        recon = kernels.sparse_decode(vals, cols, offsets, self.W_dec) + self.b_dec
+        return loss_fn(y, recon + self._skip), recon + self._skip, {}
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, step: int = 0) -> Output:
+        B, n = x.shape[0], self.cfg.n_latents
+        with torch.no_grad():
+            x_c = self.centered(x)
+            pre = self.relu_preacts(x_c)
+            rows, cols, vals = self.select(pre)
+            if self.training:
+                self.after_select(vals, B)
+            aux = self._aux_select(pre) if self.training else None
+            del pre
+        all_rows, all_cols, all_vals = rows, cols, vals
+        if aux is not None:
+            all_rows, all_cols, all_vals = (torch.cat([a, b]) for a, b in zip((rows, cols, vals), aux))
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        g = kernels.gather_preacts(x_c, b_dec, self.W_enc, self.b_enc, all_rows, all_cols, all_vals)
+        nnz = cols.numel()
+        offsets = kernels.row_offsets(rows, B)
+        self._skip = self.skip_out(x)
+        loss, recon, parts = self.prefix_loss(y, g[:nnz], cols, offsets, loss_fn)
+        parts["recon"] = loss.detach()
+        if aux is not None:
+            residual = (y - recon).detach()
+            aux_recon = kernels.sparse_decode(g[nnz:], aux[1], kernels.row_offsets(aux[0], B), self.W_dec)
+            auxk = torch.nan_to_num(fvu(residual, aux_recon), nan=0.0)
+            parts["auxk"] = auxk.detach()
+            loss = loss + self.cfg.aux_coef * auxk
+        active = vals > 0
+        fired = torch.bincount(cols[active], minlength=n)
+        return Output(loss=loss, parts=parts, recon=recon.detach(), l0=active.sum() / B, fired=fired)
+
+
+class BatchTopKSAE(TopKSAE):
+    """Top k*B over the whole batch in training; at inference a global threshold: the EMA (beta 0.999) of
+    the smallest kept activation per training batch."""
+
+    beta = 0.999
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
+
+    def select(self, pre: torch.Tensor):
+        if not self.training:  # inference: fixed threshold, rows vary in size
+            rows, cols = (pre > self.threshold).nonzero(as_tuple=True)
+            return rows, cols, pre[rows, cols]
+        n = pre.shape[1]
+        vals, flat = pre.reshape(-1).topk(self.cfg.k * pre.shape[0], sorted=False)
+        flat, order = flat.sort()  # row-major order = sorted by row
+        return flat // n, flat % n, vals[order]
+
+    @torch.no_grad()
+    def after_select(self, vals: torch.Tensor, n_rows: int) -> None:
+        pos = vals[vals > 0]
+        if pos.numel() == 0:
+            return
+        # running mean for the first 1/(1-beta) updates, then the EMA (so short runs get a usable threshold)
+        self.threshold_updates += 1
+        beta = min(self.beta, 1.0 - 1.0 / float(self.threshold_updates))
+        self.threshold.mul_(beta).add_((1 - beta) * pos.min())
+
+    def encode_n(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().encode_n(x)
+        pre = self.relu_preacts(self.centered(x))
+        return pre * (pre > self.threshold)
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    """Nested dictionaries: each prefix of the latents (sizes cfg.matryoshka_prefixes, last = n_latents)
+    reconstructs the target alone; the loss is the mean of the prefix losses."""
+
+    def prefix_loss(self, y, vals, cols, offsets, loss_fn):
+        losses, parts = [], {}
+        recon = None
+        for size in self.cfg.matryoshka_prefixes:
+            v = vals * (cols < size)
+            recon = kernels.sparse_decode(v, cols, offsets, self.W_dec) + self.b_dec + self._skip
+            losses.append(loss_fn(y, recon))
+            parts[f"recon_prefix_{size}"] = losses[-1].detach()
+        return torch.stack(losses).mean(), recon, parts

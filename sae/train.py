@@ -1,0 +1,228 @@
+"""`strata train`: read a harvest run's training shards once per epoch and step every SAE of the chosen mode
+on each batch (see modes.py), logging metrics and writing atomic checkpoints; `--resume` continues exactly
+(same weights, optimizer moments, RNG, data position) so a killed-and-resumed run ends with the same weights
+as an uninterrupted one."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from activations import layout
+from activations.atomic import atomic_write_json
+from activations.errors import StrataError
+from activations.model import resolve_device
+from activations.reader import ActivationReader, open_run
+from sae.checkpoint import load_sae, read_checkpoint, restore_optimizers, restore_rng, write_checkpoint
+from sae.config import ARCHS
+from sae.metrics import LatentStats, ReconStats
+from sae.modes import Unit, norm_scale, sae_configs, select_keys
+from sae.models import build_sae
+from sae.optim import NonFiniteLoss, SAEStepper, default_lr
+from sae.logger import MetricsLogger
+from sae.relu import ReLUSAE
+from sae.train_config import TrainConfig
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.arch not in ARCHS:
+        raise StrataError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise StrataError(f"learning rate {cfg.lr} must be positive; pass --lr > 0 or leave it out for the width-scaled default")
+    if cfg.batch_size <= 0 or cfg.epochs <= 0:
+        raise StrataError("--batch-size and --epochs must be positive")
+    if not 0 <= cfg.heldout_fraction < 1:
+        raise StrataError(f"--heldout-fraction {cfg.heldout_fraction} must be in [0, 1)")
+    if cfg.b_dec_init not in ("median", "mean", "zero"):
+        raise StrataError(f"--b-dec-init {cfg.b_dec_init!r}: use median, mean or zero")
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def sample_rows(run, shards: list[int], n: int, seed: int) -> np.ndarray:
+    """n global token rows drawn uniformly from the given shards (sorted, for h5py)."""
+    recs = {s.index: s for s in run.manifest.shards}
+    ranges = [(recs[i].token_start, recs[i].rows) for i in shards]
+    total = sum(r for _, r in ranges)
+    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+    starts = np.cumsum([0] + [r for _, r in ranges])
+    out = np.empty_like(picks)
+    for (tok0, _), a, b in zip(ranges, starts[:-1], starts[1:]):
+        m = (picks >= a) & (picks < b)
+        out[m] = tok0 + picks[m] - a
+    return np.sort(out).astype(np.int64)
+
+
+def fresh_saes(cfg: TrainConfig, run, configs: dict, train_shards: list[int], device) -> dict:
+    """Build each SAE: normalisation scalars and decoder bias from a sample of training tokens."""
+    keys = sorted({k for c in configs.values() for k in c.in_keys + c.out_keys})
+    rows = sample_rows(run, train_shards, cfg.norm_sample_tokens, cfg.seed)
+    sample = {k: torch.from_numpy(np.asarray(run.read_rows(k, rows), dtype=np.float32)).to(device) for k in keys}
+    scales = {k: norm_scale(v) for k, v in sample.items()}
+    saes = {}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for sae_id, c in configs.items():
+        c.in_scales = [scales[k] for k in c.in_keys]
+        c.out_scales = [scales[k] for k in c.out_keys]
+        sae = build_sae(c)
+        sae.reset_parameters(gen)
+        sae.to(device)
+        x, y = Unit(sae_id, sae).io(sample)
+        if cfg.b_dec_init != "zero":
+            sae.init_from_sample(x, y, cfg.b_dec_init)
+        saes[sae_id] = sae
+    return saes
+
+
+def train(cfg: TrainConfig) -> Path:
+    check_config(cfg)
+    run = open_run(cfg.run_dir)
+    name = cfg.resolved_name()
+    tdir = layout.train_dir(cfg.run_dir, name)
+    keys = select_keys(cfg, run.keys, run.manifest.n_layers)
+    configs = sae_configs(cfg, keys, {k: run.d(k) for k in keys}, run.manifest.model, run.manifest.context_length)
+    train_shards, _ = run.split(cfg.heldout_fraction)
+    if not train_shards:
+        raise StrataError(f"no training shards left after holding out {cfg.heldout_fraction:.0%}; lower --heldout-fraction")
+
+    ckpt = None
+    if cfg.resume:
+        cfg_path = tdir / "config.json"
+        if not cfg_path.is_file():
+            raise StrataError(f"nothing to resume in {tdir}; drop --resume to start training")
+        saved = json.loads(cfg_path.read_text())
+        diffs = config_differences(saved.get("identity", {}), cfg.identity())
+        if diffs:
+            raise StrataError("the config differs from the run being resumed (" + "; ".join(diffs) + "); "
+                              "resume with the original flags or train under a new --name")
+        ckpt = read_checkpoint(cfg.run_dir, name)
+    elif tdir.exists():
+        if not cfg.overwrite:
+            raise StrataError(f"{tdir} exists; pass --resume to continue it, --overwrite to replace it, or a new --name")
+        shutil.rmtree(tdir)
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if ckpt is not None:
+        state, folder = ckpt
+        saes = {sid: load_sae(folder / "saes" / sid, device).train() for sid in state["sae_ids"]}
+        for sid, sae in saes.items():
+            if sae.cfg.d_in != configs[sid].d_in:
+                raise StrataError(f"checkpoint SAE {sid} has d_in {sae.cfg.d_in} but the shards give {configs[sid].d_in}")
+        step, tokens = int(state["step"]), int(state["tokens"])
+    else:
+        saes = fresh_saes(cfg, run, configs, train_shards, device)
+        step, tokens = 0, 0
+        atomic_write_json(tdir / "config.json", {"identity": cfg.identity(), "config": vars(cfg).copy()})
+
+    reader = ActivationReader(run, sorted({k for s in saes.values() for k in s.cfg.in_keys + s.cfg.out_keys}),
+                              cfg.batch_size, shards=train_shards, shuffle=True, seed=cfg.seed, epochs=cfg.epochs,
+                              drop_last=True, start_batch=step)
+    total_steps = len(reader)
+    if cfg.max_tokens:
+        total_steps = min(total_steps, cfg.max_tokens // cfg.batch_size)
+    if total_steps <= 0:
+        raise StrataError(f"the training shards hold fewer tokens than one batch of {cfg.batch_size}; lower --batch-size")
+    warmup = cfg.warmup_steps or min(1000, max(1, total_steps // 100))
+    units = [Unit(sid, sae) for sid, sae in saes.items()]
+    steppers = {}
+    for u in units:
+        u.sae.compute_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        if isinstance(u.sae, ReLUSAE):
+            u.sae.l1_warmup_steps = cfg.l1_warmup_steps or max(1, total_steps // 20)
+        steppers[u.sae_id] = SAEStepper(u.sae, cfg.lr or default_lr(u.sae.cfg.n_latents), total_steps, warmup,
+                                        cfg.decay_fraction, cfg.grad_clip, eps=cfg.adam_eps)
+    if ckpt is not None:
+        restore_optimizers(ckpt[1], ckpt[0], {sid: st.opt for sid, st in steppers.items()})
+        restore_rng(ckpt[0])
+
+    logger = MetricsLogger(layout.metrics_path(cfg.run_dir, name), step if cfg.resume else None, cfg.wandb_project,
+                           cfg.wandb_mode, name, cfg.identity())
+    last_good = step if ckpt is not None else None
+
+    def checkpoint(done: bool):
+        for sae in saes.values():
+            sae.cfg.tokens_seen = tokens * (len(sae.cfg.in_keys) if sae.cfg.mode == "multilayer" else 1)
+        write_checkpoint(cfg.run_dir, name, saes, {sid: st.opt for sid, st in steppers.items()},
+                         {"step": step, "tokens": tokens, "total_steps": total_steps, "batches_read": step,
+                          "done": done, "name": name})
+
+    windows = {u.sae_id: LatentStats(u.sae.cfg.n_latents) for u in units}
+    sums = {u.sae_id: {} for u in units}
+    t0, t_tokens = time.perf_counter(), tokens
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc=f"train {name}", unit="step")
+    try:
+        if step >= total_steps:
+            if not (ckpt and ckpt[0].get("done")):
+                checkpoint(True)
+            return tdir
+        for batch in reader:
+            if step >= total_steps:
+                break
+            acts = {k: v.to(device, non_blocking=True) for k, v in batch.acts.items()}
+            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
+            record = {}
+            for u in units:
+                x, y = u.io(acts)
+                try:
+                    out = steppers[u.sae_id].step(x, y, step, u.loss_fn)
+                except NonFiniteLoss as e:
+                    kept = f"kept the last good checkpoint (step {last_good})" if last_good is not None else "no checkpoint was written"
+                    raise StrataError(f"{e} for SAE {u.sae_id}; stopped, {kept}; lower --lr or check the shards (strata verify)") from None
+                windows[u.sae_id].update(out.fired, float(out.l0), x.shape[0])
+                for k, v in out.parts.items():
+                    sums[u.sae_id][k] = sums[u.sae_id].get(k, 0.0) + float(v)
+                if log_now:
+                    record[u.sae_id] = _unit_metrics(u, y, out, windows[u.sae_id], sums[u.sae_id])
+            step += 1
+            tokens += batch.rows.numel()
+            if bar is not None:
+                bar.update(1)
+            if log_now:
+                dt = time.perf_counter() - t0
+                logger.log({"step": step, "tokens": tokens,
+                            "lr": steppers[units[0].sae_id].opt.param_groups[0]["lr"],
+                            "tokens_per_s": (tokens - t_tokens) / max(dt, 1e-9), "saes": record})
+                t0, t_tokens = time.perf_counter(), tokens
+                windows = {u.sae_id: LatentStats(u.sae.cfg.n_latents) for u in units}
+                sums = {u.sae_id: {} for u in units}
+            if step % cfg.checkpoint_every == 0 and step < total_steps:
+                checkpoint(False)
+                last_good = step
+        checkpoint(True)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    return tdir
+
+
+@torch.no_grad()
+def _unit_metrics(u: Unit, y: torch.Tensor, out, window: LatentStats, sums: dict) -> dict:
+    n_steps = max(1, window.n // max(1, y.shape[0]))
+    m = {k: v / n_steps for k, v in sums.items()}
+    m.update(window.summary())
+    dead = u.sae.dead_mask()
+    m["frac_dead"] = float(dead.double().mean())   # by tokens since last firing (cfg.dead_tokens)
+    m["frac_dead_window"] = window.summary()["frac_dead"]
+    parts = u.parts(y, out.recon)
+    rs = ReconStats()
+    rs.update(y, out.recon)
+    m.update({k: v for k, v in rs.summary().items() if k in ("fvu", "explained_variance", "mse", "cosine", "shrinkage")})
+    if len(parts) > 1:
+        for key, (yk, rk) in parts.items():
+            r = ReconStats()
+            r.update(yk, rk)
+            s = r.summary()
+            m[f"fvu/{key}"], m[f"shrinkage/{key}"] = s["fvu"], s["shrinkage"]
+    return m

@@ -1,0 +1,142 @@
+"""Benchmark of the analysis pass and the dashboard's feature page, measured side by side in one run.
+
+1. A random-weight TopK SAE (16k latents by default) encodes N synthetic tokens (1M by default) twice over
+   the same in-memory blocks: once doing nothing else (pure encode), once through the full analysis pass
+   (stats, histograms, top-k with windows, quantile samples, neighbours). Prints analysis / encode (target <= 2).
+2. The index is written to a throwaway run directory and the Features page is rendered with Streamlit's
+   AppTest: first feature cold, then other features warm (target < 300 ms).
+
+    python scripts/bench_dashboard.py                       # 16k latents x 1M tokens, d=576
+    python scripts/bench_dashboard.py --tokens 200000       # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from activations import layout  # noqa: E402
+from activations.model import resolve_device  # noqa: E402
+from sae.analysis.index_file import write_index  # noqa: E402
+from sae.analysis.indexer import IndexerSettings  # noqa: E402
+from sae.analysis.source import array_blocks  # noqa: E402
+from sae.analysis.stream import index_saes, slots_of  # noqa: E402
+from sae.config import SAEConfig  # noqa: E402
+from sae.models import build_sae  # noqa: E402
+
+
+def synthetic_tokens(n_tokens: int, d: int, n_dirs: int, seed: int = 0):
+    """Activations with structure (sparse sums of random directions, like real residuals) + token ids."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n_dirs, d, generator=g)
+    acts = torch.empty(n_tokens, d)
+    for s in range(0, n_tokens, 65536):
+        e = min(n_tokens, s + 65536)
+        idx = torch.randint(0, n_dirs, (e - s, 8), generator=g)
+        w = torch.rand(e - s, 8, generator=g) * 3
+        acts[s:e] = (dirs[idx] * w.unsqueeze(2)).sum(1) + 0.3 * torch.randn(e - s, d, generator=g)
+    token_ids = torch.randint(0, 50000, (n_tokens,), generator=g)
+    doc_ids = torch.arange(n_tokens) // 300
+    context_ids = torch.arange(n_tokens) // 256
+    return acts, token_ids, doc_ids, context_ids
+
+
+def time_encode(sae, blocks) -> float:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b in blocks:
+            sae.encode(b.acts["resid.0"])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def write_bench_run(root: Path, res: dict, sae, n_tokens: int, d: int) -> None:
+    info = {"cfg": sae.cfg.to_dict(), "n_latents": sae.cfg.n_latents, "mode": sae.cfg.mode, "slots": slots_of(sae),
+            "vectors": int(res["saes"]["resid.0"]["vectors"]), "match_next": None}
+    meta = {"train_name": "bench", "tokens": n_tokens, "data": "all", "shards": [], "notes": [], "explainer": "none"}
+    write_index(layout.index_path(root, "bench"), meta, res["saes"], {"resid.0": info}, [], [],
+                [f"t{i}" for i in range(50000)])
+    man = {"model": {"id": "synthetic", "n_layers": 1, "d_model": d}, "keys": ["resid.0"], "n_tokens": n_tokens,
+           "shards": [], "context_length": 256}
+    layout.manifest_path(root).write_text(json.dumps(man))
+    layout.checkpoint_dir(root, "bench").mkdir(parents=True, exist_ok=True)
+
+
+def time_feature_page(root: Path, features: list[int]) -> tuple[float, list[float]]:
+    import os
+
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["STRATA_RUN"] = str(root)
+    app = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+    at = AppTest.from_file(app, default_timeout=120)
+    at.query_params.update({"page": "features", "train": "bench", "sae": "resid.0", "f": str(features[0])})
+    t0 = time.perf_counter()
+    at.run()
+    cold = time.perf_counter() - t0
+    assert not at.exception, at.exception
+    warm = []
+    for f in features[1:]:
+        at.number_input(key="f-resid.0").set_value(f)
+        t0 = time.perf_counter()
+        at.run()
+        warm.append(time.perf_counter() - t0)
+        assert not at.exception and 'class="tok' in "".join(m.value for m in at.markdown)
+    return cold, warm
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=1_000_000)
+    p.add_argument("--latents", type=int, default=16384)
+    p.add_argument("--d", type=int, default=576)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+
+    cfg = SAEConfig(arch="topk", d_in=args.d, d_out=args.d, n_latents=args.latents, k=args.k, in_keys=["resid.0"],
+                    out_keys=["resid.0"], in_scales=[1.0], out_scales=[1.0])
+    sae = build_sae(cfg).to(device).eval()
+    acts, tok, doc, ctx = synthetic_tokens(args.tokens, args.d, 4 * args.latents)
+    settings = IndexerSettings()
+    blocks = lambda: array_blocks({"resid.0": acts}, tok, doc, ctx, args.batch, settings.window, device)
+    print(f"device {device}; {args.tokens:,} tokens x d={args.d}; TopK {args.latents:,} latents, k={args.k}; "
+          f"batch {args.batch}; threads {torch.get_num_threads()}")
+
+    time_encode(sae, array_blocks({"resid.0": acts[:args.batch * 2]}, tok, doc, ctx, args.batch, 5, device))  # warm-up
+    t_encode = time_encode(sae, blocks())
+    print(f"pure encode           {t_encode:8.1f} s   ({args.tokens / t_encode:,.0f} tokens/s)")
+    res = index_saes({"resid.0": sae}, blocks(), settings, device)
+    t_pass = res["seconds"]
+    print(f"analysis pass         {t_pass:8.1f} s   ({args.tokens / t_pass:,.0f} tokens/s)")
+    print(f"ratio analysis/encode {t_pass / t_encode:8.2f}    (target <= 2)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "run"
+        root.mkdir()
+        t0 = time.perf_counter()
+        write_bench_run(root, res, sae, args.tokens, args.d)
+        size = layout.index_path(root, "bench").stat().st_size
+        print(f"index write           {time.perf_counter() - t0:8.1f} s   ({size / 2**20:.0f} MiB)")
+        rng = np.random.default_rng(0)
+        feats = [int(x) for x in rng.choice(args.latents, 8, replace=False)]
+        cold, warm = time_feature_page(root, feats)
+        print(f"feature page cold     {cold * 1000:8.0f} ms")
+        print(f"feature page warm     {np.median(warm) * 1000:8.0f} ms median of {len(warm)} "
+              f"(max {max(warm) * 1000:.0f} ms; target < 300 ms)")
+
+
+if __name__ == "__main__":
+    main()

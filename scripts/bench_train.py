@@ -1,0 +1,81 @@
+"""Training throughput next to this machine's matmul roofline, measured side by side in one run.
+
+Prints: matmul GFLOP/s (the encoder's own [B, d] x [d, n] shape) in fp32 and bf16; TopK training tokens/s at
+d=576, 4608 latents, k=32, batch 4096 (Adam, AuxK on, decoder unit-norm, grad clip: the real training step) in
+fp32 and bf16, and its ratio to the roofline-implied tokens/s; then the per-layer bank's tokens/s per SAE as
+the number of layers grows (each SAE steps on its own layer's batch, as `strata train --mode layer` does).
+
+roofline-implied tokens/s = matmul FLOP/s / FLOP per token, FLOP per token = 2*d*n (dense encoder forward)
++ 10*k*d (sparse decode forward and backward, sparse encoder backward).
+
+    python scripts/bench_train.py [--steps 6] [--layers 1,2,4] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sae.config import SAEConfig
+from sae.models import build_sae
+from sae.optim import SAEStepper, default_lr
+
+
+def matmul_gflops(B: int, d: int, n: int, dtype, reps: int) -> float:
+    x, w = torch.randn(B, d).to(dtype), torch.randn(n, d).to(dtype).t()  # W_enc layout used in training
+    x @ w
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x @ w
+        best = min(best, time.perf_counter() - t)
+    return 2 * B * d * n / best / 1e9
+
+
+def make_stepper(d, n, k, dtype, steps):
+    cfg = SAEConfig(arch="topk", d_in=d, d_out=d, n_latents=n, k=k, in_keys=["x"], out_keys=["x"],
+                    in_scales=[1.0], out_scales=[1.0], k_aux=d // 2)
+    sae = build_sae(cfg)
+    sae.compute_dtype = dtype
+    return SAEStepper(sae, default_lr(n), total_steps=10_000, warmup_steps=0)
+
+
+def train_tokens_per_s(d, n, k, B, dtype, steps: int, n_saes: int = 1) -> float:
+    torch.manual_seed(0)
+    steppers = [make_stepper(d, n, k, dtype, steps) for _ in range(n_saes)]
+    xs = [torch.randn(B, d) for _ in range(n_saes)]
+    for st, x in zip(steppers, xs):  # warm-up step (allocations, first-call overheads)
+        st.step(x, x, 0)
+    t = time.perf_counter()
+    for s in range(1, steps + 1):
+        for st, x in zip(steppers, xs):
+            st.step(x, x, s)
+    return B * steps / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--layers", default="1,2,4")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    a = ap.parse_args()
+    d, n, k, B = (64, 512, 8, 256) if a.quick else (576, 4608, 32, 4096)
+    flop_per_token = 2 * d * n + 10 * k * d
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={d} n_latents={n} k={k} batch={B}")
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        gf = matmul_gflops(B, d, n, dt, reps=5)
+        implied = gf * 1e9 / flop_per_token
+        tps = train_tokens_per_s(d, n, k, B, dt, a.steps)
+        print(f"{name}: matmul {gf:7.1f} GFLOP/s -> roofline-implied {implied:8.0f} tok/s; "
+              f"TopK training {tps:8.0f} tok/s = {tps / implied:5.1%} of roofline")
+    base = None
+    for L in [int(s) for s in a.layers.split(",")]:
+        tps = train_tokens_per_s(d, n, k, B, torch.float32, max(2, a.steps // L), n_saes=L)
+        base = base or tps * L
+        print(f"per-layer bank, {L} SAE(s): {tps:8.0f} batch tok/s, {tps * L:8.0f} tok/s summed over SAEs "
+              f"({tps * L / base:5.1%} of 1-SAE rate per SAE)")
+
+
+if __name__ == "__main__":
+    main()

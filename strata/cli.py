@@ -1,0 +1,143 @@
+"""`strata <verb>`: each verb turns its flags into a config dataclass and calls one function.
+
+Every verb's parser is built by an `add_<verb>` function below and dispatched through `args.run`.
+Errors meant for users are `StrataError`s: printed as one line, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from activations.errors import StrataError
+from strata.config import add_config_args, build_config
+
+
+# ---------------------------------------------------------------- harvest / verify / info (activations/)
+def add_harvest(sub):
+    from activations.config import HarvestConfig
+
+    p = sub.add_parser("harvest", help="run a model over text and store activations as per-layer HDF5 shards")
+    p.add_argument("run_dir", help="run directory to write (created if missing)")
+    p.add_argument("--config", help="YAML/JSON file with HarvestConfig fields")
+    add_config_args(p, HarvestConfig, skip=("run_dir",))
+
+    def run(args):
+        from activations.harvest import harvest
+
+        cfg = build_config(HarvestConfig, args, args.config, run_dir=args.run_dir)
+        harvest(cfg)
+
+    p.set_defaults(run=run)
+
+
+def add_verify(sub):
+    p = sub.add_parser("verify", help="check a run's shards against its manifest (checksums, shapes, NaN/inf)")
+    p.add_argument("run_dir")
+
+    def run(args):
+        from activations.verify import verify_run
+
+        problems = verify_run(args.run_dir)
+        if problems:
+            for line in problems:
+                print(line)
+            raise StrataError(f"{len(problems)} problem(s) in {args.run_dir}: re-harvest the named shards (strata harvest --resume after deleting them)")
+        print(f"{args.run_dir}: all shards match the manifest")
+
+    p.set_defaults(run=run)
+
+
+def add_info(sub):
+    p = sub.add_parser("info", help="print a summary of a run directory")
+    p.add_argument("run_dir")
+
+    def run(args):
+        from activations.verify import run_summary
+
+        print(run_summary(args.run_dir))
+
+    p.set_defaults(run=run)
+
+
+# ---------------------------------------------------------------- verbs added by later stages go below
+
+
+# ---------------------------------------------------------------- analyze / dashboard / share (sae/analysis, dashboard/)
+def add_analyze(sub):
+    from sae.analysis.analyze import AnalyzeConfig
+
+    p = sub.add_parser("analyze", help="index every feature of trained SAEs (stats, contexts, logits, depth, explanations)")
+    p.add_argument("run_dir", help="run directory with train/<name>/checkpoint")
+    p.add_argument("--config", help="YAML/JSON file with AnalyzeConfig fields")
+    add_config_args(p, AnalyzeConfig, skip=("run_dir",))
+
+    def run(args):
+        from sae.analysis.analyze import analyze
+
+        cfg = build_config(AnalyzeConfig, args, args.config, run_dir=args.run_dir)
+        for path in analyze(cfg):
+            print(f"wrote {path}")
+
+    p.set_defaults(run=run)
+
+
+def add_dashboard(sub):
+    p = sub.add_parser("dashboard", help="serve the Streamlit dashboard of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--read-only", action="store_true", help="serve without the prompt explorer (for sharing)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="localhost", help="address to listen on (0.0.0.0 to share on a network)")
+
+    def run(args):
+        from dashboard.serve import serve_dashboard
+
+        serve_dashboard(args.run_dir, read_only=args.read_only, port=args.port, host=args.host)
+
+    p.set_defaults(run=run)
+
+
+def add_share(sub):
+    p = sub.add_parser("share", help="write a static HTML bundle of feature pages (opens with no Python, no network)")
+    p.add_argument("run_dir")
+    p.add_argument("--features", default="top:100",
+                   help="all | top:N (densest N per SAE) | 1,2,5-9 | sae:1,2;sae2:3 (default: top:100)")
+    p.add_argument("--name", help="training run whose index to share (default: the first)")
+    p.add_argument("--out", help="output folder (default: RUN/share)")
+
+    def run(args):
+        from dashboard.share import write_share
+
+        out = write_share(args.run_dir, args.features, args.name, args.out)
+        print(f"wrote {out / 'index.html'}")
+
+    p.set_defaults(run=run)
+
+
+
+
+VERBS = [add_harvest, add_verify, add_info, add_analyze, add_dashboard, add_share]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="strata", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for add in VERBS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except StrataError as e:
+        print(f"strata: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("strata: interrupted; finished shards and checkpoints are kept (rerun with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

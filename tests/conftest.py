@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random-weight models built from transformers configs (with a small BPE tokenizer
+trained in-process on the built-in corpus), and tiny harvested runs made with them."""
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(2)
+
+
+def make_tokenizer(vocab_size: int = 384, bos: bool = True):
+    """A byte-level BPE tokenizer trained on the first built-in documents (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from activations.corpus import builtin_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(itertools.islice(builtin_documents(), 20), trainer)
+    if bos:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
+
+
+def make_model(arch: str, vocab_size: int, n_layers: int = 3, d: int = 32):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        return tf.LlamaForCausalLM(cfg)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=d, n_layer=n_layers, n_head=4, n_positions=256,
+                            bos_token_id=0, eos_token_id=1)
+        return tf.GPT2LMHeadModel(cfg)
+    raise ValueError(arch)
+
+
+def save_tiny_model(folder: Path, arch: str, n_layers: int = 3, d: int = 32) -> Path:
+    tok = make_tokenizer(bos=(arch == "llama"))
+    model = make_model(arch, len(tok), n_layers, d)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+def harvest_tiny(run_dir: Path, model_dir: Path, **overrides):
+    from activations.config import HarvestConfig
+    from activations.harvest import harvest
+
+    opts = dict(run_dir=str(run_dir), model=str(model_dir), sites="resid,mlp_in,mlp_out", layers="all", context=32,
+                batch_contexts=4, shard_tokens=1024, max_tokens=6144, progress=False)
+    opts.update(overrides)
+    return harvest(HarvestConfig(**opts))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_llama) -> Path:
+    """A harvested run of the tiny Llama: resid 0-3, mlp_in/mlp_out 0-2, 6144 tokens in 6 shards of 1024."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    harvest_tiny(run, tiny_llama)
+    return run

@@ -1,0 +1,148 @@
+"""Every dashboard page rendered with Streamlit's AppTest on a synthetic run, and escaping of hostile corpus text."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from test_dashboard_support import XSS_PAYLOADS, synthetic_run
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    vocab = [f"tok{i}" for i in range(40)] + XSS_PAYLOADS + [" the", "\n"]
+    return synthetic_run(tmp_path_factory.mktemp("dash") / "run", vocab)
+
+
+def app(run, monkeypatch, read_only=False, **query):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("STRATA_RUN", str(run))
+    monkeypatch.setenv("STRATA_READ_ONLY", "1" if read_only else "0")
+    at = AppTest.from_file(APP, default_timeout=60)
+    for k, v in query.items():
+        at.query_params[k] = str(v)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def all_html(at) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+def test_overview_shows_manifest_curves_table_density_frontier(synth, monkeypatch):
+    at = app(synth, monkeypatch)
+    assert at.header[0].value == "Overview"
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["tokens harvested"] == "2,000"
+    table = at.dataframe[0].value
+    assert {"L0", "FVU", "dead %", "loss recovered", "L0 (index)"} <= set(table.columns)
+    assert table.set_index("SAE").loc["resid.1", "FVU"] == pytest.approx(0.21)
+    assert table.set_index("SAE").loc["resid.1", "dead %"] == pytest.approx(10.0)
+    # L0 measured by the index equals the SAEs' k (TopK with k=4)
+    assert table.set_index("SAE").loc["resid.1", "L0 (index)"] == pytest.approx(4.0)
+    charts = at.get("plotly_chart")
+    titles = " ".join(c.proto.spec for c in charts)
+    assert "fvu" in titles and "feature density" in titles and "L0-FVU frontier" in titles
+
+
+def test_feature_page_renders_every_index_item(synth, monkeypatch):
+    from sae.analysis.index_file import FeatureIndex
+
+    f = int(FeatureIndex(synth / "index" / "synth.h5").feature("resid.0", 0)["best_next_idx"])  # has a previous match
+    at = app(synth, monkeypatch, page="features", train="synth", sae="resid.1", f=f)
+    assert at.number_input[0].value == f
+    page = all_html(at)
+    assert page.count('class="tok') > 20  # highlighted tokens of top and interval examples
+    assert re.search(r'title="activation [0-9.e+-]+"', page)  # the value on hover
+    assert "Nearest features" in page and "?page=features&amp;train=synth&amp;sae=resid.1&amp;f=" in page
+    assert "Matches in adjacent layers" in page and "sae=resid.2" in page and "sae=resid.0" in page
+    assert any("Explanation (tokens): fires on" in t.value for t in at.text)
+    assert any("interval 1" in c.value for c in at.caption)
+    specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
+    assert "activations (non-zero)" in specs
+    logits = [d.value for d in at.dataframe if "promoted" in d.value.columns]
+    assert logits and len(logits[0]) == 5
+
+
+def test_feature_filters(synth, monkeypatch):
+    at = app(synth, monkeypatch, page="features", sae="resid.0")
+    n_all = len(at.dataframe[0].value)
+    at.text_input(key="q_token").input("tok5").run()
+    firing = at.dataframe[0].value
+    assert 0 < len(firing) < n_all
+    at.text_input(key="q_token").input("").run()
+    at.selectbox(key="q_sort").select("density (low first)").run()
+    freq = at.dataframe[0].value["frequency"].to_numpy()
+    assert (freq[1:] >= freq[:-1]).all()
+    at.text_input(key="q_text").input("no-such-explanation-xyz").run()
+    assert len(at.dataframe[0].value) == 0
+
+
+def test_multilayer_and_crosscoder_feature_pages(synth, monkeypatch):
+    at = app(synth, monkeypatch, page="features", sae="multi", f=0)
+    labels = [m.label for m in at.metric]
+    assert "mean layer" in labels and "layers active" in labels
+    assert re.search(r"@ layer \d", all_html(at))
+    at = app(synth, monkeypatch, page="features", sae="cross", f=1)
+    assert "decoder norm per layer" in " ".join(c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_depth_page(synth, monkeypatch):
+    at = app(synth, monkeypatch, page="depth")
+    specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
+    assert "features x layers" in specs and "paths of matched features" in specs and "residual stream" in specs
+    assert "sae=resid.2" in all_html(at)  # path table links into the deepest SAE
+
+
+def test_prompt_explorer_off_when_read_only(synth, monkeypatch):
+    at = app(synth, monkeypatch, read_only=True, page="prompt")
+    assert any("switched off in read-only mode" in i.value for i in at.info)
+    assert not at.button
+
+
+def test_bad_query_values_stay_inside_the_run(synth, monkeypatch):
+    at = app(synth, monkeypatch, page="features", train="../../etc", sae="../x", f="999999")
+    assert at.selectbox(key="train").value == "synth"
+    assert at.number_input[0].value < 32
+
+
+def test_corpus_payloads_are_escaped_everywhere(synth, monkeypatch):
+    from sae.analysis.index_file import FeatureIndex
+
+    idx = FeatureIndex(synth / "index" / "synth.h5")
+    hostile = [f for f in range(32) if any(t >= 40 and t < 40 + len(XSS_PAYLOADS)
+                                          for t in idx.feature("resid.0", f)["top_tokens"].flatten())]
+    assert hostile, "the synthetic corpus must put payload tokens in some contexts"
+    at = app(synth, monkeypatch, page="features", sae="resid.0", f=hostile[0])
+    page = all_html(at)
+    assert "&lt;" in page  # payloads are there, escaped
+    assert_no_active_markup(page)
+
+
+class TagCollector:
+    """Every tag and attribute a browser would build from an HTML string."""
+
+    def __init__(self, text: str):
+        from html.parser import HTMLParser
+
+        self.tags: list[tuple[str, dict]] = []
+        parser = HTMLParser(convert_charrefs=True)
+        parser.handle_starttag = lambda tag, attrs: self.tags.append((tag, dict(attrs)))
+        parser.feed(text)
+        parser.close()
+
+
+def assert_no_active_markup(page: str) -> None:
+    """Payload text must stay text: no script/img/svg/b element, no on* attribute, no javascript: link."""
+    tags = TagCollector(page).tags
+    names = {t for t, _ in tags}
+    assert not names & {"script", "img", "svg", "b", "iframe"}, names
+    for tag, attrs in tags:
+        assert not any(k.lower().startswith("on") for k in attrs), (tag, attrs)
+        assert not str(attrs.get("href", "")).lower().startswith("javascript"), (tag, attrs)

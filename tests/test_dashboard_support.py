@@ -1,0 +1,161 @@
+"""Helpers for the dashboard tests: a run directory whose feature index is built from synthetic activations by
+the real analysis pass (no model, no training), with a vocabulary the test chooses (e.g. XSS payloads)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from activations import layout
+from sae.analysis.index_file import write_index
+from sae.analysis.indexer import IndexerSettings
+from sae.analysis.source import array_blocks
+from sae.analysis.stream import index_saes, slots_of
+
+XSS_PAYLOADS = [
+    "<script>document.title='pwned-script'</script>",
+    "<img src=x onerror=\"document.title='pwned-img'\">",
+    "<b onmouseover=alert(1)>bold</b>",
+    "\" onmouseover=\"alert(1)",
+    "<svg/onload=alert(1)>",
+    "</div></table><a href=javascript:alert(1)>x</a>",
+]
+
+
+class SynthSAE:
+    def __init__(self, d, n, k, keys, mode="layer", seed=0, W_dec=None):
+        g = torch.Generator().manual_seed(seed)
+        d_in = d * (len(keys) if mode == "crosscoder" else 1)
+        d_out = d * (len(keys) if mode == "crosscoder" else 1)
+        self.W_enc = torch.randn(d_in, n, generator=g)
+        self.b = torch.randn(n, generator=g) * 0.1
+        self.W_dec = W_dec if W_dec is not None else torch.randn(n, d_out, generator=g)
+        self.k = k
+        self.cfg = SimpleNamespace(n_latents=n, k=k, mode=mode, in_keys=list(keys), out_keys=list(keys), d_in=d_in,
+                                   d_out=d_out, arch="topk", layers=[int(x.rsplit(".", 1)[1]) for x in keys])
+        self.cfg.to_dict = lambda: {k_: v for k_, v in vars(self.cfg).items() if k_ != "to_dict"}
+
+    def encode(self, x, key=None):
+        pre = torch.relu(x @ self.W_enc + self.b)
+        top = pre.topk(self.k, dim=1)
+        return torch.zeros_like(pre).scatter(1, top.indices, top.values)
+
+
+def synthetic_run(root: Path, vocab: list[str], tokens: int = 2000, d: int = 16, n: int = 32, name: str = "synth") -> Path:
+    """A run dir with manifest, training metrics, eval.json and a feature index of three per-layer SAEs,
+    one multi-layer SAE and one crosscoder over resid.0-2."""
+    root.mkdir(parents=True, exist_ok=True)
+    keys = ["resid.0", "resid.1", "resid.2"]
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(tokens, d, generator=g)
+    acts = {k: base + 0.3 * i * torch.randn(tokens, d, generator=g) for i, k in enumerate(keys)}
+    token_ids = torch.randint(0, len(vocab), (tokens,), generator=g)
+    doc_ids = torch.arange(tokens) // 40
+    ctx_ids = torch.arange(tokens) // 32
+    shared = torch.randn(n, d, generator=g)
+    saes = {f"resid.{i}": SynthSAE(d, n, 4, [k], seed=i, W_dec=shared + 0.2 * i * torch.randn(n, d, generator=g))
+            for i, k in enumerate(keys)}
+    saes["multi"] = SynthSAE(d, n, 4, keys, mode="multilayer", seed=7)
+    saes["cross"] = SynthSAE(d, n, 4, keys, mode="crosscoder", seed=8)
+    settings = IndexerSettings(top_k=8, window=4, sample_size=20, intervals=4, per_interval=3, negatives=32)
+    res = index_saes(saes, array_blocks(acts, token_ids, doc_ids, ctx_ids, 256, 4, "cpu"), settings, "cpu",
+                     residual_pairs=[("resid.0", "resid.1"), ("resid.1", "resid.2")], min_link=0.0)
+    from sae.analysis.explain import TokenExplainer, explain_feature
+
+    for sid, r in res["saes"].items():
+        texts, scores = zip(*(explain_feature(TokenExplainer(), f, r, vocab) for f in range(n)))
+        r["explanation"], r["explanation_score"] = list(texts), torch.tensor(scores)
+        # logit effects over the synthetic vocabulary (random unembedding)
+        W_U = torch.randn(len(vocab), saes[sid].W_dec.shape[1], generator=g)
+        logits = saes[sid].W_dec @ W_U.T
+        k = min(5, len(vocab))
+        r["logit_top_vals"], r["logit_top_ids"] = torch.topk(logits, k, 1)
+        r["logit_bottom_vals"], r["logit_bottom_ids"] = torch.topk(logits, k, 1, largest=False)
+    info = {sid: {"cfg": s.cfg.to_dict(), "n_latents": n, "mode": s.cfg.mode, "slots": slots_of(s),
+                  "vectors": int(res["saes"][sid]["vectors"]), "match_next": res["saes"][sid].get("match_next")}
+            for sid, s in saes.items()}
+    meta = {"train_name": name, "tokens": tokens, "data": "all", "shards": [0], "notes": [], "explainer": "tokens"}
+    write_index(layout.index_path(root, name), meta, res["saes"], info, res["paths"], res["residual_similarity"], vocab)
+
+    manifest = {"model": {"id": "synthetic", "n_layers": 3, "d_model": d, "vocab_size": len(vocab),
+                          "architecture": "none", "causal_lm": True},
+                "tokenizer": {}, "keys": keys, "dims": {k: d for k in keys}, "dtype": "float16", "context_length": 32,
+                "config": {}, "corpus": {"name": "synthetic"}, "shards": [], "norm_stats": {}, "n_tokens": tokens,
+                "complete": True, "versions": {}, "format_version": 1}
+    layout.manifest_path(root).write_text(json.dumps(manifest))
+    tdir = layout.train_dir(root, name)
+    layout.checkpoint_dir(root, name).mkdir(parents=True, exist_ok=True)
+    with open(layout.metrics_path(root, name), "w") as f:
+        for step in range(0, 100, 10):
+            f.write(json.dumps({"step": step, "fvu": 1.0 / (1 + step), "l0": 4.0, "loss": 2.0 - step / 100}) + "\n")
+    (tdir / "eval.json").write_text(json.dumps({sid: {"l0": 4.0, "fvu": 0.2 + 0.01 * i, "dead_frac": 0.1,
+                                                      "ce_loss_score": 0.9} for i, sid in enumerate(saes)}))
+    return root
+
+
+# ---------------------------------------------------------------- headless Chromium (Debian's `chromium`)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium_render(url: str, ready_js: str, timeout: float = 90.0) -> tuple[str, object]:
+    """Open `url` in headless Chromium, wait until the JavaScript expression `ready_js` is truthy (the page
+    is live: Streamlit renders over a websocket after load), return (outerHTML, value of ready_js).
+    Talks the DevTools protocol through the `websockets` package (a Streamlit dependency)."""
+    import itertools
+    import subprocess
+    import tempfile
+    import time
+    import urllib.request
+
+    from websockets.sync.client import connect
+
+    profile = Path(tempfile.mkdtemp(prefix="strata-chromium-"))
+    proc = subprocess.Popen([chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                             "--remote-debugging-port=0", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        port_file = profile / "DevToolsActivePort"
+        while not port_file.is_file() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("chromium did not start its DevTools endpoint")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        page = next(t for t in targets if t["type"] == "page")
+        ids = itertools.count(1)
+        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=20) as ws:
+            def call(method, **params):
+                i = next(ids)
+                ws.send(json.dumps({"id": i, "method": method, "params": params}))
+                while True:
+                    msg = json.loads(ws.recv(timeout=max(1.0, deadline - time.monotonic())))
+                    if msg.get("id") == i:
+                        return msg.get("result", {})
+
+            def evaluate(expr):
+                return call("Runtime.evaluate", expression=expr, returnByValue=True).get("result", {}).get("value")
+
+            call("Page.navigate", url=url)
+            value = None
+            while time.monotonic() < deadline:
+                value = evaluate(ready_js)
+                if value:
+                    break
+                time.sleep(0.5)
+            return evaluate("document.documentElement.outerHTML") or "", value
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
