@@ -58,10 +58,10 @@ def _prepare_run_dir(cfg: HarvestConfig) -> Manifest | None:
         raise StrataError(f"{run} is a file, not a directory; choose another run directory")
     has_manifest = layout.manifest_path(run).is_file()
     if cfg.overwrite and run.exists():
-        for item in _RUN_ITEMS:
-            p = run / item
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        _remove_run_items(run)
         has_manifest = False
+    if not has_manifest and run.is_dir() and {p.name for p in run.iterdir()} <= set(_RUN_ITEMS):
+        _remove_run_items(run)  # leftovers of a run killed before its first shard: nothing finished to keep
     if cfg.resume:
         if not has_manifest:
             if run.exists() and any(run.iterdir()):
@@ -80,6 +80,12 @@ def _prepare_run_dir(cfg: HarvestConfig) -> Manifest | None:
     if run.exists() and any(run.iterdir()):
         raise StrataError(f"{run} is not empty and holds no Strata run; choose an empty folder or pass --overwrite")
     return None
+
+
+def _remove_run_items(run: Path) -> None:
+    for item in _RUN_ITEMS:
+        p = run / item
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _drop_unlisted(run: Path, manifest: Manifest) -> None:
@@ -219,8 +225,7 @@ def harvest(cfg: HarvestConfig) -> Manifest:
                                                       "bos_token_id": lm.tokenizer.bos_token_id},
                             keys=keys, dims={k: d for k in keys}, dtype=cfg.dtype, context_length=cfg.context,
                             config=cfg.identity(), corpus=describe(cfg), versions=software_versions())
-        run.mkdir(parents=True, exist_ok=True)
-        save_manifest(run, manifest)
+        run.mkdir(parents=True, exist_ok=True)  # the manifest is first written with the first complete shard
 
     shard_contexts = max(1, round(cfg.shard_tokens / (cfg.context * cfg.batch_contexts))) * cfg.batch_contexts
     total_contexts = cfg.max_tokens // cfg.context if cfg.max_tokens else None
@@ -287,10 +292,11 @@ def harvest(cfg: HarvestConfig) -> Manifest:
     finally:
         bar.close()
         _drain(batch_q)
+        if not manifest.shards:  # nothing finished: leave no trace of a run that never produced a shard
+            _remove_run_items(run)
+            if run.is_dir() and not any(run.iterdir()):
+                run.rmdir()
     if manifest.n_tokens == 0:
-        for item in _RUN_ITEMS:
-            p = run / item
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         raise StrataError(f"the corpus gave no complete context of {cfg.context} tokens; add text or lower --context")
     manifest.complete = True
     save_manifest(run, manifest)

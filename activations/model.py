@@ -105,8 +105,17 @@ def _load_folder_or_hub(model_id: str, dtype: torch.dtype, local_only: bool = Fa
     return model, tok
 
 
+def _quiet_transformers() -> None:
+    """transformers' own progress bars and warnings would bury ours (and our one-line errors)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_model(model_id: str = DEFAULT_MODEL, device: str | torch.device | None = "auto",
                dtype: torch.dtype | str = torch.float32) -> LoadedModel:
+    _quiet_transformers()
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     if model_id in _EMBEDDED:

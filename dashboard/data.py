@@ -73,8 +73,9 @@ def eval_results(run, name: str) -> dict:
         return {}
     if isinstance(data, dict) and isinstance(data.get("saes"), dict):
         data = data["saes"]
-    if isinstance(data, dict):
-        return {str(k): v for k, v in data.items() if isinstance(v, dict)}
+    if isinstance(data, dict):  # `strata eval` nests each SAE's summary under "overall"
+        return {str(k): (v["overall"] if isinstance(v.get("overall"), dict) else v)
+                for k, v in data.items() if isinstance(v, dict)}
     return {}
 
 

@@ -77,6 +77,23 @@ class SAE(nn.Module):
             self.b_dec.copy_(geometric_median(y))
         elif b_dec_init == "mean":
             self.b_dec.copy_(y.mean(0))
+        if self.cfg.mode == "transcoder":
+            return
+        # Encoder = decoder^T over-shoots when k is not << d (k latents each add their full projection):
+        # rescale the encoder by the least-squares factor that makes the first reconstructions the right size.
+        self.init_threshold(x)
+        recon = self.decode_n(self.encode_n(x)) - self.b_dec
+        target = y - self.b_dec
+        alpha = float((recon * target).sum() / recon.pow(2).sum().clamp_min(1e-12))
+        if 0 < alpha < float("inf"):
+            self.W_enc.mul_(alpha)
+            self.scale_threshold(alpha)
+
+    def init_threshold(self, x: torch.Tensor) -> None:
+        """Architectures with a learned threshold set it from the sample (JumpReLU)."""
+
+    def scale_threshold(self, alpha: float) -> None:
+        pass
 
     # ------------------------------------------------------------------ normalised-unit core
     def centered(self, x: torch.Tensor) -> torch.Tensor:

@@ -56,12 +56,15 @@ class JumpReLUSAE(SAE):
         return self.log_threshold.exp()
 
     @torch.no_grad()
-    def init_from_sample(self, x, y, b_dec_init="median"):
-        super().init_from_sample(x, y, b_dec_init)
+    def init_threshold(self, x):
         pre = self.dense_preacts(self.centered(x))
         q = 1.0 - self.cfg.k / self.cfg.n_latents
         theta = torch.quantile(pre.flatten()[:1_000_000].float(), q).clamp_min(1e-3)
         self.log_threshold.fill_(math.log(float(theta)))
+
+    @torch.no_grad()
+    def scale_threshold(self, alpha):
+        self.log_threshold.add_(math.log(alpha))
 
     def encode_n(self, x: torch.Tensor) -> torch.Tensor:
         z = self.dense_preacts(self.centered(x))

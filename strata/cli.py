@@ -115,7 +115,73 @@ def add_share(sub):
 
 
 
-VERBS = [add_harvest, add_verify, add_info, add_analyze, add_dashboard, add_share]
+# ---------------------------------------------------------------- train / eval / export / import (sae/)
+def add_train(sub):
+    from sae.train_config import TrainConfig
+
+    p = sub.add_parser("train", help="train SAEs on a harvest run (per-layer bank, multilayer, transcoder, crosscoder)")
+    p.add_argument("run_dir", help="harvest run directory")
+    p.add_argument("--config", help="YAML/JSON file with TrainConfig fields")
+    add_config_args(p, TrainConfig, skip=("run_dir",))
+
+    def run(args):
+        from sae.train import train
+
+        cfg = build_config(TrainConfig, args, args.config, run_dir=args.run_dir)
+        print(f"trained SAEs written to {train(cfg)}")
+
+    p.set_defaults(run=run)
+
+
+def add_eval(sub):
+    from sae.evaluate import EvalConfig
+
+    p = sub.add_parser("eval", help="evaluate trained SAEs on held-out shards (metrics, CE/KL loss recovered)")
+    p.add_argument("run_dir")
+    add_config_args(p, EvalConfig, skip=("run_dir",))
+
+    def run(args):
+        from sae.evaluate import evaluate, format_report
+
+        cfg = build_config(EvalConfig, args, None, run_dir=args.run_dir)
+        print(format_report(evaluate(cfg)))
+
+    p.set_defaults(run=run)
+
+
+def add_export(sub):
+    p = sub.add_parser("export", help="write trained SAEs in another tool's format (SAELens)")
+    p.add_argument("run_dir")
+    p.add_argument("--name", required=True, help="training run name (RUN/train/<name>)")
+    p.add_argument("--format", default="saelens", choices=["saelens"])
+    p.add_argument("--out", required=True, help="folder to write (one sub-folder per SAE and key)")
+    p.add_argument("--sae", default=None, help="export only this SAE id")
+
+    def run(args):
+        from sae.saelens import export_saelens
+
+        for folder in export_saelens(args.run_dir, args.name, args.out, args.sae):
+            print(folder)
+
+    p.set_defaults(run=run)
+
+
+def add_import(sub):
+    p = sub.add_parser("import", help="bring a SAELens SAE folder into a run so it can be analysed and browsed")
+    p.add_argument("run_dir")
+    p.add_argument("folder", help="SAELens folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--name", required=True, help="training run name to create (RUN/train/<name>)")
+    p.add_argument("--key", default=None, help="activation key it reads, e.g. resid.3 (default: from its hook_name)")
+
+    def run(args):
+        from sae.saelens import import_saelens
+
+        print(f"imported as {import_saelens(args.run_dir, args.folder, args.name, args.key)}")
+
+    p.set_defaults(run=run)
+
+
+VERBS = [add_harvest, add_verify, add_info, add_analyze, add_dashboard, add_share, add_train, add_eval, add_export, add_import]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ def cfg_for(arch, n=256, k=4, **kw):
     return SAEConfig(**base)
 
 
-def train_synthetic(arch, steps=300, lr=3e-3, **kw):
+def train_synthetic(arch, steps=300, lr=3e-3, batch=1024, **kw):
     torch.manual_seed(0)
     true, g = true_dictionary()
     sae = build_sae(cfg_for(arch, **kw))
@@ -42,7 +42,7 @@ def train_synthetic(arch, steps=300, lr=3e-3, **kw):
     stepper = SAEStepper(sae, lr, total_steps=steps, warmup_steps=10)
     first = None
     for s in range(steps):
-        x = sample(true, g, 1024)
+        x = sample(true, g, batch)
         out = stepper.step(x, x, s)
         first = first if first is not None else float(out.loss.detach())
     sae.eval()
@@ -64,7 +64,7 @@ def test_topk_recovers_the_true_features():
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
 def test_each_architecture_learns_and_reaches_its_sparsity(arch):
-    sae, _, first, last, f, err = train_synthetic(arch, steps=250)
+    sae, _, first, last, f, err = train_synthetic(arch, steps=200, batch=512)
     assert last < 0.6 * first, (first, last)
     l0 = float((f > 0).sum(1).float().mean())
     assert (f >= 0).all()

@@ -31,22 +31,23 @@ def rank_within_feature(feat: torch.Tensor, score: torch.Tensor) -> tuple[torch.
 
 
 class RunningTopK:
-    """Best k entries per feature by score, each with value, id (global row * n_slots + slot) and payload."""
+    """Best k entries per feature by score, each with value, id (global row * n_slots + slot) and payload.
+
+    Slots are unordered: a new winner takes the slot of an entry it evicts, so only winners are written
+    (payload buffers are never shifted or gathered whole); `sorted_by_value` orders them at the end."""
 
     def __init__(self, n: int, k: int, payload_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], device):
         self.n, self.k = n, k
         self.score = torch.full((n, k), -float("inf"), device=device)
+        self.min_score = torch.full((n,), -float("inf"), device=device)  # the entry a newcomer must beat
         self.value = torch.zeros((n, k), device=device)
         self.id = torch.full((n, k), -1, dtype=torch.long, device=device)
         self.payload = {name: torch.zeros((n, k, *shape), dtype=dt, device=device)
                         for name, (shape, dt) in payload_shapes.items()}
 
-    def threshold(self, feat: torch.Tensor) -> torch.Tensor:
-        return self.score[feat, -1]
-
     def push(self, feat, score, value, ids, make_payload) -> None:
-        """Offer entries; `make_payload(index_tensor)` returns {name: tensor [m, *shape]} for the kept ones."""
-        keep = score > self.threshold(feat)
+        """Offer entries; `make_payload(index_tensor)` returns {name: tensor [m, *shape]} for the winners."""
+        keep = score > self.min_score[feat]
         if not bool(keep.any()):
             return
         sel = keep.nonzero().squeeze(1)
@@ -54,29 +55,37 @@ class RunningTopK:
         sel = sel[order][rank < self.k]
         rank = rank[rank < self.k]
         f = feat[sel]
-        payload = make_payload(sel)
-
-        touched, slot_of = torch.unique(f, return_inverse=True)
-        m = len(touched)
         dev = self.score.device
-        c_score = torch.full((m, self.k), -float("inf"), device=dev)
-        c_score[slot_of, rank] = score[sel].float()
-        c_value = torch.zeros((m, self.k), device=dev)
-        c_value[slot_of, rank] = value[sel].float()
-        c_id = torch.full((m, self.k), -1, dtype=torch.long, device=dev)
-        c_id[slot_of, rank] = ids[sel]
+        starts = torch.ones(len(f), dtype=torch.bool, device=dev)
+        starts[1:] = f[1:] != f[:-1]
+        touched = f[starts]  # sorted by feature, so runs of equal features are contiguous
+        slot_of = torch.cumsum(starts.long(), 0) - 1
+        m, k = len(touched), self.k
 
-        all_score = torch.cat([self.score[touched], c_score], 1)
-        best = torch.topk(all_score, self.k, dim=1).indices  # [m, k] positions in the 2k candidates
-        self.score[touched] = torch.gather(all_score, 1, best)
-        self.value[touched] = torch.gather(torch.cat([self.value[touched], c_value], 1), 1, best)
-        self.id[touched] = torch.gather(torch.cat([self.id[touched], c_id], 1), 1, best)
+        c_score = torch.full((m, k), -float("inf"), device=dev)
+        c_score[slot_of, rank] = score[sel].float()
+        old = self.score[touched]
+        top = torch.topk(torch.cat([old, c_score], 1), k, dim=1)
+        self.min_score[touched] = top.values[:, -1]
+        # winners among the candidates (position >= k), and the old slots they free
+        is_new = (top.indices >= k) & (top.values > -float("inf"))  # (empty candidate slots tie with empty old ones)
+        n_new = is_new.sum(1)
+        kept_old = torch.zeros((m, k + 1), dtype=torch.bool, device=dev)  # column k catches the newcomers
+        kept_old.scatter_(1, top.indices.clamp(max=k), True)
+        freed = torch.argsort(kept_old[:, :k].to(torch.int8), dim=1, stable=True)  # freed slots first
+        new_pos = torch.sort(torch.where(is_new, top.indices - k, torch.full_like(top.indices, k)), dim=1).values
+        use = torch.arange(k, device=dev).unsqueeze(0) < n_new.unsqueeze(1)
+        r, j = use.nonzero(as_tuple=True)
+        rows, slots, cand_rank = touched[r], freed[r, j], new_pos[r, j]
+        # candidate (row r, rank) -> its entry in `sel`
+        first = starts.nonzero().squeeze(1)  # where each touched feature's candidates begin
+        entry = sel[first[r] + cand_rank]
+        self.score[rows, slots] = score[entry].float()
+        self.value[rows, slots] = value[entry].float()
+        self.id[rows, slots] = ids[entry]
+        payload = make_payload(entry)
         for name, buf in self.payload.items():
-            c = torch.zeros((m, self.k, *buf.shape[2:]), dtype=buf.dtype, device=dev)
-            c[slot_of, rank] = payload[name].to(buf.dtype)
-            both = torch.cat([buf[touched], c], 1)
-            idx = best.reshape(m, self.k, *([1] * (buf.dim() - 2))).expand(m, self.k, *buf.shape[2:])
-            buf[touched] = torch.gather(both, 1, idx)
+            buf[rows, slots] = payload[name].to(buf.dtype)
 
     def sorted_by_value(self) -> dict[str, torch.Tensor]:
         """All fields with each feature's entries sorted by value (descending); empty slots last (id -1)."""

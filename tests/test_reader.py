@@ -1,0 +1,69 @@
+"""A trainer streams shuffled batches; the dashboard reads rows by token index."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from activations.errors import StrataError
+from activations.reader import ActivationReader, open_run
+
+
+def test_each_token_once_per_epoch_in_a_seeded_order(tiny_run):
+    run = open_run(tiny_run)
+    reader = ActivationReader(run, ["resid.1", "mlp_out.2"], batch_size=500, epochs=2, seed=3,
+                              block_rows=256, buffer_bytes=200_000)
+    batches = list(reader)
+    assert len(batches) == len(reader) == 2 * 13
+    per_epoch = reader.batches_per_epoch
+    for e in range(2):
+        rows = torch.cat([b.rows for b in batches[e * per_epoch:(e + 1) * per_epoch]]).numpy()
+        assert sorted(rows.tolist()) == list(range(run.n_tokens)), "every token exactly once"
+        assert not np.array_equal(rows, np.arange(run.n_tokens)), "shuffled"
+    e0 = torch.cat([b.rows for b in batches[:per_epoch]])
+    e1 = torch.cat([b.rows for b in batches[per_epoch:]])
+    assert not torch.equal(e0, e1), "each epoch has its own order"
+    again = torch.cat([b.rows for b in ActivationReader(run, ["resid.1", "mlp_out.2"], 500, epochs=2, seed=3, block_rows=256,
+                                                         buffer_bytes=200_000)])
+    assert torch.equal(again, torch.cat([e0, e1])), "same seed, same order"
+
+
+def test_batches_hold_the_same_tokens_for_every_key(tiny_run):
+    run = open_run(tiny_run)
+    batch = next(iter(ActivationReader(run, ["resid.1", "mlp_out.2"], 64, seed=0)))
+    for key in ("resid.1", "mlp_out.2"):
+        np.testing.assert_array_equal(batch.acts[key].numpy(), run.read_rows(key, batch.rows.numpy()))
+
+
+def test_resume_from_batch_n_continues_the_same_stream(tiny_run):
+    kw = dict(batch_size=384, epochs=3, seed=1, block_rows=256, buffer_bytes=100_000)
+    full = [b.rows for b in ActivationReader(tiny_run, ["resid.2"], **kw)]
+    rest = [b.rows for b in ActivationReader(tiny_run, ["resid.2"], start_batch=21, **kw)]
+    assert len(rest) == len(full) - 21 and all(torch.equal(a, b) for a, b in zip(full[21:], rest))
+
+
+def test_sequential_reading_and_shard_subsets(tiny_run):
+    run = open_run(tiny_run)
+    train, held = run.split(0.2)
+    assert train == [0, 1, 2, 3, 4] and held == [5]
+    rows = torch.cat([b.rows for b in ActivationReader(run, "resid.0", 100, shards=held, shuffle=False)])
+    assert rows.tolist() == list(range(5 * 1024, 6 * 1024))
+
+
+def test_random_access_matches_streaming(tiny_run):
+    run = open_run(tiny_run)
+    idx = np.array([6000, 5, 1030, 5, 3000])
+    got = run.read_rows("mlp_in.1", idx)
+    assert got.shape == (5, 32) and np.array_equal(got[1], got[3])
+    seq = torch.cat([b.acts["mlp_in.1"] for b in ActivationReader(run, "mlp_in.1", 1024, shuffle=False)]).numpy()
+    np.testing.assert_array_equal(got, seq[idx])
+
+
+def test_bad_reader_requests(tiny_run):
+    run = open_run(tiny_run)
+    with pytest.raises(StrataError, match="no activations for resid.9"):
+        ActivationReader(run, ["resid.9"], 10)
+    with pytest.raises(StrataError, match="batch size"):
+        ActivationReader(run, ["resid.1"], 0)
+    with pytest.raises(StrataError, match="out of range"):
+        run.read_rows("resid.1", [10**9])
