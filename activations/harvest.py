@@ -205,14 +205,15 @@ def _batches(docs, tokenizer, cfg: HarvestConfig, start: CorpusPosition, limit: 
         out.put(e)
 
 
-def harvest(cfg: HarvestConfig) -> Manifest:
+def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
+    """Run the harvest described by `cfg`. `lm` is an already loaded model (a LoadedModel for cfg.model) to reuse."""
     _check_config(cfg)
     run = Path(cfg.run_dir)
     resumed = _prepare_run_dir(cfg)
     if resumed is not None and resumed.complete:
         print(f"{run}: already complete ({resumed.n_tokens} tokens); nothing to do")
         return resumed
-    lm = load_model(cfg.model, cfg.device, cfg.model_dtype)
+    lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
     keys = sorted(parse_keys(cfg.sites, cfg.layers, lm.info["n_layers"]), key=key_depth)
     d = lm.info["d_model"]
     if resumed is not None:

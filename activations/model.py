@@ -83,7 +83,14 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         model = cls.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         with atomic_path(cache) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            # transformers refuses save_pretrained on GGUF-loaded models; the dequantised weights are plain tensors.
+            from safetensors.torch import save_model
+
+            tmp.mkdir()
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"))
             tok.save_pretrained(tmp)
             (tmp / "done").write_text(json.dumps({"source": str(path), "sha256": sha}))
     return _load_folder_or_hub(str(cache), dtype, local_only=True), sha

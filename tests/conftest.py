@@ -84,3 +84,11 @@ def tiny_run(tmp_path_factory, tiny_llama) -> Path:
     run = tmp_path_factory.mktemp("runs") / "tiny"
     harvest_tiny(run, tiny_llama)
     return run
+
+
+@pytest.fixture(scope="session")
+def analyzed_run(tmp_path_factory, tiny_run) -> Path:
+    """(dashboard tests) a copy of tiny_run with a trained TopK bank and multi-layer SAE, both analysed."""
+    from test_dashboard_support import build_analyzed_run
+
+    return build_analyzed_run(tmp_path_factory.mktemp("analyzed"), tiny_run)

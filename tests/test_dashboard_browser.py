@@ -71,3 +71,25 @@ def test_hostile_tokens_render_as_text_in_the_live_app(served):
     _, value = chromium_render(f"{url}/?page=features&train=synth&sae=resid.0&f={f}", js, timeout=90)
     state = json.loads(value)
     assert state["active"] == 0 and not state["doc"].startswith("pwned")
+
+
+def test_real_run_feature_page_in_chromium(analyzed_run):
+    """The README's flow: `strata dashboard RUN` on an analysed run, the feature page opened in a browser."""
+    from dashboard.serve import serve_dashboard, wait_until_up
+    from sae.analysis.index_file import FeatureIndex
+
+    idx = FeatureIndex(analyzed_run / "index" / "topk-layer.h5")
+    f = int(idx.column("resid.2", "count").argmax())
+    port = free_port()
+    proc = serve_dashboard(analyzed_run, port=port, host="127.0.0.1", block=False)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}", timeout=90)
+        js = ("(() => { const t = document.querySelectorAll('.strata-ctx .tok'); if (!t.length) return null;"
+              " return JSON.stringify({n: t.length, peak: document.querySelectorAll('.strata-ctx .tok.peak').length,"
+              " hover: [...t].every(e => e.title.startsWith('activation '))}); })()")
+        _, value = chromium_render(f"http://127.0.0.1:{port}/?page=features&train=topk-layer&sae=resid.2&f={f}", js)
+        state = json.loads(value)
+        assert state["n"] > 20 and state["peak"] >= 1 and state["hover"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

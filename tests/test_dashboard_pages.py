@@ -146,3 +146,31 @@ def assert_no_active_markup(page: str) -> None:
     for tag, attrs in tags:
         assert not any(k.lower().startswith("on") for k in attrs), (tag, attrs)
         assert not str(attrs.get("href", "")).lower().startswith("javascript"), (tag, attrs)
+
+
+# ---------------------------------------------------------------- the real chain (tiny Llama -> ... -> analyze)
+def test_every_page_on_a_real_analysed_run(analyzed_run, monkeypatch):
+    at = app(analyzed_run, monkeypatch)
+    table = at.dataframe[0].value
+    assert set(table["SAE"]) == {"resid.0", "resid.1", "resid.2", "resid.3"}
+    assert table["L0 (index)"].iloc[0] == pytest.approx(4.0, abs=0.5)
+    at = app(analyzed_run, monkeypatch, page="features", train="topk-layer", sae="resid.2", f=0)
+    assert all_html(at).count('class="tok') > 10
+    at = app(analyzed_run, monkeypatch, page="depth", train="topk-layer")
+    assert "paths of matched features" in " ".join(c.proto.spec for c in at.get("plotly_chart"))
+    at = app(analyzed_run, monkeypatch, page="depth", train="topk-multilayer")
+    assert "features x layers" in " ".join(c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_prompt_explorer_runs_the_model_and_links_features(analyzed_run, monkeypatch):
+    at = app(analyzed_run, monkeypatch, page="prompt", train="topk-multilayer")
+    at.text_area(key="prompt_text").input("def main():\n    return <b>1</b>")
+    at.button(key="prompt_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    grid = next(m.value for m in at.markdown if "strata-grid" in m.value)
+    assert grid.count("<tr>") >= 6  # header + one row per token
+    assert "topk-multilayer" in grid and "?page=features&amp;train=topk-multilayer" in grid
+    assert "@ resid.0" in grid and "@ resid.3" in grid  # one column per layer of the multi-layer SAE
+    assert_no_active_markup(grid)  # the typed text is escaped too
+    rows = at.dataframe[0].value
+    assert len(rows) > 0 and set(rows.columns) == {"layer", "feature", "activation"}

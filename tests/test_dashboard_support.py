@@ -159,3 +159,22 @@ def chromium_render(url: str, ready_js: str, timeout: float = 90.0) -> tuple[str
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def build_analyzed_run(dest: Path, harvested: Path) -> Path:
+    """The real chain on a copy of a harvested tiny run: train a per-layer TopK bank and a multi-layer SAE on
+    resid.0-3, then `strata analyze` both (held-out shard)."""
+    import shutil
+
+    from sae.analysis.analyze import AnalyzeConfig, analyze
+    from sae.train import train
+    from sae.train_config import TrainConfig
+
+    run = dest / "run"
+    shutil.copytree(harvested, run, ignore=shutil.ignore_patterns("train", "index", "share"))
+    for mode in ("layer", "multilayer"):
+        train(TrainConfig(run_dir=str(run), name=f"topk-{mode}", mode=mode, sites="resid", layers="all",
+                          expansion=2, k=4, batch_size=256, max_tokens=4096, progress=False, wandb_mode="disabled",
+                          device="cpu"))
+    analyze(AnalyzeConfig(run_dir=str(run), progress=False, device="cpu"))
+    return run

@@ -33,6 +33,11 @@ def _np(v):
     return v.numpy() if hasattr(v, "numpy") else np.asarray(v)
 
 
+def _strings(items) -> np.ndarray:
+    """HDF5 strings cannot hold NUL: show it as the symbol for NUL (display only)."""
+    return np.array([str(x).replace("\x00", "\u2400") for x in items], dtype=object)
+
+
 def _put(group, name, arr):
     arr = _np(arr)
     if arr.dtype == np.float64 and name not in ("hist_hi",):
@@ -51,7 +56,7 @@ def write_index(path, meta: dict, saes: dict, sae_info: dict, paths: list, resid
             f.attrs["meta"] = json.dumps(meta)
             f.attrs["residual_similarity"] = json.dumps(residual_similarity)
             if vocab is not None:
-                f.create_dataset("vocab", data=np.array(vocab, dtype=object), dtype=STR)
+                f.create_dataset("vocab", data=_strings(vocab), dtype=STR)
             for sid, fields in saes.items():
                 g = f.create_group(f"saes/{sid}")
                 g.attrs["info"] = json.dumps(sae_info[sid])
@@ -59,7 +64,7 @@ def write_index(path, meta: dict, saes: dict, sae_info: dict, paths: list, resid
                     if name in SKIP:
                         continue
                     if name == "explanation":
-                        g.create_dataset(name, data=np.array(arr, dtype=object), dtype=STR)
+                        g.create_dataset(name, data=_strings(arr), dtype=STR)
                     else:
                         _put(g, name, arr)
             for i, p in enumerate(paths):

@@ -1,0 +1,121 @@
+"""Harvest and reader throughput, measured side by side in one run (this machine is noisy: compare ratios).
+
+Prints:
+  1. harvest tokens/s / bare forward tokens/s to the same depth        (target >= 0.9)
+  2. early-exit speed-up: full-depth forward time / half-depth forward time
+  3. shuffled reader throughput / raw sequential read of the same bytes  (target >= 0.8)
+  4. peak RSS of a harvest for two corpus sizes                          (must not grow with the corpus)
+
+Usage: python scripts/bench_harvest.py [--model smollm2-135m] [--tokens 4096]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from activations.config import HarvestConfig  # noqa: E402
+from activations.corpus import builtin_documents  # noqa: E402
+from activations.harvest import harvest  # noqa: E402
+from activations.hooks import capture, parse_keys  # noqa: E402
+from activations.model import load_model  # noqa: E402
+from activations.reader import ActivationReader, open_run  # noqa: E402
+from activations.tokens import pack_contexts  # noqa: E402
+
+
+def bare_forward_rate(lm, key: str, batches) -> float:
+    t = time.perf_counter()
+    n = 0
+    for ids in batches:
+        capture(lm.model, [key], ids)
+        n += ids.numel()
+    return n / (time.perf_counter() - t)
+
+
+def harvest_vs_forward(model: str, tokens: int, tmp: Path) -> None:
+    lm = load_model(model)
+    n = lm.info["n_layers"]
+    ctx, bc = 128, 8
+    contexts = pack_contexts(builtin_documents(), lm.tokenizer, ctx)
+    ids = torch.from_numpy(np.stack([next(contexts).token_ids for _ in range(tokens // ctx)])).long()
+    batches = list(ids.split(bc))
+    bare_forward_rate(lm, "resid.1", batches[:1])  # warm-up
+    cfg = HarvestConfig(run_dir=str(tmp / "h"), model=model, sites="resid", layers="all", context=ctx, batch_contexts=bc,
+                        max_tokens=tokens, shard_tokens=4096, progress=False)
+    t = time.perf_counter()
+    harvest(cfg, lm=lm)
+    harvest_rate = tokens / (time.perf_counter() - t)
+    full = bare_forward_rate(lm, f"resid.{n}", batches)
+    half = bare_forward_rate(lm, f"resid.{n // 2}", batches)
+    print(f"[1] {model}: harvest {harvest_rate:,.0f} tok/s (all {n + 1} resid keys), bare forward {full:,.0f} tok/s "
+          f"-> ratio {harvest_rate / full:.2f} (target >= 0.9)")
+    print(f"[2] early exit at layer {n // 2} of {n}: {half:,.0f} tok/s vs {full:,.0f} tok/s -> speed-up {half / full:.2f}x")
+
+
+def tiny_wide_model(folder: Path, d: int = 576) -> Path:
+    """A random 2-layer Llama with d=576 (SmolLM2's width), to write many shards fast."""
+    import transformers as tf
+
+    tok = load_model("smollm2-135m").tokenizer
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=4 * d // 2, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def reader_vs_raw(run_dir: Path) -> None:
+    run = open_run(run_dir)
+    key = run.keys[-1]
+    nbytes = run.n_tokens * run.d(key) * 2
+    t = time.perf_counter()
+    for i in run.shard_ids:  # raw sequential read of the same bytes, converted to float32 like the reader
+        run.to_float(run.read_block(key, i))
+    raw = time.perf_counter() - t
+    t = time.perf_counter()
+    n = sum(len(b.rows) for b in ActivationReader(run, [key], 4096, shuffle=True, seed=0))
+    shuf = time.perf_counter() - t
+    assert n == run.n_tokens
+    print(f"[3] reader over {run.n_tokens:,} tokens x {run.d(key)} ({nbytes / 2**20:.0f} MiB): raw sequential "
+          f"{nbytes / raw / 2**20:,.0f} MiB/s, shuffled batches {nbytes / shuf / 2**20:,.0f} MiB/s -> ratio {raw / shuf:.2f} (target >= 0.8)")
+
+
+def peak_rss(model_dir: Path, tokens: int, tmp: Path) -> float:
+    code = (f"import resource,sys; sys.path.insert(0, {str(ROOT)!r});"
+            "from activations.config import HarvestConfig; from activations.harvest import harvest;"
+            f"harvest(HarvestConfig(run_dir={str(tmp / f'm{tokens}')!r}, model={str(model_dir)!r}, max_tokens={tokens}, progress=False));"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--reader-tokens", type=int, default=262144)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        harvest_vs_forward(args.model, args.tokens, tmp)
+        wide = tiny_wide_model(tmp / "wide")
+        harvest(HarvestConfig(run_dir=str(tmp / "r"), model=str(wide), layers="2", max_tokens=args.reader_tokens,
+                              shard_tokens=65536, batch_contexts=32, progress=False))
+        reader_vs_raw(tmp / "r")
+        small, big = args.reader_tokens // 8, args.reader_tokens // 2
+        a, b = peak_rss(wide, small, tmp), peak_rss(wide, big, tmp)
+        print(f"[4] peak RSS: {small:,} tokens {a:,.0f} MiB, {big:,} tokens {b:,.0f} MiB -> ratio {b / a:.2f} (bounded if ~1.0)")
+
+
+if __name__ == "__main__":
+    main()
