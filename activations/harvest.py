@@ -8,13 +8,20 @@ Crash safety: shard files are written under temporary names and renamed when com
 replaced atomically with the new shard's record (checksums, and the corpus position after it). `--resume`
 drops anything not in the manifest and continues from the last complete shard, so a killed run loses at most
 the shard in flight, and its files end up byte-identical to an uninterrupted run's.
+
+Under `torchrun --nproc-per-node N` shard g belongs to rank g % N. Every rank reads the same token stream
+(tokenizing is cheap next to the forward pass) but runs the model only on its own shards, and keeps its own
+manifest in parts/; rank 0 merges them into manifest.json at the end. Shard boundaries and forward batches are
+the same as in a single-process run, so the files are too.
 """
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import shutil
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +34,46 @@ from activations.config import HarvestConfig
 from activations.corpus import describe, documents
 from activations.errors import StrataError
 from activations.hooks import capture, key_depth, parse_keys
-from activations.manifest import (Manifest, ShardRecord, file_sha256, load_manifest, relpath, save_manifest,
-                                  software_versions)
+from activations.manifest import (Manifest, ShardRecord, add_norm_stats, file_sha256, load_manifest, merge_manifests,
+                                  relpath, save_manifest, software_versions)
 from activations.model import load_model
 from activations.shards import ActivationShardWriter, to_storage, write_tokens
 from activations.tokens import CorpusPosition, pack_contexts, wants_bos
 
-_RUN_ITEMS = ("manifest.json", "tokens", "acts", "train", "index", "share")
+_RUN_ITEMS = ("manifest.json", "parts", "tokens", "acts", "train", "index", "share")
 
 
+# ---------------------------------------------------------------- processes (single, or torchrun ranks)
+class World:
+    def __init__(self):
+        self.size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
+            self.dist = dist
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.size == self.rank
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.dist.barrier()
+
+    def from_rank0(self, value):
+        if self.size == 1:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def manifest_path(self, run: Path) -> Path:
+        return layout.manifest_path(run) if self.size == 1 else layout.part_manifest_path(run, self.rank)
+
+
+# ---------------------------------------------------------------- the run directory before we start
 def _check_config(cfg: HarvestConfig) -> None:
     if cfg.context < 2:
         raise StrataError(f"--context {cfg.context} is too short; use at least 2 tokens (128 is typical)")
@@ -51,102 +89,91 @@ def _check_config(cfg: HarvestConfig) -> None:
         raise StrataError("--resume and --overwrite contradict each other; pick one")
 
 
-def _prepare_run_dir(cfg: HarvestConfig) -> Manifest | None:
-    """Returns the manifest to resume from, or None for a fresh run. Refuses to mix runs."""
-    run = Path(cfg.run_dir)
-    if run.exists() and not run.is_dir():
-        raise StrataError(f"{run} is a file, not a directory; choose another run directory")
-    has_manifest = layout.manifest_path(run).is_file()
-    if cfg.overwrite and run.exists():
-        _remove_run_items(run)
-        has_manifest = False
-    if not has_manifest and run.is_dir() and {p.name for p in run.iterdir()} <= set(_RUN_ITEMS):
-        _remove_run_items(run)  # leftovers of a run killed before its first shard: nothing finished to keep
-    if cfg.resume:
-        if not has_manifest:
-            if run.exists() and any(run.iterdir()):
-                raise StrataError(f"{run} holds no manifest to resume from; remove the folder or pass --overwrite")
-            return None
-        manifest = load_manifest(run)
-        diffs = [f"{k}: {manifest.config.get(k)!r} -> {v!r}" for k, v in cfg.identity().items() if manifest.config.get(k) != v]
-        if diffs:
-            raise StrataError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); use the original flags or --overwrite")
-        return manifest
-    if has_manifest:
-        old = load_manifest(run)
-        same = old.config == cfg.identity()
-        raise StrataError(f"{run} already holds {'this' if same else 'a different'} run ({old.n_tokens} tokens of {old.model['id']}); "
-                          f"pass --resume to continue it or --overwrite to replace it")
-    if run.exists() and any(run.iterdir()):
-        raise StrataError(f"{run} is not empty and holds no Strata run; choose an empty folder or pass --overwrite")
-    return None
-
-
 def _remove_run_items(run: Path) -> None:
     for item in _RUN_ITEMS:
         p = run / item
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _drop_unlisted(run: Path, manifest: Manifest) -> None:
-    """Remove partial files and shards written after the manifest's last update (a crash in between)."""
+def _prepare_run_dir(cfg: HarvestConfig, world: World) -> None:
+    """Rank 0 only: refuse to mix runs, apply --overwrite, clear leftovers of a run that never finished a shard."""
+    run = Path(cfg.run_dir)
+    if run.exists() and not run.is_dir():
+        raise StrataError(f"{run} is a file, not a directory; choose another run directory")
+    if cfg.overwrite and run.exists():
+        _remove_run_items(run)
+    has_manifest = layout.manifest_path(run).is_file()
+    has_parts = (run / "parts").is_dir() and any((run / "parts").iterdir())
+    if not has_manifest and not has_parts and run.is_dir() and {p.name for p in run.iterdir()} <= set(_RUN_ITEMS):
+        _remove_run_items(run)  # leftovers of a run killed before its first shard: nothing finished to keep
+    if has_parts and world.size == 1 or has_manifest and world.size > 1 and not load_manifest(run).complete:
+        raise StrataError(f"{run} was started with a different number of processes; resume it the way it was started")
+    if has_manifest or has_parts:
+        old = load_manifest(run, layout.manifest_path(run) if has_manifest else next((run / "parts").iterdir()))
+        if not cfg.resume:
+            same = old.config == cfg.identity()
+            raise StrataError(f"{run} already holds {'this' if same else 'a different'} run ({old.n_tokens} tokens of "
+                              f"{old.model['id']}); pass --resume to continue it or --overwrite to replace it")
+        diffs = [f"{k}: {old.config.get(k)!r} -> {v!r}" for k, v in cfg.identity().items() if old.config.get(k) != v]
+        if diffs:
+            raise StrataError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); use the original flags or --overwrite")
+    elif cfg.resume and run.exists() and any(run.iterdir()):
+        raise StrataError(f"{run} holds no manifest to resume from; remove the folder or pass --overwrite")
+    elif run.exists() and any(run.iterdir()):
+        raise StrataError(f"{run} is not empty and holds no Strata run; choose an empty folder or pass --overwrite")
+
+
+def _drop_unlisted(run: Path, manifest: Manifest, world: World) -> None:
+    """Remove this process's partial files and shards written after its manifest's last update."""
     listed = {run / f["path"] for s in manifest.shards for f in s.files.values()}
     for folder in [layout.tokens_dir(run)] + [layout.acts_dir(run, k) for k in manifest.keys]:
         if folder.is_dir():
             for p in folder.iterdir():
-                if p not in listed:
+                i = layout.shard_index(p)
+                if p not in listed and (i is None or world.owns(i)):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+# ---------------------------------------------------------------- the writer thread
 class _ShardWriterThread(threading.Thread):
-    """Consumes ("rows", contexts, {key: rows}, stats) and ("commit", None, None, None) messages."""
+    """Consumes ("rows", shard, contexts, {key: rows}, stats), ("commit", shard, ...) and ("stop", ...) messages."""
 
-    def __init__(self, run: Path, manifest: Manifest, shard_rows: int, dtype: str):
+    def __init__(self, run: Path, manifest: Manifest, manifest_path: Path, shard_rows: int, dtype: str, inbox_size: int):
         super().__init__(daemon=True)
-        self.run_dir, self.manifest, self.shard_rows, self.dtype = run, manifest, shard_rows, dtype
-        self.inbox: queue.Queue = queue.Queue()
+        self.run_dir, self.manifest, self.manifest_path = run, manifest, manifest_path
+        self.shard_rows, self.dtype = shard_rows, dtype
+        self.inbox: queue.Queue = queue.Queue(maxsize=inbox_size)
         self.error: BaseException | None = None
         self._open: dict = {}
+        self._ctx: dict = {}
 
-    def _start_shard(self):
-        i = len(self.manifest.shards)
+    def _start_shard(self, i: int):
         self.tokens: list = []
         self.stats = {k: np.zeros(3) for k in self.manifest.keys}  # sum norm, sum sq norm, max norm
-        self._ctx = {}
         for key in self.manifest.keys:
-            path = layout.acts_shard_path(self.run_dir, key, i)
-            ctx = atomic_path(path)
-            tmp = ctx.__enter__()
+            ctx = atomic_path(layout.acts_shard_path(self.run_dir, key, i))
             self._ctx[key] = ctx
-            self._open[key] = ActivationShardWriter(tmp, self.manifest.dims[key], self.dtype, self.shard_rows)
+            self._open[key] = ActivationShardWriter(ctx.__enter__(), self.manifest.dims[key], self.dtype, self.shard_rows)
 
-    def _commit(self):
+    def _commit(self, i: int):
         m = self.manifest
-        i = len(m.shards)
-        files = {}
         rows = sum(len(c.token_ids) for c in self.tokens)
         tok_path = layout.tokens_shard_path(self.run_dir, i)
         with atomic_path(tok_path) as tmp:
             write_tokens(tmp, *(np.concatenate([getattr(c, f) for c in self.tokens]) for f in ("token_ids", "doc_ids", "positions")))
-        files["tokens"] = {"path": relpath(self.run_dir, tok_path), "sha256": file_sha256(tok_path)}
+        files = {"tokens": {"path": relpath(self.run_dir, tok_path), "sha256": file_sha256(tok_path)}}
         for key in m.keys:
             self._open.pop(key).close()
             self._ctx.pop(key).__exit__(None, None, None)
             path = layout.acts_shard_path(self.run_dir, key, i)
             files[key] = {"path": relpath(self.run_dir, path), "sha256": file_sha256(path)}
         for key, (s, sq, mx) in self.stats.items():
-            ns = m.norm_stats.setdefault(key, {"count": 0, "sum_norm": 0.0, "sum_sq_norm": 0.0, "max_norm": 0.0})
-            ns["count"] += rows
-            ns["sum_norm"] += float(s)
-            ns["sum_sq_norm"] += float(sq)
-            ns["max_norm"] = max(ns["max_norm"], float(mx))
-            ns["mean_norm"] = ns["sum_norm"] / ns["count"]
-            ns["mean_sq_norm"] = ns["sum_sq_norm"] / ns["count"]
+            add_norm_stats(m.norm_stats, key, rows, s, sq, mx)
         end = self.tokens[-1].end
-        m.shards.append(ShardRecord(index=i, rows=rows, token_start=m.n_tokens, files=files,
+        m.shards.append(ShardRecord(index=i, rows=rows, token_start=i * self.shard_rows, files=files,
                                     resume={"doc": end.doc, "offset": end.offset}))
         m.n_tokens += rows
-        save_manifest(self.run_dir, m)
+        save_manifest(self.run_dir, m, self.manifest_path)
 
     def abort(self):
         for key in list(self._open):
@@ -159,28 +186,41 @@ class _ShardWriterThread(threading.Thread):
             except RuntimeError:
                 pass
 
-    def run(self):  # noqa: D401 - thread body
+    def run(self):  # thread body
         try:
             while True:
-                kind, contexts, rows, stats = self.inbox.get()
+                kind, shard, contexts, rows, stats = self.inbox.get()
                 if kind == "stop":
                     return
                 if kind == "commit":
-                    self._commit()
+                    self._commit(shard)
                     continue
                 if not self._open:
-                    self._start_shard()
+                    self._start_shard(shard)
                 self.tokens.extend(contexts)
                 for key, block in rows.items():
                     self._open[key].append(block)
-                for key, st in stats.items():
+                for key, (s, sq, mx) in stats.items():
                     acc = self.stats[key]
-                    acc[0] += st[0]
-                    acc[1] += st[1]
-                    acc[2] = max(acc[2], st[2])
+                    acc[0] += s
+                    acc[1] += sq
+                    acc[2] = max(acc[2], mx)
         except BaseException as e:  # handed to the main thread
             self.error = e
             self.abort()
+
+    def put(self, *msg) -> None:
+        """Put with the writer's health checked, so a dead writer surfaces its error instead of a hang."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            if not self.is_alive():
+                raise RuntimeError("the shard writer stopped unexpectedly")
+            try:
+                self.inbox.put(msg, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
 
 def _batches(docs, tokenizer, cfg: HarvestConfig, start: CorpusPosition, limit: int | None, out: queue.Queue, stop: threading.Event):
@@ -205,20 +245,58 @@ def _batches(docs, tokenizer, cfg: HarvestConfig, start: CorpusPosition, limit: 
         out.put(e)
 
 
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+
+
+# ---------------------------------------------------------------- the harvest
+def _activation_rows(acts: dict, keys, d: int, dtype: str, where: str):
+    """Stored rows and norm sums per key; non-finite values (e.g. float16 overflow) stop the run with their place."""
+    rows, stats = {}, {}
+    for key in keys:
+        x = acts[key].reshape(-1, d)
+        stored = x.to(torch.float16 if dtype == "float16" else torch.bfloat16)
+        finite = torch.isfinite(stored).all(dim=-1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            raise StrataError(f"non-finite activation at {key}, token {where} + {bad}; float16 overflow? "
+                              f"try --dtype bfloat16, or check the model")
+        norms = x.float().norm(dim=-1)
+        rows[key] = to_storage(stored, dtype)
+        stats[key] = (float(norms.sum()), float((norms * norms).sum()), float(norms.max()))
+    return rows, stats
+
+
 def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
     """Run the harvest described by `cfg`. `lm` is an already loaded model (a LoadedModel for cfg.model) to reuse."""
     _check_config(cfg)
+    world = World()
     run = Path(cfg.run_dir)
-    resumed = _prepare_run_dir(cfg)
-    if resumed is not None and resumed.complete:
-        print(f"{run}: already complete ({resumed.n_tokens} tokens); nothing to do")
-        return resumed
+    error = None
+    if world.rank == 0:
+        try:
+            _prepare_run_dir(cfg, world)
+        except StrataError as e:
+            error = str(e)
+    error = world.from_rank0(error)
+    if error:
+        raise StrataError(error)
+    if layout.manifest_path(run).is_file() and load_manifest(run).complete:
+        m = load_manifest(run)
+        print(f"{run}: already complete ({m.n_tokens} tokens); nothing to do")
+        return m
+
     lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
     keys = sorted(parse_keys(cfg.sites, cfg.layers, lm.info["n_layers"]), key=key_depth)
     d = lm.info["d_model"]
-    if resumed is not None:
-        manifest = resumed
-        _drop_unlisted(run, manifest)
+    mpath = world.manifest_path(run)
+    if mpath.is_file():
+        manifest = load_manifest(run, mpath)
+        _drop_unlisted(run, manifest, world)
     else:
         manifest = Manifest(model=lm.info, tokenizer={"name_or_path": getattr(lm.tokenizer, "name_or_path", cfg.model),
                                                       "bos_per_context": wants_bos(lm.tokenizer),
@@ -230,22 +308,25 @@ def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
 
     shard_contexts = max(1, round(cfg.shard_tokens / (cfg.context * cfg.batch_contexts))) * cfg.batch_contexts
     total_contexts = cfg.max_tokens // cfg.context if cfg.max_tokens else None
-    done_contexts = manifest.n_tokens // cfg.context
-    remaining = None if total_contexts is None else total_contexts - done_contexts
-    start = CorpusPosition(**manifest.shards[-1].resume) if manifest.shards else CorpusPosition()
+    # Continue after this process's last complete shard: the stream position and the global context index there.
+    last = manifest.shards[-1] if manifest.shards else None
+    start = CorpusPosition(**last.resume) if last else CorpusPosition()
+    first_context = (last.index + 1) * shard_contexts if last else 0
+    remaining = None if total_contexts is None else max(0, total_contexts - first_context)
 
     stop = threading.Event()
     batch_q: queue.Queue = queue.Queue(maxsize=cfg.queue_batches)
     packer = threading.Thread(target=_batches, daemon=True,
                               args=(documents(cfg, start.doc), lm.tokenizer, cfg, start, remaining, batch_q, stop))
-    writer = _ShardWriterThread(run, manifest, shard_contexts * cfg.context, cfg.dtype)
-    writer.inbox = queue.Queue(maxsize=cfg.queue_batches)
+    writer = _ShardWriterThread(run, manifest, mpath, shard_contexts * cfg.context, cfg.dtype, cfg.queue_batches)
     packer.start()
     writer.start()
     device = next(lm.model.parameters()).device
-    bar = tqdm(total=None if total_contexts is None else total_contexts * cfg.context, initial=manifest.n_tokens,
-               unit="tok", unit_scale=True, desc=f"harvest {run.name}", disable=not cfg.progress, dynamic_ncols=True)
-    in_shard = 0
+    bar = tqdm(total=None if total_contexts is None else total_contexts * cfg.context // world.size,
+               initial=manifest.n_tokens, unit="tok", unit_scale=True, desc=f"harvest {run.name}",
+               disable=not cfg.progress or world.rank != 0, dynamic_ncols=True)
+    context_index = first_context
+    open_shard = None
     try:
         while True:
             item = batch_q.get()
@@ -253,29 +334,21 @@ def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
                 raise item
             if item is None:
                 break
+            shard = context_index // shard_contexts
+            context_index += len(item)
+            if not world.owns(shard):
+                continue
+            if open_shard is not None and open_shard != shard:
+                writer.put("commit", open_shard, None, None, None)
+            open_shard = shard
             ids = torch.from_numpy(np.stack([c.token_ids for c in item])).long().to(device)
-            acts = capture(lm.model, keys, ids)
-            rows, stats = {}, {}
-            for key in keys:
-                x = acts[key].reshape(-1, d)
-                stored = x.to(torch.float16 if cfg.dtype == "float16" else torch.bfloat16)
-                finite = torch.isfinite(stored).all(dim=-1)
-                if not bool(finite.all()):
-                    bad = int((~finite).nonzero()[0, 0])
-                    raise StrataError(f"non-finite activation at {key}, token {manifest.n_tokens + in_shard * cfg.context + bad} "
-                                      f"(shard {len(manifest.shards)}); float16 overflow? try --dtype bfloat16, or check the model")
-                norms = x.float().norm(dim=-1)
-                rows[key] = to_storage(stored, cfg.dtype)
-                stats[key] = (float(norms.sum()), float((norms * norms).sum()), float(norms.max()))
-            _put(writer, ("rows", item, rows, stats))
-            in_shard += len(item)
+            rows, stats = _activation_rows(capture(lm.model, keys, ids), keys, d, cfg.dtype,
+                                           where=f"{(context_index - len(item)) * cfg.context} (shard {shard})")
+            writer.put("rows", shard, item, rows, stats)
             bar.update(len(item) * cfg.context)
-            if in_shard >= shard_contexts:
-                _put(writer, ("commit", None, None, None))
-                in_shard = 0
-        if in_shard:
-            _put(writer, ("commit", None, None, None))
-        _put(writer, ("stop", None, None, None))
+        if open_shard is not None:
+            writer.put("commit", open_shard, None, None, None)
+        writer.put("stop", None, None, None, None)
         writer.join()
         if writer.error:
             raise writer.error
@@ -283,43 +356,38 @@ def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
         stop.set()
         if writer.is_alive():
             _drain(batch_q)
-            writer.inbox.put(("stop", None, None, None))
+            writer.inbox.put(("stop", None, None, None, None))
             writer.join()
-            writer.abort()
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or isinstance(writer.error, OSError) and writer.error.errno == errno.ENOSPC:
-            raise StrataError(f"disk full while writing shard {len(manifest.shards)} of {run}; the {len(manifest.shards)} "
-                              f"complete shards are intact: free space and rerun with --resume") from None
+        writer.abort()
+        full = [x for x in (e, writer.error) if isinstance(x, OSError) and x.errno == errno.ENOSPC]
+        if full:
+            raise StrataError(f"disk full while writing {run}; the {len(manifest.shards)} complete shards are intact: "
+                              f"free space and rerun with --resume") from None
         raise
     finally:
         bar.close()
         _drain(batch_q)
-        if not manifest.shards:  # nothing finished: leave no trace of a run that never produced a shard
+        if not manifest.shards and world.size == 1:  # nothing finished: leave no trace of a run that never produced a shard
             _remove_run_items(run)
             if run.is_dir() and not any(run.iterdir()):
                 run.rmdir()
-    if manifest.n_tokens == 0:
-        raise StrataError(f"the corpus gave no complete context of {cfg.context} tokens; add text or lower --context")
-    manifest.complete = True
-    save_manifest(run, manifest)
-    return manifest
+    return _finish(run, manifest, world, cfg)
 
 
-def _put(writer: _ShardWriterThread, msg) -> None:
-    """Put with the writer's health checked, so a dead writer surfaces its error instead of a hang."""
-    while True:
-        if writer.error is not None:
-            raise writer.error
-        try:
-            writer.inbox.put(msg, timeout=0.5)
-            return
-        except queue.Full:
-            continue
-
-
-def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
-
+def _finish(run: Path, manifest: Manifest, world: World, cfg: HarvestConfig) -> Manifest:
+    if world.size > 1:
+        save_manifest(run, manifest, world.manifest_path(run))
+        world.barrier()
+        if world.rank == 0:
+            parts = [load_manifest(run, layout.part_manifest_path(run, r)) for r in range(world.size)
+                     if layout.part_manifest_path(run, r).is_file()]
+            manifest = merge_manifests(parts)
+    if world.rank == 0:
+        if manifest.n_tokens == 0:
+            raise StrataError(f"the corpus gave no complete context of {cfg.context} tokens; add text or lower --context")
+        manifest.complete = True
+        save_manifest(run, manifest)
+        if world.size > 1:
+            shutil.rmtree(run / "parts")
+    world.barrier()
+    return load_manifest(run) if world.rank != 0 else manifest

@@ -10,6 +10,20 @@ def manifest_path(run) -> Path:
     return Path(run) / MANIFEST
 
 
+def part_manifest_path(run, rank: int) -> Path:
+    """Per-process manifest of a `torchrun` harvest; merged into manifest.json by rank 0 at the end."""
+    return Path(run) / "parts" / f"rank-{rank:05d}.json"
+
+
+def shard_index(path) -> int | None:
+    """The shard number in a shard file's name (shard-00012.h5 or its .partial), else None."""
+    name = Path(path).name
+    if not name.startswith("shard-"):
+        return None
+    digits = name[6:].split(".")[0]
+    return int(digits) if digits.isdigit() else None
+
+
 def tokens_dir(run) -> Path:
     return Path(run) / "tokens"
 

@@ -60,8 +60,31 @@ class Manifest:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def load_manifest(run) -> Manifest:
-    path = layout.manifest_path(run)
+def add_norm_stats(norm_stats: dict, key: str, count: int, sum_norm: float, sum_sq_norm: float, max_norm: float) -> None:
+    """Accumulate activation-norm sums (sums, not means, so resumed and merged runs add up exactly)."""
+    ns = norm_stats.setdefault(key, {"count": 0, "sum_norm": 0.0, "sum_sq_norm": 0.0, "max_norm": 0.0})
+    ns["count"] += int(count)
+    ns["sum_norm"] += float(sum_norm)
+    ns["sum_sq_norm"] += float(sum_sq_norm)
+    ns["max_norm"] = max(ns["max_norm"], float(max_norm))
+    ns["mean_norm"] = ns["sum_norm"] / ns["count"]
+    ns["mean_sq_norm"] = ns["sum_sq_norm"] / ns["count"]
+
+
+def merge_manifests(parts: list[Manifest]) -> Manifest:
+    """One manifest from the per-process manifests of a distributed harvest: shards in global order."""
+    merged = Manifest.from_dict(parts[0].to_dict())
+    merged.shards = sorted((s for p in parts for s in p.shards), key=lambda s: s.index)
+    merged.n_tokens = sum(s.rows for s in merged.shards)
+    merged.norm_stats = {}
+    for p in parts:
+        for key, ns in p.norm_stats.items():
+            add_norm_stats(merged.norm_stats, key, ns["count"], ns["sum_norm"], ns["sum_sq_norm"], ns["max_norm"])
+    return merged
+
+
+def load_manifest(run, path=None) -> Manifest:
+    path = Path(path) if path is not None else layout.manifest_path(run)
     if not path.is_file():
         raise StrataError(f"{run} is not a harvest run (no {layout.MANIFEST}); create one with `strata harvest {run}`")
     try:
@@ -70,8 +93,8 @@ def load_manifest(run) -> Manifest:
         raise StrataError(f"{path} is unreadable ({e}); restore it or re-harvest with --overwrite") from None
 
 
-def save_manifest(run, manifest: Manifest) -> None:
-    atomic_write_json(layout.manifest_path(run), manifest.to_dict())
+def save_manifest(run, manifest: Manifest, path=None) -> None:
+    atomic_write_json(path if path is not None else layout.manifest_path(run), manifest.to_dict())
 
 
 def file_sha256(path) -> str:

@@ -7,25 +7,31 @@ import plotly.graph_objects as go
 LAYOUT = dict(margin=dict(l=40, r=10, t=36, b=36), height=300, template="plotly_white")
 
 
+def flatten(row: dict, prefix: str = "") -> dict:
+    """{"lr": x, "saes": {"resid.0": {"fvu": y}}} -> {"lr": x, "resid.0/fvu": y} (numbers only)."""
+    out = {}
+    for k, v in row.items():
+        name = k if not prefix else f"{prefix}/{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, "" if k == "saes" and not prefix else name))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[name] = v
+    return out
+
+
 def training_curves(rows: list[dict], metric: str) -> go.Figure:
+    """One line per SAE (or one line) of `metric` against step."""
     fig = go.Figure()
-    steps = [r.get("step", i) for i, r in enumerate(rows)]
     series: dict[str, tuple[list, list]] = {}
-    for s, r in zip(steps, rows):
-        for k, v in r.items():
-            name = None
-            if k == metric:
-                name = metric
-            elif k.endswith("/" + metric) or k.startswith(metric + "/"):
-                name = k
-            if name and isinstance(v, (int, float)):
+    for i, r in enumerate(rows):
+        flat = flatten(r)
+        step = flat.get("step", i)
+        for k, v in flat.items():
+            if k == metric or k.endswith("/" + metric):
+                name = k[: -len(metric) - 1] if k != metric else metric
                 series.setdefault(name, ([], []))
-                series[name][0].append(s)
+                series[name][0].append(step)
                 series[name][1].append(v)
-            if isinstance(v, dict) and isinstance(v.get(metric), (int, float)):  # {"saes": {id: {metric: v}}}
-                series.setdefault(f"{k}", ([], []))
-                series[k][0].append(s)
-                series[k][1].append(v[metric])
     for name, (x, y) in sorted(series.items()):
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=name))
     fig.update_layout(title=metric, xaxis_title="step", **LAYOUT)
@@ -35,9 +41,9 @@ def training_curves(rows: list[dict], metric: str) -> go.Figure:
 def numeric_metrics(rows: list[dict]) -> list[str]:
     names = set()
     for r in rows:
-        for k, v in r.items():
-            if isinstance(v, (int, float)) and k not in ("step", "tokens", "time", "elapsed"):
-                names.add(k.split("/")[-1] if "/" in k else k)
+        for k in flatten(r):
+            if k != "step":
+                names.add(k.rsplit("/", 1)[-1])
     return sorted(names)
 
 

@@ -77,7 +77,7 @@ class JumpReLUSAE(SAE):
         recon = f @ self.W_dec + self.b_dec + self.skip_out(x)
         rec = loss_fn(y, recon)
         l0 = _Step.apply(z, theta, bw).sum(1).mean()
-        penalty = (l0 / self.cfg.k - 1.0) ** 2
+        penalty = (l0 / self.cfg.k - 1.0) ** 2 if self.cfg.k else l0
         loss = rec + self.cfg.l0_coef * penalty
         active = f.detach() > 0
         return Output(loss=loss, parts={"recon": rec.detach(), "l0_penalty": penalty.detach()},

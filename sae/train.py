@@ -180,7 +180,7 @@ def train(cfg: TrainConfig) -> Path:
                     kept = f"kept the last good checkpoint (step {last_good})" if last_good is not None else "no checkpoint was written"
                     raise StrataError(f"{e} for SAE {u.sae_id}; stopped, {kept}; lower --lr or check the shards (strata verify)") from None
                 windows[u.sae_id].update(out.fired, float(out.l0), x.shape[0])
-                for k, v in out.parts.items():
+                for k, v in dict(out.parts, loss=out.loss.detach()).items():
                     sums[u.sae_id][k] = sums[u.sae_id].get(k, 0.0) + float(v)
                 if log_now:
                     record[u.sae_id] = _unit_metrics(u, y, out, windows[u.sae_id], sums[u.sae_id])

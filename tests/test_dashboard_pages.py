@@ -44,6 +44,7 @@ def test_overview_shows_manifest_curves_table_density_frontier(synth, monkeypatc
     assert {"L0", "FVU", "dead %", "loss recovered", "L0 (index)"} <= set(table.columns)
     assert table.set_index("SAE").loc["resid.1", "FVU"] == pytest.approx(0.21)
     assert table.set_index("SAE").loc["resid.1", "dead %"] == pytest.approx(10.0)
+    assert table.set_index("SAE").loc["resid.1", "loss recovered"] == pytest.approx(0.9)
     # L0 measured by the index equals the SAEs' k (TopK with k=4)
     assert table.set_index("SAE").loc["resid.1", "L0 (index)"] == pytest.approx(4.0)
     charts = at.get("plotly_chart")
@@ -150,7 +151,12 @@ def assert_no_active_markup(page: str) -> None:
 
 # ---------------------------------------------------------------- the real chain (tiny Llama -> ... -> analyze)
 def test_every_page_on_a_real_analysed_run(analyzed_run, monkeypatch):
+    import json
+
     at = app(analyzed_run, monkeypatch)
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    fvu = [s for s in specs if s["layout"]["title"]["text"] == "fvu"]
+    assert fvu and {t["name"] for t in fvu[0]["data"]} == {"resid.0", "resid.1", "resid.2", "resid.3"}
     table = at.dataframe[0].value
     assert set(table["SAE"]) == {"resid.0", "resid.1", "resid.2", "resid.3"}
     assert table["L0 (index)"].iloc[0] == pytest.approx(4.0, abs=0.5)

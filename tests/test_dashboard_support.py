@@ -90,8 +90,10 @@ def synthetic_run(root: Path, vocab: list[str], tokens: int = 2000, d: int = 16,
     with open(layout.metrics_path(root, name), "w") as f:
         for step in range(0, 100, 10):
             f.write(json.dumps({"step": step, "fvu": 1.0 / (1 + step), "l0": 4.0, "loss": 2.0 - step / 100}) + "\n")
-    (tdir / "eval.json").write_text(json.dumps({sid: {"l0": 4.0, "fvu": 0.2 + 0.01 * i, "dead_frac": 0.1,
-                                                      "ce_loss_score": 0.9} for i, sid in enumerate(saes)}))
+    # the shape `strata eval` writes: per SAE an "overall" summary (and per-key details)
+    (tdir / "eval.json").write_text(json.dumps({"name": name, "heldout_shards": [0], "saes": {
+        sid: {"overall": {"l0": 4.0, "fvu": 0.2 + 0.01 * i, "frac_dead": 0.1, "ce_loss_recovered": 0.9}, "per_key": {}}
+        for i, sid in enumerate(saes)}}))
     return root
 
 

@@ -143,7 +143,7 @@ def analyze(cfg: AnalyzeConfig) -> list:
         if not layout.checkpoint_dir(cfg.run_dir, name).is_dir():
             raise StrataError(f"no checkpoint for training run {name!r} in {cfg.run_dir}; choose one of "
                               f"{', '.join(train_names(cfg.run_dir))}")
-        saes = {sid: sae.to(device).eval() for sid, sae in load_saes(cfg.run_dir, name).items()}
+        saes = {sid: sae.eval() for sid, sae in load_saes(cfg.run_dir, name, device).items()}
         if not saes:
             raise StrataError(f"training run {name!r} has no SAEs in its checkpoint; rerun `strata train`")
         keys = keys_needed(saes)
