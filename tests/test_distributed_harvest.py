@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_process_harvest_equals_single_process(tmp_path, tiny_llama):
-    opts = dict(sites="resid,mlp_out", layers="0-3", context=32, batch_contexts=4, shard_tokens=256, max_tokens=3000)
+    opts = dict(sites="resid,mlp_out", layers="0-2", context=32, batch_contexts=4, shard_tokens=256, max_tokens=3000)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
