@@ -88,9 +88,14 @@ class SaeIndexer:
         """Count one block; return per slot the sparse codes of the core rows (row - lo, feature, value)."""
         lo, hi = block.core
         L = len(self.slots)
+        # a few random rows per block become candidate negatives for explanation scoring; their codes are
+        # the maximum over slots (silent at every layer)
+        neg_rows = lo + torch.randperm(hi - lo, generator=self.gen, device=self.device)[:min(16, hi - lo)]
+        neg_codes = None
         sparse = []
         for slot in range(L):
             codes = self.encode(block, slot)
+            neg_codes = codes[neg_rows] if neg_codes is None else torch.maximum(neg_codes, codes[neg_rows])
             r, j = codes[lo:hi].nonzero(as_tuple=True)
             v = codes[lo + r, j]
             sparse.append((r, j, v))
@@ -112,21 +117,17 @@ class SaeIndexer:
             self.top.push(j, v, v, ids, payload)
             prio = torch.rand(len(j), generator=self.gen, device=self.device)
             self.sample.push(j, prio, v, ids, payload)
-            self._sample_negatives(block, codes, slot)
+        self._sample_negatives(block, neg_rows, neg_codes)
         return sparse
 
-    def _sample_negatives(self, block: Block, codes: torch.Tensor, slot: int) -> None:
-        if slot != 0:
-            return
-        lo, hi = block.core
-        m = min(16, hi - lo)
-        rows = lo + torch.randperm(hi - lo, generator=self.gen, device=self.device)[:m]
+    def _sample_negatives(self, block: Block, rows: torch.Tensor, codes: torch.Tensor) -> None:
+        m = len(rows)
         prio = torch.rand(m, generator=self.gen, device=self.device)
         feat = torch.zeros(m, dtype=torch.long, device=self.device)
 
         def payload(sel):
-            _, tokens = self._window(block, codes, rows[sel], None)
-            return {"tokens": tokens, "codes": codes[rows[sel]].half()}
+            _, tokens = self._window(block, None, rows[sel], None)
+            return {"tokens": tokens, "codes": codes[sel].half()}
 
         self.neg.push(feat, prio, prio, block.start + rows, payload)
 
