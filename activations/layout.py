@@ -56,6 +56,10 @@ def metrics_path(run, name: str) -> Path:
     return train_dir(run, name) / "metrics.jsonl"
 
 
+def sweep_dir(run, sweep: str) -> Path:
+    return Path(run) / "sweeps" / sweep
+
+
 def index_path(run, name: str) -> Path:
     return Path(run) / "index" / f"{name}.h5"
 

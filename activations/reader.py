@@ -169,7 +169,7 @@ class ActivationReader:
 
     def __init__(self, run, keys, batch_size: int, shards=None, shuffle: bool = True, seed: int = 0, epochs: int = 1,
                  drop_last: bool = False, start_batch: int = 0, prefetch: int = 2, dtype=torch.float32,
-                 buffer_bytes: int = 1 << 30, block_rows: int | None = None):
+                 buffer_bytes: int = 1 << 30, block_rows: int | None = None, exclude_first: int = 0):
         self.store = run if isinstance(run, RunStore) else open_run(run)
         self.keys = [keys] if isinstance(keys, str) else list(keys)
         self.store.check_keys(self.keys)
@@ -187,10 +187,21 @@ class ActivationReader:
         self.blocks = [(s, a, min(a + self.block_rows, self.store.shard_rows(s)))
                        for s in self.shards for a in range(0, self.store.shard_rows(s), self.block_rows)]
         self.window_blocks = max(1, buffer_bytes // (2 * d_sum * self.block_rows))
-        self.n_rows = sum(b - a for _, a, b in self.blocks)
+        self.exclude_first = exclude_first
+        self.n_rows = sum(len(self._kept(self._token_rows([blk]))) for blk in self.blocks)
         self.batches_per_epoch = self.n_rows // batch_size if drop_last else math.ceil(self.n_rows / batch_size)
         if self.batches_per_epoch == 0:
             raise StrataError(f"batch size {batch_size} exceeds the {self.n_rows} tokens in the chosen shards; lower it")
+
+    def _token_rows(self, blocks) -> np.ndarray:
+        return np.concatenate([np.arange(a, b) + self.store.starts[s] for s, a, b in blocks])
+
+    def _kept(self, tok: np.ndarray) -> np.ndarray:
+        """Window positions of the rows to use: all, or those past the first `exclude_first` of each context
+        (shards hold whole contexts, so a row's position in its context is its index modulo the context length)."""
+        if not self.exclude_first:
+            return np.arange(len(tok))
+        return np.nonzero(tok % self.store.manifest.context_length >= self.exclude_first)[0]
 
     def __len__(self) -> int:
         return self.batches_per_epoch * self.epochs
@@ -205,13 +216,14 @@ class ActivationReader:
         carry_n = 0
         for w in windows:
             blocks = [self.blocks[j] for j in w]
-            n = sum(b - a for _, a, b in blocks)
-            perm = rng.permutation(n) if self.shuffle else np.arange(n)
+            tok = self._token_rows(blocks)
+            kept = self._kept(tok)
+            n = len(kept)
+            perm = kept[rng.permutation(n)] if self.shuffle else kept
             if skip_rows >= n:
                 skip_rows -= n
                 continue
             data = {k: np.concatenate([self.store.read_block(k, s, a, b) for s, a, b in blocks]) for k in self.keys}
-            tok = np.concatenate([np.arange(a, b) + self.store.starts[s] for s, a, b in blocks])
             pos = skip_rows
             skip_rows = 0
             while pos < n:

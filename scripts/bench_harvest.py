@@ -41,7 +41,8 @@ def bare_forward_rate(lm, key: str, batches) -> float:
     return n / (time.perf_counter() - t)
 
 
-def harvest_vs_forward(model: str, tokens: int, tmp: Path) -> None:
+def harvest_vs_forward(model: str, tokens: int, tmp: Path, rounds: int = 2) -> None:
+    """Interleaved rounds, best of each, so background load hits every method alike."""
     lm = load_model(model)
     n = lm.info["n_layers"]
     ctx, bc = 128, 8
@@ -49,15 +50,18 @@ def harvest_vs_forward(model: str, tokens: int, tmp: Path) -> None:
     ids = torch.from_numpy(np.stack([next(contexts).token_ids for _ in range(tokens // ctx)])).long()
     batches = list(ids.split(bc))
     bare_forward_rate(lm, "resid.1", batches[:1])  # warm-up
-    cfg = HarvestConfig(run_dir=str(tmp / "h"), model=model, sites="resid", layers="all", context=ctx, batch_contexts=bc,
-                        max_tokens=tokens, shard_tokens=4096, progress=False)
-    t = time.perf_counter()
-    harvest(cfg, lm=lm)
-    harvest_rate = tokens / (time.perf_counter() - t)
-    full = bare_forward_rate(lm, f"resid.{n}", batches)
-    half = bare_forward_rate(lm, f"resid.{n // 2}", batches)
-    print(f"[1] {model}: harvest {harvest_rate:,.0f} tok/s (all {n + 1} resid keys), bare forward {full:,.0f} tok/s "
-          f"-> ratio {harvest_rate / full:.2f} (target >= 0.9)")
+    rates = {"harvest": 0.0, "full": 0.0, "half": 0.0}
+    for _ in range(rounds):
+        cfg = HarvestConfig(run_dir=str(tmp / "h"), model=model, sites="resid", layers="all", context=ctx,
+                            batch_contexts=bc, max_tokens=tokens, shard_tokens=4096, progress=False, overwrite=True)
+        t = time.perf_counter()
+        harvest(cfg, lm=lm)
+        rates["harvest"] = max(rates["harvest"], tokens / (time.perf_counter() - t))
+        rates["full"] = max(rates["full"], bare_forward_rate(lm, f"resid.{n}", batches))
+        rates["half"] = max(rates["half"], bare_forward_rate(lm, f"resid.{n // 2}", batches))
+    h, full, half = rates["harvest"], rates["full"], rates["half"]
+    print(f"[1] {model}: harvest {h:,.0f} tok/s (all {n + 1} resid keys), bare forward {full:,.0f} tok/s "
+          f"-> ratio {h / full:.2f} (target >= 0.9)")
     print(f"[2] early exit at layer {n // 2} of {n}: {half:,.0f} tok/s vs {full:,.0f} tok/s -> speed-up {half / full:.2f}x")
 
 

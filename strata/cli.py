@@ -59,6 +59,20 @@ def add_info(sub):
     p.set_defaults(run=run)
 
 
+def add_demo(sub):
+    from strata.pipeline import DemoConfig
+
+    p = sub.add_parser("demo", help="harvest -> train -> eval -> analyze -> dashboard on the embedded default (offline)")
+    add_config_args(p, DemoConfig)
+
+    def run(args):
+        from strata.pipeline import run_demo
+
+        run_demo(build_config(DemoConfig, args))
+
+    p.set_defaults(run=run)
+
+
 # ---------------------------------------------------------------- verbs added by later stages go below
 
 
@@ -181,7 +195,7 @@ def add_import(sub):
     p.set_defaults(run=run)
 
 
-VERBS = [add_harvest, add_verify, add_info, add_analyze, add_dashboard, add_share, add_train, add_eval, add_export, add_import]
+VERBS = [add_demo, add_harvest, add_verify, add_info, add_analyze, add_dashboard, add_share, add_train, add_eval, add_export, add_import]
 
 
 def build_parser() -> argparse.ArgumentParser:

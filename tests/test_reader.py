@@ -67,3 +67,16 @@ def test_bad_reader_requests(tiny_run):
         ActivationReader(run, ["resid.1"], 0)
     with pytest.raises(StrataError, match="out of range"):
         run.read_rows("resid.1", [10**9])
+
+
+def test_exclude_first_positions_of_every_context(tiny_run):
+    """Attention-sink tokens (position 0, norms ~100x the rest in SmolLM2) can be left out of training data."""
+    run = open_run(tiny_run)
+    ctx = run.manifest.context_length
+    reader = ActivationReader(run, ["resid.1"], 100, seed=2, exclude_first=1, block_rows=256, buffer_bytes=50_000)
+    rows = torch.cat([b.rows for b in reader]).numpy()
+    assert reader.n_rows == run.n_tokens - run.n_tokens // ctx
+    assert sorted(rows.tolist()) == [r for r in range(run.n_tokens) if r % ctx != 0]
+    rest = torch.cat([b.rows for b in ActivationReader(run, ["resid.1"], 100, seed=2, exclude_first=1, block_rows=256,
+                                                        buffer_bytes=50_000, start_batch=17)]).numpy()
+    np.testing.assert_array_equal(rest, rows[1700:])
