@@ -33,10 +33,21 @@ def manifest(run) -> dict:
     return json.loads(inside(run, layout.manifest_path(run)).read_text())
 
 
+def _within(run, path) -> bool:
+    try:
+        inside(run, path)
+        return True
+    except StrataError:
+        return False
+
+
 def train_names(run) -> list[str]:
+    """Training runs on disk (a symlink that leads out of the run is not one)."""
     root = inside(run, layout.train_root(run))
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith((".partial", ".old"))) \
-        if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith((".partial", ".old"))
+                  and _within(run, p))
 
 
 def index_names(run) -> list[str]:

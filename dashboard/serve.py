@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -42,11 +44,21 @@ def serve_dashboard(run, read_only: bool = False, port: int = 8501, host: str = 
     proc = subprocess.Popen(dashboard_command(port, host), env=env, stdout=subprocess.DEVNULL if not block else None)
     if not block:
         return proc
-    if wait_until_up(url):
-        print(f"Strata dashboard for {run}: {url}" + ("  (read-only)" if read_only else ""), flush=True)
+    def stop(signum, frame):  # `kill` of this process also stops the server it started
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
     try:
+        if wait_until_up(url):
+            print(f"Strata dashboard for {run}: {url}" + ("  (read-only)" if read_only else ""), flush=True)
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=10)
         return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

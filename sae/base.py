@@ -107,14 +107,15 @@ class SAE(nn.Module):
         return torch.addmm(self.b_enc.to(dt), x_c.to(dt), self.W_enc.to(dt)).float()
 
     @torch.no_grad()
-    def relu_preacts(self, x_c: torch.Tensor) -> torch.Tensor:
-        """relu(x_c @ W_enc + b_enc) without autograd, in place: addmm would first copy the broadcast bias
-        into the B x n output (a full extra pass over the largest tensor of the step)."""
+    def raw_preacts(self, x_c: torch.Tensor) -> torch.Tensor:
+        """x_c @ W_enc + b_enc without autograd, bias added in place: addmm would first copy the broadcast bias
+        into the B x n output (a full extra pass over the largest tensor of the step). No relu pass either: the
+        TopK family selects first and clamps only the selected values (same latents, same values)."""
         dt = self.compute_dtype
         pre = x_c.to(dt) @ self.W_enc.to(dt)
         if dt != torch.float32:
             pre = pre.float()
-        return pre.add_(self.b_enc).relu_()
+        return pre.add_(self.b_enc)
 
     def skip_out(self, x: torch.Tensor):
         return x @ self.W_skip if self.W_skip is not None else 0.0

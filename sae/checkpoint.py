@@ -40,8 +40,9 @@ def save_sae(sae: SAE, folder) -> None:
     atomic_write_json(folder / SAE_CFG, sae.cfg.to_dict())
 
 
-def load_sae(folder, device: str | torch.device = "cpu") -> SAE:
-    """One SAE folder (cfg.json + sae.safetensors) -> SAE in eval mode; encode/decode take raw units."""
+def load_sae(folder, device: str | torch.device = "cpu", trainable: bool = False) -> SAE:
+    """One SAE folder (cfg.json + sae.safetensors) -> SAE in eval mode; encode/decode take raw units.
+    Parameters are frozen unless `trainable` (so W_dec.numpy() and encode outputs need no detach)."""
     folder = Path(folder)
     if not (folder / SAE_CFG).is_file() or not (folder / SAE_WEIGHTS).is_file():
         raise StrataError(f"{folder} is not an SAE folder (needs {SAE_CFG} and {SAE_WEIGHTS}); point at RUN/train/<name>/checkpoint/saes/<id>")
@@ -54,6 +55,7 @@ def load_sae(folder, device: str | torch.device = "cpu") -> SAE:
     missing, unexpected = sae.load_state_dict(tensors, strict=False)
     if [m for m in missing if m not in ("stale_tokens", "fire_count", "tokens_counted")] or unexpected:
         raise StrataError(f"{folder / SAE_WEIGHTS} does not match its cfg.json (missing {missing}, unexpected {unexpected})")
+    sae.requires_grad_(trainable)
     return sae.to(device).eval()
 
 
@@ -123,6 +125,13 @@ def restore_optimizers(ckpt: Path, state: dict, optimizers: dict) -> None:
             if sid == sae_id:
                 per.setdefault(int(idx), {})[name] = val
         opt.load_state_dict({"state": per, "param_groups": state["optimizer_param_groups"][sae_id]})
+        # safetensors stores row-major copies; give each moment its parameter's memory layout again (W_enc is
+        # latent-major), as the fused Adam kernel walks parameter and moments with the same strides
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for name, val in opt.state.get(p, {}).items():
+                    if torch.is_tensor(val) and val.shape == p.shape and val.stride() != p.stride():
+                        opt.state[p][name] = torch.empty_like(p, dtype=val.dtype).copy_(val)
 
 
 def restore_rng(state: dict) -> None:

@@ -39,7 +39,11 @@ class SAEConfig:
     dtype: str = "float32"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields, plus the site and layer of each input key for readers of cfg.json (ignored on load)."""
+        d = dataclasses.asdict(self)
+        d["sites"] = [k.rpartition(".")[0] for k in self.in_keys]
+        d["layers"] = self.layers
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SAEConfig":

@@ -146,8 +146,10 @@ def sae_configs(cfg: TrainConfig, keys: list[str], dims: dict, model: dict, cont
     return out
 
 
-def norm_scale(x: torch.Tensor) -> float:
+def norm_scale(x: torch.Tensor, key: str = "") -> float:
     """The scalar s with E||s x||^2 = d on this sample."""
+    if not bool(torch.isfinite(x).all()):
+        raise StrataError(f"the activations of {key} contain NaN/inf; run `strata verify RUN` to find the shard and re-harvest it")
     ms = float(x.double().pow(2).sum(1).mean())
     if not ms > 0:
         raise StrataError("activations in the sample are all zero; check the harvest (strata verify RUN)")

@@ -14,17 +14,18 @@ from sae.base import SAE, Output, fvu
 
 class TopKSAE(SAE):
     def select(self, pre: torch.Tensor):
-        """Active (rows, cols, vals) from relu'd pre-activations [B, n], sorted by row."""
+        """Active (rows, cols, vals) from pre-activations [B, n], sorted by row; vals relu'd (a selected
+        negative pre-activation becomes an inactive 0)."""
         k = self.cfg.k
         vals, cols = pre.topk(k, dim=1, sorted=False)
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-        return rows, cols.reshape(-1), vals.reshape(-1)
+        return rows, cols.reshape(-1), vals.reshape(-1).clamp_(min=0)
 
     def after_select(self, vals: torch.Tensor, n_rows: int) -> None:
         pass
 
     def encode_n(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu_preacts(self.centered(x))
+        pre = self.raw_preacts(self.centered(x))
         rows, cols, vals = self.select(pre)
         f = torch.zeros_like(pre)
         f[rows, cols] = vals
@@ -38,7 +39,7 @@ class TopKSAE(SAE):
         ka = min(self.cfg.k_aux, dead_ids.numel())
         vals, j = pre[:, dead_ids].topk(ka, dim=1, sorted=False)
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(ka)
-        return rows, dead_ids[j].reshape(-1), vals.reshape(-1)
+        return rows, dead_ids[j].reshape(-1), vals.reshape(-1).clamp_(min=0)
 
     def prefix_loss(self, y, vals, cols, offsets, loss_fn):
         """Reconstruction loss of the full dictionary (Matryoshka overrides with nested prefixes)."""
@@ -49,7 +50,7 @@ class TopKSAE(SAE):
         B, n = x.shape[0], self.cfg.n_latents
         with torch.no_grad():
             x_c = self.centered(x)
-            pre = self.relu_preacts(x_c)
+            pre = self.raw_preacts(x_c)
             rows, cols, vals = self.select(pre)
             if self.training:
                 self.after_select(vals, B)
@@ -89,12 +90,12 @@ class BatchTopKSAE(TopKSAE):
 
     def select(self, pre: torch.Tensor):
         if not self.training:  # inference: fixed threshold, rows vary in size
-            rows, cols = (pre > self.threshold).nonzero(as_tuple=True)
+            rows, cols = (pre > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
             return rows, cols, pre[rows, cols]
         n = pre.shape[1]
         vals, flat = pre.reshape(-1).topk(self.cfg.k * pre.shape[0], sorted=False)
         flat, order = flat.sort()  # row-major order = sorted by row
-        return flat // n, flat % n, vals[order]
+        return flat // n, flat % n, vals[order].clamp_(min=0)
 
     @torch.no_grad()
     def after_select(self, vals: torch.Tensor, n_rows: int) -> None:
@@ -109,8 +110,8 @@ class BatchTopKSAE(TopKSAE):
     def encode_n(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return super().encode_n(x)
-        pre = self.relu_preacts(self.centered(x))
-        return pre * (pre > self.threshold)
+        pre = self.raw_preacts(self.centered(x))
+        return pre * (pre > self.threshold.clamp_min(0))
 
 
 class MatryoshkaSAE(BatchTopKSAE):

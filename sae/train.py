@@ -65,7 +65,7 @@ def fresh_saes(cfg: TrainConfig, run, configs: dict, train_shards: list[int], de
     keys = sorted({k for c in configs.values() for k in c.in_keys + c.out_keys})
     rows = sample_rows(run, train_shards, cfg.norm_sample_tokens, cfg.seed)
     sample = {k: torch.from_numpy(np.asarray(run.read_rows(k, rows), dtype=np.float32)).to(device) for k in keys}
-    scales = {k: norm_scale(v) for k, v in sample.items()}
+    scales = {k: norm_scale(v, k) for k, v in sample.items()}
     saes = {}
     gen = torch.Generator().manual_seed(cfg.seed)
     for sae_id, c in configs.items():
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     if ckpt is not None:
         state, folder = ckpt
-        saes = {sid: load_sae(folder / "saes" / sid, device).train() for sid in state["sae_ids"]}
+        saes = {sid: load_sae(folder / "saes" / sid, device, trainable=True).train() for sid in state["sae_ids"]}
         for sid, sae in saes.items():
             if sae.cfg.d_in != configs[sid].d_in:
                 raise StrataError(f"checkpoint SAE {sid} has d_in {sae.cfg.d_in} but the shards give {configs[sid].d_in}")
@@ -148,6 +148,10 @@ def train(cfg: TrainConfig) -> Path:
     last_good = step if ckpt is not None else None
 
     def checkpoint(done: bool):
+        for sid, sae in saes.items():  # a finite loss can still come with an update that overflowed
+            if not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+                kept = f"kept the last good checkpoint (step {last_good})" if last_good is not None else "no checkpoint was written"
+                raise StrataError(f"the weights of SAE {sid} became NaN/inf at step {step}; stopped, {kept}; lower --lr")
         for sae in saes.values():
             sae.cfg.tokens_seen = tokens * (len(sae.cfg.in_keys) if sae.cfg.mode == "multilayer" else 1)
         write_checkpoint(cfg.run_dir, name, saes, {sid: st.opt for sid, st in steppers.items()},

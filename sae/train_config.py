@@ -59,6 +59,6 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """Fields that define the result: a resume must match them exactly."""
-        skip = {"resume", "overwrite", "progress", "wandb_project", "wandb_mode", "log_every", "device",
+        skip = {"run_dir", "resume", "overwrite", "progress", "wandb_project", "wandb_mode", "log_every", "device",
                 "checkpoint_every"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}

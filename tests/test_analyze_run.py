@@ -103,3 +103,28 @@ def test_cli_analyze_errors_are_one_line(analyzed_run, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint for training run 'nope'" in err
     assert main(["analyze", str(analyzed_run), "--data", "some"]) == 2
+
+
+def test_crosscoder_and_transcoder_runs_are_indexed(analyzed_run, tmp_path):
+    import shutil
+
+    from sae.analysis.analyze import AnalyzeConfig, analyze
+    from sae.train import train
+    from sae.train_config import TrainConfig
+
+    run = tmp_path / "run"  # a copy: the shared analysed run keeps exactly its two training runs
+    shutil.copytree(analyzed_run, run, ignore=shutil.ignore_patterns("train", "index", "share"))
+    for mode in ("crosscoder", "transcoder"):
+        train(TrainConfig(run_dir=str(run), name=f"t-{mode}", mode=mode, layers="1-2", expansion=2, k=4,
+                          batch_size=256, max_tokens=1024, progress=False, wandb_mode="disabled", device="cpu"))
+        (path,) = analyze(AnalyzeConfig(run_dir=str(run), name=f"t-{mode}", progress=False, device="cpu",
+                                        explainer="none"))
+        idx = FeatureIndex(path)
+        for sid in idx.sae_ids:
+            info = idx.info(sid)
+            assert info["mode"] == mode and idx.column(sid, "count").sum() > 0
+            if mode == "crosscoder":  # decoder norm per output layer, and the slot is the concatenation
+                assert idx.column(sid, "decoder_layer_norm").shape[1] == len(info["cfg"]["out_keys"]) == 2
+                assert info["slots"] == [info["cfg"]["in_keys"]]
+            else:  # transcoders write mlp_out: logit effects apply
+                assert idx.has(sid, "logit_top_ids") and not idx.has(sid, "explanation")

@@ -113,6 +113,24 @@ def test_bad_query_values_stay_inside_the_run(synth, monkeypatch):
     assert at.number_input[0].value < 32
 
 
+def test_symlinks_out_of_the_run_are_not_followed(synth, tmp_path, monkeypatch):
+    import shutil
+
+    from dashboard import data
+
+    outside = tmp_path / "outside"
+    shutil.copytree(synth / "train" / "synth", outside / "elsewhere")
+    link = synth / "train" / "escape"
+    link.symlink_to(outside / "elsewhere", target_is_directory=True)
+    try:
+        assert "escape" not in data.train_names(synth)
+        with pytest.raises(Exception, match="outside the run directory"):
+            data.inside(synth, link / "metrics.jsonl")
+        app(synth, monkeypatch, train="escape")  # the overview still renders, without the escaped folder
+    finally:
+        link.unlink()
+
+
 def test_corpus_payloads_are_escaped_everywhere(synth, monkeypatch):
     from sae.analysis.index_file import FeatureIndex
 

@@ -13,6 +13,15 @@ from sae.optim import SAEStepper
 D, N_TRUE = 32, 128
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems: a second thread only adds synchronisation (and stalls badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def true_dictionary(seed=1):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N_TRUE, D, generator=g)
@@ -50,12 +59,12 @@ def train_synthetic(arch, steps=300, lr=3e-3, batch=1024, **kw):
     with torch.no_grad():
         f = sae.encode(x)
         recon = sae.decode(f)
-    return sae, true, first, float(out.loss), f, fvu(x, recon)
+    return sae, true, first, float(out.loss.detach()), f, fvu(x, recon)
 
 
 def test_topk_recovers_the_true_features():
-    sae, true, first, last, f, err = train_synthetic("topk", steps=400)
-    w = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    sae, true, first, last, f, err = train_synthetic("topk", steps=300, batch=512)
+    w = (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)).detach()
     mean_max_cos = float((w @ true.T).max(0).values.mean())
     assert mean_max_cos >= 0.9, mean_max_cos
     assert float(err) < 0.3
@@ -64,8 +73,8 @@ def test_topk_recovers_the_true_features():
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
 def test_each_architecture_learns_and_reaches_its_sparsity(arch):
-    sae, _, first, last, f, err = train_synthetic(arch, steps=200, batch=512)
-    assert last < 0.6 * first, (first, last)
+    sae, _, first, last, f, err = train_synthetic(arch, steps=150, batch=512)
+    assert last < 0.75 * first, (first, last)
     l0 = float((f > 0).sum(1).float().mean())
     assert (f >= 0).all()
     if arch == "topk":
@@ -74,7 +83,7 @@ def test_each_architecture_learns_and_reaches_its_sparsity(arch):
         assert 2 <= l0 <= 8, l0
     else:  # relu: the L1 penalty makes most latents silent
         assert l0 < 0.25 * sae.cfg.n_latents, l0
-    assert float(err) < 0.6
+    assert float(err) < 0.5
 
 
 def test_sparse_kernels_match_dense_autograd():

@@ -23,12 +23,12 @@ def need_index(ctx: Ctx) -> bool:
     return True
 
 
-def pick_sae(ctx: Ctx, sae_ids: list[str], label: str = "SAE", key: str = "sae") -> str:
+def pick_sae(ctx: Ctx, sae_ids: list[str], label: str = "SAE", key: str = "sae", format_func=str) -> str:
     """SAE selector initialised from the URL (?sae=), kept in the URL."""
     if key not in st.session_state or st.session_state[key] not in sae_ids:
         q = ctx.query.get("sae")
         st.session_state[key] = q if q in sae_ids else sae_ids[0]
-    sid = st.selectbox(label, sae_ids, key=key)
+    sid = st.selectbox(label, sae_ids, key=key, format_func=format_func)
     if key == "sae" and ctx.query.get("sae") != sid:
         ctx.query["sae"] = sid
     return sid

@@ -49,9 +49,10 @@ def render(ctx: Ctx) -> None:
     if not idx.sae_ids:
         st.warning("The index holds no SAEs.")
         return
-    labels = {s: f"{s} ({', '.join(idx.info(s)['cfg'].get('in_keys', []))})" for s in idx.sae_ids}
-    sid = pick_sae(ctx, idx.sae_ids)
-    st.caption(labels[sid] + f" — {idx.n_latents(sid):,} features, {idx.info(sid)['mode']}")
+    # the SAE picker is also the layer filter of a per-layer bank: each label names the layer(s) it reads
+    labels = {s: f"{s} — {', '.join(idx.info(s)['cfg'].get('in_keys', []))}" for s in idx.sae_ids}
+    sid = pick_sae(ctx, idx.sae_ids, label="SAE (layer)", format_func=labels.get)
+    st.caption(f"{idx.n_latents(sid):,} features, {idx.info(sid)['mode']}")
     df = cache.feature_table(ctx.run, ctx.train, sid)
     view = filtered(ctx, sid, df)
     st.caption(f"{len(view):,} of {len(df):,} features match")

@@ -12,8 +12,6 @@ through depth; a path is cut where the link's correlation falls below `min_link`
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from activations.hooks import split_key
@@ -93,7 +91,3 @@ def chain_paths(next_idx: list[torch.Tensor], next_corr: list[torch.Tensor], siz
     length = (p >= 0).sum(1).float()
     order = torch.argsort(length * 10 + sc, descending=True, stable=True)[:max_paths]
     return p[order], sc[order]
-
-
-def entropy_max(n_layers: int) -> float:
-    return math.log(max(1, n_layers))
