@@ -138,3 +138,22 @@ def pareto_front(points: list[dict]) -> list[dict]:
             front.append(p)
             best = p["FVU"]
     return front
+
+
+def sweep_summaries(run) -> dict[str, list[dict]]:
+    """{sweep name: members} from RUN/sweeps/<sweep>/summary.json (written by `strata sweep`; schema in
+    sae/sweep_report.py): each member's name, params, status, l0, fvu, loss_recovered, dead_fraction, frontier."""
+    root = inside(run, layout.sweep_dir(run, ""))  # RUN/sweeps
+    out = {}
+    if not root.is_dir():
+        return out
+    for folder in sorted(root.iterdir()):
+        path = folder / "summary.json"
+        if not (folder.is_dir() and _within(run, path) and path.is_file()):
+            continue
+        try:
+            members = json.loads(path.read_text()).get("members", [])
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        out[folder.name] = [m for m in members if isinstance(m, dict)]
+    return out

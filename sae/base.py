@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from activations.errors import StrataError
@@ -18,9 +19,11 @@ from sae.config import SAEConfig
 
 
 def fvu(y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained about the batch mean: sum ||y - recon||^2 / sum ||y - mean(y)||^2."""
-    err = (y - recon).pow(2).sum()
-    var = (y - y.mean(0, keepdim=True)).pow(2).sum()
+    """Fraction of variance unexplained about the batch mean: sum ||y - recon||^2 / sum ||y - mean(y)||^2.
+    (mse_loss has a one-pass fused backward; the denominator is a constant of the batch.)"""
+    err = F.mse_loss(recon, y, reduction="sum")
+    with torch.no_grad():
+        var = F.mse_loss(y, y.mean(0, keepdim=True).expand_as(y), reduction="sum")
     return err / var.clamp_min(1e-12)
 
 

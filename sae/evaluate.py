@@ -10,6 +10,7 @@ with KL(p_clean || p) averaged over predicted tokens. Written to RUN/train/<name
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class EvalConfig:
     batch_size: int = _f(4096, "tokens per batch")
     ce_contexts: int = _f(16, "held-out contexts for CE/KL loss recovered (0 = skip the model forward)")
     device: str = _f("auto", "auto, cpu, cuda")
+    exclude_first: int = _f(-1, "leave out the first N tokens of every context (-1 = as the SAEs were trained)")
 
 
 def _resolve_name(cfg: EvalConfig) -> str:
@@ -54,7 +56,8 @@ def _resolve_name(cfg: EvalConfig) -> str:
 def reconstruction_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, device) -> dict:
     units = [Unit(sid, sae) for sid, sae in saes.items()]
     keys = sorted({k for u in units for k in u.needed_keys})
-    reader = ActivationReader(run, keys, cfg.batch_size, shards=heldout, shuffle=False)
+    reader = ActivationReader(run, keys, cfg.batch_size, shards=heldout, shuffle=False,
+                              exclude_first=cfg.exclude_first)
     recon = {u.sae_id: {} for u in units}
     lat = {u.sae_id: LatentStats(u.sae.cfg.n_latents) for u in units}
     seen = 0
@@ -113,6 +116,16 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, dev
     clean = model(ids).logits
     clean_logp = F.log_softmax(clean[:, :-1].float(), -1)
     ce_clean, _ = _ce_kl(clean, ids, clean_logp)
+    first = max(0, cfg.exclude_first)
+
+    def keep_first(a, new):
+        """Positions the SAEs were not trained on (exclude_first) keep their clean activation, in both the
+        SAE and the zero-ablation pass, so loss recovered compares like with like."""
+        if first:
+            new = new.clone()
+            new[:, :first] = a[:, :first]
+        return new
+
     out = {}
     for sid, sae in saes.items():
         c = sae.cfg
@@ -125,10 +138,12 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, dev
         for key in c.out_keys:
             def replace(a, key=key):
                 if cross is not None:
-                    return cross[key].reshape(a.shape).to(a.dtype)
-                src = stash["x"] if c.mode == "transcoder" else a
-                kw = {"key": key} if c.mode == "multilayer" else {}
-                return sae.reconstruct(src.reshape(-1, src.shape[-1]).float(), **kw).reshape(a.shape).to(a.dtype)
+                    new = cross[key].reshape(a.shape).to(a.dtype)
+                else:
+                    src = stash["x"] if c.mode == "transcoder" else a
+                    kw = {"key": key} if c.mode == "multilayer" else {}
+                    new = sae.reconstruct(src.reshape(-1, src.shape[-1]).float(), **kw).reshape(a.shape).to(a.dtype)
+                return keep_first(a, new)
 
             stash: dict = {}
             with contextlib.ExitStack() as stack:
@@ -136,7 +151,7 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, dev
                     stack.enter_context(splice(model, c.in_keys[0], lambda a: stash.__setitem__("x", a) or a))
                 stack.enter_context(splice(model, key, replace))
                 ce_sae, kl_sae = _ce_kl(model(ids).logits, ids, clean_logp)
-            with splice(model, key, torch.zeros_like):
+            with splice(model, key, lambda a: keep_first(a, torch.zeros_like(a))):
                 ce_zero, kl_zero = _ce_kl(model(ids).logits, ids, clean_logp)
             denom = ce_zero - ce_clean
             per_key[key] = {"ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero, "kl_sae": kl_sae,
@@ -155,7 +170,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     saes = load_saes(cfg.run_dir, name, device)
     cfg_path = layout.train_dir(cfg.run_dir, name) / "config.json"
-    frac = json.loads(cfg_path.read_text())["identity"].get("heldout_fraction", 0.1) if cfg_path.is_file() else 0.1
+    identity = json.loads(cfg_path.read_text())["identity"] if cfg_path.is_file() else {}
+    frac = identity.get("heldout_fraction", 0.1)
+    if cfg.exclude_first < 0:  # evaluate on the positions the SAEs were trained on
+        cfg = dataclasses.replace(cfg, exclude_first=int(identity.get("exclude_first", 0)))
     _, heldout = run.split(frac)
     if not heldout:
         raise StrataError(f"{cfg.run_dir} has no held-out shard (it needs at least two shards); harvest more tokens")

@@ -8,6 +8,12 @@
 - crosscoder:  one latent space reading the concatenation of every key of a token and writing all of them;
                loss = sum over layers of each layer's FVU.
 A Unit is derived from its SAE's cfg alone, so a resumed or loaded SAE gets the same unit as a fresh one.
+
+Choices where peers differ: normalisation is one scalar per key with E||x||^2 = d (dictionary_learning), not
+per-vector standardisation (OpenAI v5, MLSAE), so encode/decode stay affine in raw units and the scalar can be
+folded into exported weights; b_dec starts at the geometric median (OpenAI, dictionary_learning), which the few
+huge-norm tokens (BOS / attention sinks) cannot drag the way they drag the mean; the reconstruction loss is FVU
+for every architecture (sparsify), so one learning-rate rule works across layers, widths and modes.
 """
 from __future__ import annotations
 

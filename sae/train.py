@@ -19,6 +19,7 @@ from activations.model import resolve_device
 from activations.reader import ActivationReader, open_run
 from sae.checkpoint import load_sae, read_checkpoint, restore_optimizers, restore_rng, write_checkpoint
 from sae.config import ARCHS
+from sae.distributed import NullLogger, Parallel
 from sae.metrics import LatentStats, ReconStats
 from sae.modes import Unit, norm_scale, sae_configs, select_keys
 from sae.models import build_sae
@@ -64,6 +65,7 @@ def fresh_saes(cfg: TrainConfig, run, configs: dict, train_shards: list[int], de
     """Build each SAE: normalisation scalars and decoder bias from a sample of training tokens."""
     keys = sorted({k for c in configs.values() for k in c.in_keys + c.out_keys})
     rows = sample_rows(run, train_shards, cfg.norm_sample_tokens, cfg.seed)
+    rows = rows[rows % run.manifest.context_length >= cfg.exclude_first]  # as the reader will (exclude_first)
     sample = {k: torch.from_numpy(np.asarray(run.read_rows(k, rows), dtype=np.float32)).to(device) for k in keys}
     scales = {k: norm_scale(v, k) for k, v in sample.items()}
     saes = {}
@@ -83,11 +85,13 @@ def fresh_saes(cfg: TrainConfig, run, configs: dict, train_shards: list[int], de
 
 def train(cfg: TrainConfig) -> Path:
     check_config(cfg)
+    par = Parallel(cfg.parallel, cfg.device)  # torchrun: this process's share (sae/distributed.py)
     run = open_run(cfg.run_dir)
     name = cfg.resolved_name()
     tdir = layout.train_dir(cfg.run_dir, name)
     keys = select_keys(cfg, run.keys, run.manifest.n_layers)
     configs = sae_configs(cfg, keys, {k: run.d(k) for k in keys}, run.manifest.model, run.manifest.context_length)
+    par.check(cfg, len(configs))
     train_shards, _ = run.split(cfg.heldout_fraction)
     if not train_shards:
         raise StrataError(f"no training shards left after holding out {cfg.heldout_fraction:.0%}; lower --heldout-fraction")
@@ -106,7 +110,9 @@ def train(cfg: TrainConfig) -> Path:
     elif tdir.exists():
         if not cfg.overwrite:
             raise StrataError(f"{tdir} exists; pass --resume to continue it, --overwrite to replace it, or a new --name")
-        shutil.rmtree(tdir)
+        if par.writes:
+            shutil.rmtree(tdir)
+    par.barrier()  # every rank has checked the folder before rank 0 writes into it
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -120,11 +126,11 @@ def train(cfg: TrainConfig) -> Path:
     else:
         saes = fresh_saes(cfg, run, configs, train_shards, device)
         step, tokens = 0, 0
-        atomic_write_json(tdir / "config.json", {"identity": cfg.identity(), "config": vars(cfg).copy()})
 
+    saes = par.setup_saes(saes)
     reader = ActivationReader(run, sorted({k for s in saes.values() for k in s.cfg.in_keys + s.cfg.out_keys}),
                               cfg.batch_size, shards=train_shards, shuffle=True, seed=cfg.seed, epochs=cfg.epochs,
-                              drop_last=True, start_batch=step)
+                              drop_last=True, start_batch=step, exclude_first=cfg.exclude_first)
     total_steps = len(reader)
     if cfg.max_tokens:
         total_steps = min(total_steps, cfg.max_tokens // cfg.batch_size)
@@ -139,11 +145,14 @@ def train(cfg: TrainConfig) -> Path:
             u.sae.l1_warmup_steps = cfg.l1_warmup_steps or max(1, total_steps // 20)
         steppers[u.sae_id] = SAEStepper(u.sae, cfg.lr or default_lr(u.sae.cfg.n_latents), total_steps, warmup,
                                         cfg.decay_fraction, cfg.grad_clip, eps=cfg.adam_eps)
+    steppers = par.wrap_steppers(steppers)
     if ckpt is not None:
         restore_optimizers(ckpt[1], ckpt[0], {sid: st.opt for sid, st in steppers.items()})
         restore_rng(ckpt[0])
 
-    logger = MetricsLogger(layout.metrics_path(cfg.run_dir, name), step if cfg.resume else None, cfg.wandb_project,
+    if ckpt is None and par.writes:
+        atomic_write_json(tdir / "config.json", {"identity": cfg.identity(), "config": vars(cfg).copy()})
+    logger = NullLogger() if not par.writes else MetricsLogger(layout.metrics_path(cfg.run_dir, name), step if cfg.resume else None, cfg.wandb_project,
                            cfg.wandb_mode, name, cfg.identity())
     last_good = step if ckpt is not None else None
 
@@ -154,7 +163,7 @@ def train(cfg: TrainConfig) -> Path:
                 raise StrataError(f"the weights of SAE {sid} became NaN/inf at step {step}; stopped, {kept}; lower --lr")
         for sae in saes.values():
             sae.cfg.tokens_seen = tokens * (len(sae.cfg.in_keys) if sae.cfg.mode == "multilayer" else 1)
-        write_checkpoint(cfg.run_dir, name, saes, {sid: st.opt for sid, st in steppers.items()},
+        par.write_checkpoint(write_checkpoint, cfg.run_dir, name, saes, {sid: st.opt for sid, st in steppers.items()},
                          {"step": step, "tokens": tokens, "total_steps": total_steps, "batches_read": step,
                           "done": done, "name": name})
 
@@ -162,7 +171,7 @@ def train(cfg: TrainConfig) -> Path:
     sums = {u.sae_id: {} for u in units}
     t0, t_tokens = time.perf_counter(), tokens
     bar = None
-    if cfg.progress:
+    if cfg.progress and par.writes:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, desc=f"train {name}", unit="step")
     try:
@@ -173,7 +182,7 @@ def train(cfg: TrainConfig) -> Path:
         for batch in reader:
             if step >= total_steps:
                 break
-            acts = {k: v.to(device, non_blocking=True) for k, v in batch.acts.items()}
+            acts = {k: v.to(device, non_blocking=True) for k, v in par.local_batch(batch.acts).items()}
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
             record = {}
             for u in units:
@@ -196,7 +205,7 @@ def train(cfg: TrainConfig) -> Path:
                 dt = time.perf_counter() - t0
                 logger.log({"step": step, "tokens": tokens,
                             "lr": steppers[units[0].sae_id].opt.param_groups[0]["lr"],
-                            "tokens_per_s": (tokens - t_tokens) / max(dt, 1e-9), "saes": record})
+                            "tokens_per_s": (tokens - t_tokens) / max(dt, 1e-9), "saes": par.gather_record(record)})
                 t0, t_tokens = time.perf_counter(), tokens
                 windows = {u.sae_id: LatentStats(u.sae.cfg.n_latents) for u in units}
                 sums = {u.sae_id: {} for u in units}
@@ -204,6 +213,11 @@ def train(cfg: TrainConfig) -> Path:
                 checkpoint(False)
                 last_good = step
         checkpoint(True)
+    except StrataError:
+        if par.writes and ckpt is None and last_good is None and read_checkpoint(cfg.run_dir, name) is None:
+            logger.close()
+            shutil.rmtree(tdir, ignore_errors=True)  # failed before any checkpoint: leave nothing behind
+        raise
     finally:
         if bar is not None:
             bar.close()

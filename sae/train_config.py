@@ -41,6 +41,8 @@ class TrainConfig:
     epochs: int = _f(1, "passes over the training shards")
     max_tokens: int = _f(0, "stop after this many training tokens (0 = all training shards x epochs)")
     heldout_fraction: float = _f(0.1, "fraction of shards (the last ones) held out for `strata eval`")
+    exclude_first: int = _f(1, "leave out the first N tokens of every context: attention-sink tokens whose norms "
+                               "are ~100x the rest (SmolLM2: 23k vs 136 at layer 12) would dominate the loss and FVU")
     norm_sample_tokens: int = _f(8192, "tokens sampled to estimate normalisation and the decoder-bias init")
     b_dec_init: str = _f("median", "decoder bias init: median (geometric), mean, or zero")
     bf16: bool = _f(False, "run the dense encoder matmul in bfloat16 (fast only on CPUs/GPUs with bf16 units)")
@@ -48,6 +50,8 @@ class TrainConfig:
     log_every: int = _f(20, "steps between metric records")
     checkpoint_every: int = _f(500, "steps between checkpoints (one is always written at the end)")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda")
+    parallel: str = _f("auto", "under torchrun: data (each process a slice of every batch; the default) or layers "
+                                "(each process every N-th SAE of the bank); the result equals one process's")
     wandb_project: str = _f("", "also log to this Weights & Biases project")
     wandb_mode: str = _f("online", "online, offline (no network or account needed), disabled")
     resume: bool = _f(False, "continue RUN/train/<name> from its checkpoint (the config must be unchanged)")
@@ -60,5 +64,5 @@ class TrainConfig:
     def identity(self) -> dict:
         """Fields that define the result: a resume must match them exactly."""
         skip = {"run_dir", "resume", "overwrite", "progress", "wandb_project", "wandb_mode", "log_every", "device",
-                "checkpoint_every"}
+                "checkpoint_every", "parallel"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}

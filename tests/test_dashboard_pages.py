@@ -52,6 +52,29 @@ def test_overview_shows_manifest_curves_table_density_frontier(synth, monkeypatc
     assert "fvu" in titles and "feature density" in titles and "L0-FVU frontier" in titles
 
 
+def test_overview_shows_a_sweep_summary(synth, monkeypatch):
+    import json
+
+    folder = synth / "sweeps" / "k-sweep"
+    folder.mkdir(parents=True)
+    members = [{"name": f"k-sweep-{i}", "params": {"k": k}, "status": "finished", "l0": float(k), "fvu": fvu,
+                "loss_recovered": None, "dead_fraction": 0.0, "frontier": front}
+               for i, (k, fvu, front) in enumerate([(8, 0.4, True), (16, 0.3, True), (32, 0.35, False)])]
+    (folder / "summary.json").write_text(json.dumps({"sweep": "k-sweep", "run": str(synth), "members": members}))
+    try:
+        at = app(synth, monkeypatch)
+        assert any(h.value == "Sweep k-sweep: L0–FVU frontier" for h in at.subheader)
+        table = next(d.value for d in at.dataframe if "member" in d.value.columns)
+        assert list(table["k"]) == ["8", "16", "32"] and list(table["frontier"]) == [True, True, False]
+        spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "L0-FVU" in c.proto.spec)
+        frontier = next(t for t in spec["data"] if t.get("name") == "frontier")
+        assert list(frontier["x"]) == [8.0, 16.0]  # the k=32 member is dominated
+    finally:
+        import shutil
+
+        shutil.rmtree(synth / "sweeps")
+
+
 def test_feature_page_renders_every_index_item(synth, monkeypatch):
     from sae.analysis.index_file import FeatureIndex
 

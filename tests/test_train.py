@@ -202,7 +202,7 @@ def test_bad_input_gives_one_line_and_leaves_no_partial_checkpoint(run, capsys, 
         for sid in state["sae_ids"]:
             assert torch.isfinite(load_sae(ckpt / "saes" / sid).W_dec).all()
     elif case != "nan loss":
-        assert not ckpt.exists()
+        assert not layout.train_dir(run, "bad").exists()  # nothing at all: a plain rerun works
 
 
 def test_saelens_export_and_import_round_trip(run, tmp_path):
@@ -258,3 +258,13 @@ def test_import_refuses_a_mismatched_width(run, tmp_path, capsys):
     assert strata("import", run, tmp_path / "x" / "resid.1", "--name", "imp") == 2
     assert "width 32" in capsys.readouterr().err
     assert not layout.train_dir(run, "imp").exists()
+
+
+def test_yaml_config_with_cli_overrides_and_bf16(run, tmp_path):
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("arch: batchtopk\nk: 4\nexpansion: 2\nbf16: true\nlayers: '2'\nbatch_size: 256\n")
+    assert strata("train", run, "--config", cfg_file, "--k", "6", "--name", "y", "--progress", "false", "--device", "cpu") == 0
+    saved = json.loads((layout.train_dir(run, "y") / "config.json").read_text())["identity"]
+    assert saved["arch"] == "batchtopk" and saved["k"] == 6 and saved["bf16"] is True and saved["expansion"] == 2
+    sae = load_saes(run, "y")["resid.2"]
+    assert sae.cfg.k == 6 and sae.cfg.n_latents == 64 and float(sae.threshold) > 0

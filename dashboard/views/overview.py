@@ -74,7 +74,19 @@ def render(ctx: Ctx) -> None:
         for note in idx.meta.get("notes", []):
             st.caption(note)
 
+    sweeps = data.sweep_summaries(ctx.run)
+    for name, members in sweeps.items():
+        st.subheader(f"Sweep {name}: L0–FVU frontier")
+        points = [{"train": m.get("name", "?"), "sae": "mean over SAEs", "L0": m["l0"], "FVU": m["fvu"]}
+                  for m in members if isinstance(m.get("l0"), (int, float)) and isinstance(m.get("fvu"), (int, float))]
+        if points:
+            st.plotly_chart(charts.frontier(points, data.pareto_front(points)), key=f"frontier-{name}")
+        st.dataframe(pd.DataFrame([{"member": m.get("name"), "status": m.get("status"),
+                                    **{k: str(v) for k, v in (m.get("params") or {}).items()},
+                                    "L0": m.get("l0"), "FVU": m.get("fvu"), "loss recovered": m.get("loss_recovered"),
+                                    "dead fraction": m.get("dead_fraction"), "frontier": m.get("frontier")}
+                                   for m in members]), hide_index=True, key=f"sweep-table-{name}")
     points = data.sweep_points(ctx.run)
-    if len(points) >= 2:
-        st.subheader("Sweep: L0–FVU frontier")
+    if not sweeps and len(points) >= 2:  # no sweep summary: every evaluated SAE of every training run
+        st.subheader("Evaluated SAEs: L0–FVU frontier")
         st.plotly_chart(charts.frontier(points, data.pareto_front(points)), key="frontier")

@@ -1,0 +1,225 @@
+"""`strata train` under `torchrun --nproc-per-node N` (torch.distributed: gloo on CPU, nccl on CUDA).
+
+--parallel data (the default when WORLD_SIZE > 1): every process builds the same global batch stream (the reader
+    is deterministic in its seed) and steps on rows rank::N of each batch. The result equals a single process with
+    the same --batch-size: each process's loss is N * (its slice's squared error) / (the *global* batch variance),
+    so the averaged gradient is the single-process gradient; gradients are all-reduced before clipping; latent
+    firing counts (dead latents, AuxK) are all-reduced; the init is computed on rank 0 and broadcast. TopK and
+    ReLU only: BatchTopK/Matryoshka select over the whole batch and JumpReLU's L0 penalty is non-linear in it.
+--parallel layers: each process owns every N-th SAE of a per-layer bank (round-robin over the ids in training
+    order), reads only its keys and steps only its SAEs; each SAE's trajectory is the single-process one.
+Rank 0 alone writes config.json and metrics.jsonl; the checkpoint has the single-process layout (layers: every
+rank writes its SAE folders and optimizer part into checkpoint.partial, rank 0 merges and swaps it in).
+A failure raised on one rank makes torchrun stop the others (no rank waits forever).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import timedelta
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from activations import layout
+from activations.atomic import atomic_write_json, replace_dir
+from activations.errors import StrataError
+from sae.optim import NonFiniteLoss, lr_factor
+
+DATA_ARCHS = ("topk", "relu")
+
+
+class Parallel:
+    """This process's place in a torchrun job; size 1 (no torchrun) makes every method a no-op."""
+
+    def __init__(self, mode: str, device: str = "auto"):
+        self.size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.mode = "single" if self.size == 1 else ("data" if mode in ("auto", "data") else mode)
+        self.all_ids: list[str] = []
+        if self.size > 1:
+            import torch.distributed as dist
+
+            cuda = torch.cuda.is_available() and device != "cpu"
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+            self.dist = dist
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.dist.barrier()
+
+    def check(self, cfg, n_saes: int) -> None:
+        if cfg.parallel not in ("auto", "data", "layers"):
+            raise StrataError(f"--parallel {cfg.parallel!r}: use auto, data or layers")
+        if self.mode == "data":
+            if cfg.arch not in DATA_ARCHS:
+                raise StrataError(f"--parallel data supports {', '.join(DATA_ARCHS)} (--arch {cfg.arch} selects over the "
+                                  f"whole batch); use --parallel layers or a single process")
+            if cfg.batch_size % self.size:
+                raise StrataError(f"--batch-size {cfg.batch_size} is not divisible by the {self.size} processes; "
+                                  f"pick a multiple of {self.size}")
+        if self.mode == "layers" and n_saes < self.size:
+            raise StrataError(f"--parallel layers needs at least one SAE per process ({n_saes} SAEs, {self.size} processes); "
+                              f"train more layers, use fewer processes or --parallel data")
+
+    # ------------------------------------------------------------------ setup
+    def setup_saes(self, saes: dict) -> dict:
+        """data: rank 0's SAEs everywhere (init done once); layers: keep this rank's share of the bank."""
+        self.all_ids = list(saes)
+        if self.mode == "data":
+            _use_global_fvu(self)
+            for sae in saes.values():
+                for t in sae.state_dict().values():
+                    self.dist.broadcast(t, 0)
+        if self.mode == "layers":
+            return {sid: s for i, (sid, s) in enumerate(saes.items()) if i % self.size == self.rank}
+        return saes
+
+    def wrap_steppers(self, steppers: dict) -> dict:
+        if self.mode != "data":
+            return steppers
+        return {sid: DataParallelStepper(st, self) for sid, st in steppers.items()}
+
+    def local_batch(self, acts: dict) -> dict:
+        if self.mode != "data":
+            return acts
+        return {k: v[self.rank::self.size] for k, v in acts.items()}
+
+    def gather_record(self, record: dict) -> dict:
+        """layers: every rank's per-SAE metrics on rank 0 (in training order)."""
+        if self.mode != "layers":
+            return record
+        parts = [None] * self.size
+        self.dist.all_gather_object(parts, record)
+        merged = {k: v for p in parts for k, v in p.items()}
+        return {sid: merged[sid] for sid in self.all_ids if sid in merged}
+
+    # ------------------------------------------------------------------ checkpoints
+    def write_checkpoint(self, write_checkpoint, run, name: str, saes: dict, optimizers: dict, state: dict) -> None:
+        if self.mode == "single":
+            return write_checkpoint(run, name, saes, optimizers, state)
+        if self.mode == "data":
+            if self.writes:
+                write_checkpoint(run, name, saes, optimizers, state)
+            self.barrier()
+            return
+        self._write_layers(write_checkpoint, run, name, saes, optimizers, state)
+
+    def _write_layers(self, write_checkpoint, run, name, saes, optimizers, state) -> None:
+        """Every rank writes its SAE folders and optimizer part into checkpoint.partial; rank 0 merges the parts
+        into the single-process files and swaps the folder in (replace_dir), so the old or the new one exists."""
+        from sae.checkpoint import _rng_to_json, save_sae
+
+        final = layout.checkpoint_dir(run, name)
+        tmp = final.with_name(final.name + ".partial")
+        if self.writes:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "saes").mkdir(parents=True)
+        self.barrier()
+        opt_tensors, groups = {}, {}
+        for sid, sae in saes.items():
+            save_sae(sae, tmp / "saes" / sid)
+            sd = optimizers[sid].state_dict()
+            for idx, st in sd["state"].items():
+                for key, val in st.items():
+                    opt_tensors[f"{sid}/{idx}/{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
+            groups[sid] = sd["param_groups"]
+        save_file(opt_tensors, str(tmp / f"optimizer.rank-{self.rank:05d}.safetensors"))
+        atomic_write_json(tmp / f"param_groups.rank-{self.rank:05d}.json", groups)
+        self.barrier()
+        if self.writes:
+            opt, groups = {}, {}
+            for r in range(self.size):
+                part, pg = tmp / f"optimizer.rank-{r:05d}.safetensors", tmp / f"param_groups.rank-{r:05d}.json"
+                opt.update(load_file(str(part)))
+                groups.update(json.loads(pg.read_text()))
+                part.unlink()
+                pg.unlink()
+            save_file(opt, str(tmp / "optimizer.safetensors"))
+            atomic_write_json(tmp / "state.json", dict(state, sae_ids=list(self.all_ids),
+                                                       optimizer_param_groups={s: groups[s] for s in self.all_ids},
+                                                       rng=_rng_to_json(torch.get_rng_state())))
+            replace_dir(tmp, final)
+        self.barrier()
+
+
+# ---------------------------------------------------------------- data parallel
+def _all_reduce(t: torch.Tensor, par: Parallel) -> torch.Tensor:
+    """In place on t (a contiguous copy when t is a strided view, as W_enc's gradient is)."""
+    c = t if t.is_contiguous() else t.contiguous()
+    par.dist.all_reduce(c)
+    if c is not t:
+        t.copy_(c)
+    return t
+
+
+def _use_global_fvu(par: Parallel) -> None:
+    """FVU of the global batch, split over processes: each returns N * its squared error / the global variance,
+    so the mean over processes (value and gradient) is the single-process FVU. The trainer's losses and AuxK
+    call `fvu` by module name, so the data-parallel process swaps that name (it trains nothing else)."""
+    import sae.modes
+    import sae.topk
+
+    def global_fvu(y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        err = F.mse_loss(recon, y, reduction="sum")
+        with torch.no_grad():
+            s = torch.cat([y.double().sum(0), torch.tensor([float(y.shape[0])], dtype=torch.float64, device=y.device)])
+            _all_reduce(s, par)
+            mean = (s[:-1] / s[-1]).to(y.dtype)
+            var = _all_reduce(F.mse_loss(y, mean.expand_as(y), reduction="sum").double(), par).to(y.dtype)
+        return par.size * err / var.clamp_min(1e-12)
+
+    sae.modes.fvu = global_fvu
+    sae.topk.fvu = global_fvu
+
+
+class DataParallelStepper:
+    """SAEStepper's step with the gradient averaged over processes before clipping, and firing counts summed."""
+
+    def __init__(self, stepper, par: Parallel):
+        self.inner, self.par = stepper, par
+        self.opt, self.sae = stepper.opt, stepper.sae
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int, loss_fn):
+        st, sae, par = self.inner, self.sae, self.par
+        out = sae(x, y, loss_fn, step)
+        loss = _all_reduce(out.loss.detach().clone(), par) / par.size
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLoss(f"loss became {float(loss)} at step {step}")
+        st.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        for p in st.opt.param_groups[0]["params"]:
+            if p.grad is not None:  # None on every rank alike (it depends on the architecture, not the data)
+                _all_reduce(p.grad, par).div_(par.size)
+        sae.remove_parallel_grad()
+        if st.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(st.opt.param_groups[0]["params"], st.grad_clip, foreach=True)
+        lr = st.base_lr * lr_factor(step, st.total_steps, st.warmup_steps, st.decay_fraction)
+        for group in st.opt.param_groups:
+            group["lr"] = lr
+        st.opt.step()
+        sae.normalize_decoder()
+        fired = _all_reduce(out.fired.clone(), par)
+        sae.track_firing(fired, x.shape[0] * par.size)
+        out.loss = loss
+        out.parts = {k: _all_reduce(v.clone(), par) / par.size for k, v in out.parts.items()}
+        return out
+
+
+class NullLogger:
+    """Ranks other than 0 log nothing (rank 0 writes metrics.jsonl)."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

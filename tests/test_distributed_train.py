@@ -1,0 +1,85 @@
+"""Scale-out: `strata train` under `torchrun --nproc-per-node 2` (gloo) gives the single-process SAEs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sae.train
+from activations import layout
+from sae.checkpoint import load_saes
+from sae.train import train
+from sae.train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTS = dict(arch="topk", expansion=2, k=8, batch_size=128, max_tokens=128 * 24, log_every=8, checkpoint_every=10,
+            seed=3, device="cpu")  # gloo on CPU even where a GPU is present
+
+
+def torchrun_train(run, port: int, **opts) -> None:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), "-m", "strata.cli", "train", str(run), "--progress", "false", *flags],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def assert_same_saes(run, dist_name: str, single_name: str) -> None:
+    dist, single = load_saes(run, dist_name), load_saes(run, single_name)
+    assert list(dist) == list(single), "same SAE ids, in training order"
+    for sid, s in single.items():
+        d = dist[sid]
+        assert d.cfg.tokens_seen == s.cfg.tokens_seen
+        for key, ref in s.state_dict().items():
+            got = d.state_dict()[key]
+            scale = float(ref.abs().max()) if ref.is_floating_point() and ref.numel() else 1.0
+            assert torch.allclose(got.double(), ref.double(), rtol=0, atol=1e-5 * max(scale, 1.0)), f"{sid}/{key}"
+    ckpt = layout.checkpoint_dir(run, dist_name)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer.safetensors", "saes", "state.json"]
+    assert json.loads((ckpt / "state.json").read_text())["done"]
+
+
+def interrupted_train(monkeypatch, **opts) -> None:
+    """A single-process run stopped right after its first checkpoint (step 10), as if killed there."""
+    real = sae.train.write_checkpoint
+
+    def write_then_stop(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sae.train, "write_checkpoint", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**opts))
+    monkeypatch.undo()
+    assert json.loads((layout.checkpoint_dir(opts["run_dir"], opts["name"]) / "state.json").read_text())["step"] == 10
+
+
+def test_data_parallel_matches_single_process(tiny_run, monkeypatch):
+    opts = dict(OPTS, layers="1,2", expansion=8, k_aux=4, dead_tokens=128)  # AuxK on: dead counts all-reduced
+    torchrun_train(tiny_run, 29531, name="dp", parallel="data", **opts)
+    train(TrainConfig(run_dir=str(tiny_run), name="single-dp", progress=False, **opts))
+    assert_same_saes(tiny_run, "dp", "single-dp")
+    interrupted_train(monkeypatch, run_dir=str(tiny_run), name="dp-resumed", progress=False, **opts)
+    torchrun_train(tiny_run, 29533, name="dp-resumed", parallel="data", resume=True, **opts)
+    assert_same_saes(tiny_run, "dp-resumed", "single-dp")
+    lines = layout.metrics_path(tiny_run, "dp").read_text().splitlines()
+    assert json.loads(lines[-1])["saes"]["resid.1"]["auxk"] > 0, "AuxK ran on the dead latents"
+    assert [json.loads(x)["tokens"] for x in lines] == [128 * s for s in (8, 16, 24)], "rank 0 logs each record once"
+
+
+def test_layer_parallel_matches_single_process_bank(tiny_run, monkeypatch):
+    opts = dict(OPTS, layers="0-3")
+    torchrun_train(tiny_run, 29532, name="lp", parallel="layers", **opts)
+    train(TrainConfig(run_dir=str(tiny_run), name="single-lp", progress=False, **opts))
+    assert_same_saes(tiny_run, "lp", "single-lp")
+    interrupted_train(monkeypatch, run_dir=str(tiny_run), name="lp-resumed", progress=False, **opts)
+    torchrun_train(tiny_run, 29534, name="lp-resumed", parallel="layers", resume=True, **opts)
+    assert_same_saes(tiny_run, "lp-resumed", "single-lp")
+    record = json.loads(layout.metrics_path(tiny_run, "lp").read_text().splitlines()[-1])
+    assert list(record["saes"]) == ["resid.0", "resid.1", "resid.2", "resid.3"], "metrics of every rank's SAEs"
