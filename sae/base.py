@@ -18,13 +18,23 @@ from activations.errors import StrataError
 from sae.config import SAEConfig
 
 
+# Set by sae/distributed.py in a data-parallel process, whose batch is a slice of the global one:
+# y -> (sum of squared deviations of the *global* batch about its mean, number of processes).
+global_batch_variance = None
+
+
 def fvu(y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained about the batch mean: sum ||y - recon||^2 / sum ||y - mean(y)||^2.
-    (mse_loss has a one-pass fused backward; the denominator is a constant of the batch.)"""
+    (mse_loss has a one-pass fused backward; the denominator is a constant of the batch.) In a data-parallel
+    process the error is scaled by the process count and divided by the global variance, so the mean over
+    processes (value and gradient) is the single-process FVU."""
     err = F.mse_loss(recon, y, reduction="sum")
     with torch.no_grad():
-        var = F.mse_loss(y, y.mean(0, keepdim=True).expand_as(y), reduction="sum")
-    return err / var.clamp_min(1e-12)
+        if global_batch_variance is None:
+            var, n = F.mse_loss(y, y.mean(0, keepdim=True).expand_as(y), reduction="sum"), 1
+        else:
+            var, n = global_batch_variance(y)
+    return n * err / var.clamp_min(1e-12)
 
 
 @dataclass

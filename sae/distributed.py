@@ -163,23 +163,17 @@ def _all_reduce(t: torch.Tensor, par: Parallel) -> torch.Tensor:
 
 
 def _use_global_fvu(par: Parallel) -> None:
-    """FVU of the global batch, split over processes: each returns N * its squared error / the global variance,
-    so the mean over processes (value and gradient) is the single-process FVU. The trainer's losses and AuxK
-    call `fvu` by module name, so the data-parallel process swaps that name (it trains nothing else)."""
-    import sae.modes
-    import sae.topk
+    """Make every FVU (reconstruction losses, AuxK) use the variance of the global batch (see sae.base.fvu)."""
+    import sae.base
 
-    def global_fvu(y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        err = F.mse_loss(recon, y, reduction="sum")
-        with torch.no_grad():
-            s = torch.cat([y.double().sum(0), torch.tensor([float(y.shape[0])], dtype=torch.float64, device=y.device)])
-            _all_reduce(s, par)
-            mean = (s[:-1] / s[-1]).to(y.dtype)
-            var = _all_reduce(F.mse_loss(y, mean.expand_as(y), reduction="sum").double(), par).to(y.dtype)
-        return par.size * err / var.clamp_min(1e-12)
+    def global_variance(y: torch.Tensor):
+        s = torch.cat([y.double().sum(0), torch.tensor([float(y.shape[0])], dtype=torch.float64, device=y.device)])
+        _all_reduce(s, par)
+        mean = (s[:-1] / s[-1]).to(y.dtype)
+        var = _all_reduce(F.mse_loss(y, mean.expand_as(y), reduction="sum").double(), par).to(y.dtype)
+        return var, par.size
 
-    sae.modes.fvu = global_fvu
-    sae.topk.fvu = global_fvu
+    sae.base.global_batch_variance = global_variance
 
 
 class DataParallelStepper:

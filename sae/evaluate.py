@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from activations import layout
+from activations.config import option as _f
 from activations.atomic import atomic_write_json
 from activations.errors import StrataError
 from activations.reader import ActivationReader, open_run
@@ -27,8 +29,6 @@ from sae.metrics import LatentStats, ReconStats
 from sae.modes import Unit
 
 
-def _f(default, help_: str, **kw):
-    return field(default=default, metadata={"help": help_, **kw})
 
 
 @dataclass

@@ -3,11 +3,12 @@ key of the run, so `strata train RUN --arch topk` works with no other flag."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from activations.config import option as _f
 
 
-def _f(default, help_: str, **kw):
-    return field(default=default, metadata={"help": help_, **kw})
+
 
 
 @dataclass

@@ -6,13 +6,10 @@ finished stage is skipped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from activations import layout
-
-
-def _f(default, help_: str):
-    return field(default=default, metadata={"help": help_})
+from activations.config import option as _f
 
 
 @dataclass

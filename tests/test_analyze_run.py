@@ -25,6 +25,9 @@ def heldout_codes(run_dir, sae, key):
     rows = np.concatenate([np.arange(shards[i].token_start, shards[i].token_start + shards[i].rows) for i in held])
     with torch.no_grad():
         codes = sae.encode(torch.from_numpy(run.read_rows(key, rows)), key=key).numpy()
+    # the SAEs were trained without the first position of each context (TrainConfig.exclude_first = 1):
+    # the index never counts a firing there
+    codes[rows % run.manifest.context_length < 1] = 0
     return run, rows, codes
 
 

@@ -6,6 +6,7 @@ every feature (explain.py), write the index atomically (index_file.py).
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -126,6 +127,12 @@ def _log(cfg, msg):
         print(f"[analyze] {msg}", file=sys.stderr, flush=True)
 
 
+def trained_exclude_first(run_dir, name: str) -> int:
+    """Context positions the SAEs of train/<name> never saw (TrainConfig.exclude_first): they are not indexed."""
+    path = layout.train_dir(run_dir, name) / "config.json"
+    return int(json.loads(path.read_text())["identity"].get("exclude_first", 0)) if path.is_file() else 0
+
+
 def analyze(cfg: AnalyzeConfig) -> list:
     """Index every requested training run of cfg.run_dir; returns the index paths written."""
     from activations.model import resolve_device
@@ -154,7 +161,8 @@ def analyze(cfg: AnalyzeConfig) -> list:
         residual_pairs = list(zip(resid, resid[1:]))
         settings = IndexerSettings(top_k=cfg.top_k, window=cfg.window, intervals=cfg.intervals,
                                    per_interval=cfg.per_interval, sample_size=2 * cfg.intervals * cfg.per_interval,
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, context=int(run.manifest.context_length),
+                                   exclude_first=trained_exclude_first(cfg.run_dir, name))
         total = min(sum(b - a for a, b in spans), cfg.max_tokens or math.inf)
         done = [0]
 

@@ -39,6 +39,8 @@ class IndexerSettings:
     hist_bins: int = 50
     negatives: int = 128  # random contexts kept for scoring explanations
     seed: int = 0
+    context: int = 0  # tokens per model context (0 = unknown)
+    exclude_first: int = 0  # first positions of each context the SAEs were not trained on: never counted as firing
 
 
 class SaeIndexer:
@@ -67,7 +69,11 @@ class SaeIndexer:
         keys = self.slots[slot]
         x = torch.cat([block.acts[k] for k in keys], dim=1)
         # one key: pass it, so a multi-layer SAE applies that layer's normalisation
-        return (self.sae.encode(x, key=keys[0]) if len(keys) == 1 else self.sae.encode(x)).float()
+        codes = (self.sae.encode(x, key=keys[0]) if len(keys) == 1 else self.sae.encode(x)).float()
+        if self.s.exclude_first and self.s.context:
+            rows = block.start + torch.arange(len(codes), device=codes.device)
+            codes[rows - block.context_ids * self.s.context < self.s.exclude_first] = 0
+        return codes
 
     def _window(self, block: Block, codes: torch.Tensor, rows: torch.Tensor, feats: torch.Tensor | None):
         """Activations (of `feats`, or all codes) and token ids in the window around block rows `rows`."""
