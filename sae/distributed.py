@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from activations import layout
 from activations.atomic import atomic_write_json, replace_dir
 from activations.errors import StrataError
-from sae.optim import NonFiniteLoss, lr_factor
 
 DATA_ARCHS = ("topk", "relu")
 
@@ -85,9 +84,18 @@ class Parallel:
         return saes
 
     def wrap_steppers(self, steppers: dict) -> dict:
-        if self.mode != "data":
-            return steppers
-        return {sid: DataParallelStepper(st, self) for sid, st in steppers.items()}
+        """data: gradients averaged over processes before clipping, firing counts summed (SAEStepper.sync)."""
+        if self.mode == "data":
+            for st in steppers.values():
+                st.sync = self
+        return steppers
+
+    # in-place all-reduces for SAEStepper.sync
+    def mean_(self, t: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(t, self).div_(self.size)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(t, self)
 
     def local_batch(self, acts: dict) -> dict:
         if self.mode != "data":
@@ -174,39 +182,6 @@ def _use_global_fvu(par: Parallel) -> None:
         return var, par.size
 
     sae.base.global_batch_variance = global_variance
-
-
-class DataParallelStepper:
-    """SAEStepper's step with the gradient averaged over processes before clipping, and firing counts summed."""
-
-    def __init__(self, stepper, par: Parallel):
-        self.inner, self.par = stepper, par
-        self.opt, self.sae = stepper.opt, stepper.sae
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, step: int, loss_fn):
-        st, sae, par = self.inner, self.sae, self.par
-        out = sae(x, y, loss_fn, step)
-        loss = _all_reduce(out.loss.detach().clone(), par) / par.size
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteLoss(f"loss became {float(loss)} at step {step}")
-        st.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        for p in st.opt.param_groups[0]["params"]:
-            if p.grad is not None:  # None on every rank alike (it depends on the architecture, not the data)
-                _all_reduce(p.grad, par).div_(par.size)
-        sae.remove_parallel_grad()
-        if st.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(st.opt.param_groups[0]["params"], st.grad_clip, foreach=True)
-        lr = st.base_lr * lr_factor(step, st.total_steps, st.warmup_steps, st.decay_fraction)
-        for group in st.opt.param_groups:
-            group["lr"] = lr
-        st.opt.step()
-        sae.normalize_decoder()
-        fired = _all_reduce(out.fired.clone(), par)
-        sae.track_firing(fired, x.shape[0] * par.size)
-        out.loss = loss
-        out.parts = {k: _all_reduce(v.clone(), par) / par.size for k, v in out.parts.items()}
-        return out
 
 
 class NullLogger:

@@ -44,13 +44,22 @@ class SAEStepper:
         except (RuntimeError, TypeError):
             self.opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
 
+    # Data-parallel training (sae/distributed.py) sets this to an object with mean_(t) and sum_(t), in-place
+    # all-reduces over processes, and `size`; the step is otherwise the single-process one.
+    sync = None
+
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int, loss_fn=fvu) -> Output:
-        sae = self.sae
+        sae, sync = self.sae, self.sync
         out = sae(x, y, loss_fn, step)
-        if not bool(torch.isfinite(out.loss)):
-            raise NonFiniteLoss(f"loss became {float(out.loss)} at step {step}")
+        loss = out.loss.detach() if sync is None else sync.mean_(out.loss.detach().clone())
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLoss(f"loss became {float(loss)} at step {step}")
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        if sync is not None:
+            for p in self.opt.param_groups[0]["params"]:
+                if p.grad is not None:  # None on every process alike (it depends on the architecture, not the data)
+                    sync.mean_(p.grad)
         sae.remove_parallel_grad()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], self.grad_clip, foreach=True)
@@ -59,5 +68,10 @@ class SAEStepper:
             group["lr"] = lr
         self.opt.step()
         sae.normalize_decoder()
-        sae.track_firing(out.fired, x.shape[0])
+        if sync is None:
+            sae.track_firing(out.fired, x.shape[0])
+        else:  # every process counts firings over the global batch, and logs the global loss
+            sae.track_firing(sync.sum_(out.fired.clone()), x.shape[0] * sync.size)
+            out.loss = loss
+            out.parts = {k: sync.mean_(v.clone()) for k, v in out.parts.items()}
         return out
