@@ -104,6 +104,18 @@ class RunStore:
         except (OSError, KeyError) as e:
             raise StrataError(f"shard {i} of {key} in {self.path} is corrupt ({e}); run `strata verify {self.path}`") from None
 
+    def read_into(self, key: str, i: int, start: int, stop: int, out: np.ndarray) -> None:
+        """Stored rows [start, stop) of shard i written straight into `out` (no intermediate copy)."""
+        try:
+            self._file(key, i)[ACTS].read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
+        except (OSError, KeyError) as e:
+            raise StrataError(f"shard {i} of {key} in {self.path} is corrupt ({e}); run `strata verify {self.path}`") from None
+
+    def storage_tensor(self, a: np.ndarray) -> torch.Tensor:
+        """A torch view of stored rows: float16, or bfloat16 (stored as uint16)."""
+        t = torch.from_numpy(a)
+        return t.view(torch.bfloat16) if self.manifest.dtype == "bfloat16" else t
+
     def to_float(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
         if self.manifest.dtype == "bfloat16":
@@ -223,7 +235,7 @@ class ActivationReader:
             if skip_rows >= n:
                 skip_rows -= n
                 continue
-            data = {k: np.concatenate([self.store.read_block(k, s, a, b) for s, a, b in blocks]) for k in self.keys}
+            data = {k: self._read_window(k, blocks, len(tok)) for k in self.keys}
             pos = skip_rows
             skip_rows = 0
             while pos < n:
@@ -237,12 +249,21 @@ class ActivationReader:
         if carry and not self.drop_last:
             yield carry
 
+    def _read_window(self, key: str, blocks, rows: int) -> torch.Tensor:
+        """The window's rows of `key`, read block by block into one buffer, as a storage-dtype tensor."""
+        buf = np.empty((rows, self.store.d(key)), dtype=np.uint16 if self.store.manifest.dtype == "bfloat16" else np.float16)
+        at = 0
+        for s, a, b in blocks:
+            self.store.read_into(key, s, a, b, buf[at:at + b - a])
+            at += b - a
+        return self.store.storage_tensor(buf)
+
     def _assemble(self, pieces) -> ActivationBatch:
         acts = {}
         for k in self.keys:
-            parts = [data[k][idx] for data, _, idx in pieces]
-            arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            acts[k] = self.store.to_float(arr).to(self.dtype)
+            # torch's gather and cast run on every core; numpy fancy indexing would run on one
+            parts = [data[k].index_select(0, torch.from_numpy(idx)) for data, _, idx in pieces]
+            acts[k] = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)
         rows = np.concatenate([tok[idx] for _, tok, idx in pieces])
         return ActivationBatch(acts=acts, rows=torch.from_numpy(rows))
 
