@@ -142,7 +142,7 @@ def pareto_front(points: list[dict]) -> list[dict]:
 
 def sweep_summaries(run) -> dict[str, list[dict]]:
     """{sweep name: members} from RUN/sweeps/<sweep>/summary.json (written by `strata sweep`; schema in
-    sae/sweep_report.py): each member's name, params, status, l0, fvu, loss_recovered, dead_fraction, frontier."""
+    strata/sweep_report.py): each member's name, params, status, l0, fvu, loss_recovered, dead_fraction, frontier."""
     root = inside(run, layout.sweep_dir(run, ""))  # RUN/sweeps
     out = {}
     if not root.is_dir():

@@ -2,7 +2,7 @@
 
     python scripts/sweep.py sweep.yaml [--parallel N] [--dry-run]
 
-The config format and the files written are described in sae/sweep.py and sae/sweep_report.py.
+The config format and the files written are described in strata/sweep.py and strata/sweep_report.py.
 Exit status: 0 when every member finished, 1 when some failed, 2 for a bad config (nothing written).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from activations.errors import StrataError  # noqa: E402
-from sae.sweep import run_sweep  # noqa: E402
+from strata.sweep import run_sweep  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

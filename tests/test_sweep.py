@@ -136,7 +136,7 @@ def test_missing_run_is_an_error(tmp_path, capsys):
 
 
 def test_random_search_is_seeded_and_stays_in_its_ranges(run, tmp_path, capsys):
-    from sae.sweep import Runner, load_sweep
+    from strata.sweep import Runner, load_sweep
 
     config = write(tmp_path, f"run: {run}\n{BASE}random:\n  n: 6\n  seed: 3\n  space:\n"
                              "    k: [4, 8]\n    lr: {log_uniform: [1e-4, 1e-2]}\n    expansion: {uniform: [2, 6]}\n")

@@ -50,7 +50,7 @@ def member_metrics(run, name: str) -> tuple[dict, str | None]:
 
 def _config(cfg) -> dict:
     """The member's TrainConfig without the fields the sweep sets itself (run, name, resume...)."""
-    from sae.sweep_config import SET_BY_SWEEP
+    from strata.sweep_config import SET_BY_SWEEP
 
     return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in SET_BY_SWEEP}
 

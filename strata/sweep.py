@@ -1,6 +1,6 @@
 """Sweeps: train many configs on one harvest run, each as its own `strata train` process, then compare them.
 
-The config format is in sae/sweep_config.py. Member i trains as `strata train RUN --name <sweep>-<i> <flags>`
+The config format is in strata/sweep_config.py. Member i trains as `strata train RUN --name <sweep>-<i> <flags>`
 into RUN/train/<sweep>-<i>/ (its own metrics.jsonl; with `wandb_project` set, wandb groups the members under
 the sweep name via WANDB_RUN_GROUP), `parallel` at a time; with `eval:` each finished member is `strata eval`-ed.
 Rerunning the same config skips members whose checkpoint says done, resumes unfinished ones (--resume) and
@@ -9,7 +9,7 @@ retries failed ones. A failed member does not stop the others; `run_sweep` retur
 RUN/sweeps/<name>/sweep.json holds the config and each member's status:
     {"sweep", "run", "parallel", "eval", "base", "grid" | "random",
      "members": [{"name", "params", "status": pending|running|finished|failed|interrupted, "error", "command", "seconds"}]}
-summary.json and frontier.html are written by sae/sweep_report.py (schema in its docstring).
+summary.json and frontier.html are written by strata/sweep_report.py (schema in its docstring).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from activations import layout
 from activations.atomic import atomic_write_json
 from sae.checkpoint import read_checkpoint
-from sae.sweep_config import SET_BY_SWEEP, Member, Sweep, load_sweep, jsonable
+from strata.sweep_config import SET_BY_SWEEP, Member, Sweep, load_sweep, jsonable
 from sae.train_config import TrainConfig
 
 
@@ -161,7 +161,7 @@ class Runner:
 
 def run_sweep(config_path, parallel: int | None = None, dry_run: bool = False, out=print) -> int:
     """Run (or resume) a sweep; write sweep.json, summary.json, frontier.html; return the number of failed members."""
-    from sae.sweep_report import format_table, write_report
+    from strata.sweep_report import format_table, write_report
 
     sweep = load_sweep(config_path, parallel)
     if dry_run:
