@@ -14,6 +14,15 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny SAEs: a second thread only adds synchronisation (and stalls badly on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_tokenizer(vocab_size: int = 384, bos: bool = True):
     """A byte-level BPE tokenizer trained on the first built-in documents (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -13,13 +13,7 @@ from sae.optim import SAEStepper
 D, N_TRUE = 32, 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: a second thread only adds synchronisation (and stalls badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def true_dictionary(seed=1):

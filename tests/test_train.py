@@ -29,13 +29,7 @@ def run(tmp_path, tiny_run) -> Path:
     return dest
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny SAEs: a second thread only adds synchronisation (and stalls badly on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def strata(*args) -> int:
