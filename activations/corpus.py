@@ -5,7 +5,7 @@ harvest skips what it already stored without re-reading it through the model.
 
 The built-in corpus is real English prose that every Python installation carries: the reference
 documentation topics of `pydoc_data` followed by the docstrings of the standard library's modules (read
-with `ast` from the source files, never imported), in sorted order — about 1.5M tokens.
+with `ast` from the source files, never imported), in sorted order — 502 documents, about 554k SmolLM2 tokens.
 """
 from __future__ import annotations
 
