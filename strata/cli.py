@@ -12,22 +12,28 @@ from activations.errors import StrataError
 from strata.config import add_config_args, build_config
 
 
+def add_run_verb(sub, verb: str, help_: str, cls, run_help: str, action):
+    """A verb whose flags are the fields of config dataclass `cls` (plus RUN and --config FILE);
+    `action(cfg)` does the work."""
+    p = sub.add_parser(verb, help=help_)
+    p.add_argument("run_dir", help=run_help)
+    p.add_argument("--config", help=f"YAML/JSON file with {cls.__name__} fields")
+    add_config_args(p, cls, skip=("run_dir",))
+    p.set_defaults(run=lambda args: action(build_config(cls, args, args.config, run_dir=args.run_dir)))
+    return p
+
+
 # ---------------------------------------------------------------- harvest / verify / info (activations/)
 def add_harvest(sub):
     from activations.config import HarvestConfig
 
-    p = sub.add_parser("harvest", help="run a model over text and store activations as per-layer HDF5 shards")
-    p.add_argument("run_dir", help="run directory to write (created if missing)")
-    p.add_argument("--config", help="YAML/JSON file with HarvestConfig fields")
-    add_config_args(p, HarvestConfig, skip=("run_dir",))
-
-    def run(args):
+    def run(cfg):
         from activations.harvest import harvest
 
-        cfg = build_config(HarvestConfig, args, args.config, run_dir=args.run_dir)
         harvest(cfg)
 
-    p.set_defaults(run=run)
+    add_run_verb(sub, "harvest", "run a model over text and store activations as per-layer HDF5 shards",
+                 HarvestConfig, "run directory to write (created if missing)", run)
 
 
 def add_verify(sub):
@@ -80,20 +86,14 @@ def add_demo(sub):
 def add_analyze(sub):
     from sae.analysis.analyze import AnalyzeConfig
 
-    p = sub.add_parser("analyze", help="index every feature of trained SAEs (stats, contexts, logits, depth, explanations)")
-    p.add_argument("run_dir", help="run directory with train/<name>/checkpoint")
-    p.add_argument("--config", help="YAML/JSON file with AnalyzeConfig fields")
-    add_config_args(p, AnalyzeConfig, skip=("run_dir",))
-
-    def run(args):
+    def run(cfg):
         from sae.analysis.analyze import analyze
 
-        cfg = build_config(AnalyzeConfig, args, args.config, run_dir=args.run_dir)
         for path in analyze(cfg):
             print(f"wrote {path}")
 
-    p.set_defaults(run=run)
-
+    add_run_verb(sub, "analyze", "index every feature of trained SAEs (stats, contexts, logits, depth, explanations)",
+                 AnalyzeConfig, "run directory with train/<name>/checkpoint", run)
 
 def add_dashboard(sub):
     p = sub.add_parser("dashboard", help="serve the Streamlit dashboard of a run")
@@ -133,19 +133,13 @@ def add_share(sub):
 def add_train(sub):
     from sae.train_config import TrainConfig
 
-    p = sub.add_parser("train", help="train SAEs on a harvest run (per-layer bank, multilayer, transcoder, crosscoder)")
-    p.add_argument("run_dir", help="harvest run directory")
-    p.add_argument("--config", help="YAML/JSON file with TrainConfig fields")
-    add_config_args(p, TrainConfig, skip=("run_dir",))
-
-    def run(args):
+    def run(cfg):
         from sae.train import train
 
-        cfg = build_config(TrainConfig, args, args.config, run_dir=args.run_dir)
         print(f"trained SAEs written to {train(cfg)}")
 
-    p.set_defaults(run=run)
-
+    add_run_verb(sub, "train", "train SAEs on a harvest run (per-layer bank, multilayer, transcoder, crosscoder)",
+                 TrainConfig, "harvest run directory", run)
 
 def add_eval(sub):
     from sae.evaluate import EvalConfig
