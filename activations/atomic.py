@@ -59,11 +59,18 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def replace_dir(tmp_dir, final_dir) -> None:
-    """Swap a fully written folder into place. The old folder is renamed aside first and removed last,
-    so at every instant either the old or the new complete folder exists (readers check `<final>.old` too)."""
+def replace_dir(tmp_dir, final_dir, kind: str) -> None:
+    """Swap a fully written folder into place as Strata's `kind` output. `final_dir` may only be missing,
+    empty, or an earlier folder of the same kind (activations/ownership.py); anything else is refused before
+    a byte changes. The old folder is renamed aside first and removed last, so at every instant either the old
+    or the new complete folder exists (readers check `<final>.old` too)."""
+    from activations.ownership import check_replaceable, mark
+
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
+    check_replaceable(final_dir, kind)
+    check_replaceable(old, kind)
+    mark(tmp_dir, kind)
     if old.exists():
         shutil.rmtree(old)
     if final_dir.exists():

@@ -1,9 +1,24 @@
 """Every path inside a run directory is built here and nowhere else (the layout is documented in README.md)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from activations.errors import StrataError
+
 MANIFEST = "manifest.json"
+LOCK = ".strata.lock"
+OWNER_MARKER = ".strata-owned"  # in every folder Strata creates as one output unit (see activations/ownership.py)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_name(name: str, what: str = "training run name") -> str:
+    """A name that becomes one path component inside a run: letters, digits, '_', '-', '.', never '..'.
+    Every path built from a user-given name goes through here, so no name can reach outside its folder."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise StrataError(f"{what} {name!r} is not allowed: use one path component of letters, digits, '_', '-' "
+                          f"and '.' (no '/', no '..', at most 128 characters), e.g. topk-k32")
+    return name
 
 
 def manifest_path(run) -> Path:
@@ -45,7 +60,7 @@ def train_root(run) -> Path:
 
 
 def train_dir(run, name: str) -> Path:
-    return train_root(run) / name
+    return train_root(run) / check_name(name)
 
 
 def checkpoint_dir(run, name: str) -> Path:
@@ -57,14 +72,22 @@ def metrics_path(run, name: str) -> Path:
 
 
 def sweep_dir(run, sweep: str) -> Path:
-    return Path(run) / "sweeps" / sweep
+    return Path(run) / "sweeps" / check_name(sweep, "sweep name")
 
 
 def index_path(run, name: str) -> Path:
-    return Path(run) / "index" / f"{name}.h5"
+    return Path(run) / "index" / f"{check_name(name)}.h5"
 
 
 def share_dir(run) -> Path:
     return Path(run) / "share"
 
 
+def lock_path(run) -> Path:
+    """Held exclusively by a harvest, shared by every other writer (activations/lock.py)."""
+    return Path(run) / LOCK
+
+
+def scope_lock_path(run, scope: str) -> Path:
+    """Held exclusively by one writer of a part of the run, e.g. scope "train-<name>"."""
+    return Path(run) / ".locks" / f"{check_name(scope, 'lock scope')}.lock"

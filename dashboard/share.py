@@ -175,5 +175,5 @@ def write_share(run, features: str = "top:100", train: str | None = None, out=No
         raise
     finally:
         idx.close()
-    replace_dir(tmp, final)
+    replace_dir(tmp, final, "share")
     return final

@@ -103,7 +103,7 @@ def write_checkpoint(run, name: str, saes: dict, optimizers: dict, state: dict) 
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         full = dict(state, sae_ids=list(saes), optimizer_param_groups=groups, rng=_rng_to_json(torch.get_rng_state()))
         atomic_write_json(tmp / "state.json", full)
-        replace_dir(tmp, final)
+        replace_dir(tmp, final, "checkpoint")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -156,7 +156,7 @@ class Parallel:
             atomic_write_json(tmp / "state.json", dict(state, sae_ids=list(self.all_ids),
                                                        optimizer_param_groups={s: groups[s] for s in self.all_ids},
                                                        rng=_rng_to_json(torch.get_rng_state())))
-            replace_dir(tmp, final)
+            replace_dir(tmp, final, "checkpoint")
         self.barrier()
 
 

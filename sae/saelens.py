@@ -62,7 +62,7 @@ def _write_folder(folder: Path, cfg: dict, tensors: dict, sparsity: torch.Tensor
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         save_file({"sparsity": sparsity.float().contiguous()}, str(tmp / SPARSITY))
         (tmp / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
-        replace_dir(tmp, folder)
+        replace_dir(tmp, folder, "saelens-export")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
