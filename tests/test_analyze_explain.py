@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -37,8 +38,8 @@ class FakeChat(BaseHTTPRequestHandler):
     """An OpenAI-compatible /chat/completions server. `script` says how to answer each request in turn: an HTTP
     status (429, 500: an error, with the Retry-After-ms header real servers send) or 200; past its end, 200."""
 
-    prompts: list = []
-    script: list = []
+    prompts: ClassVar[list] = []
+    script: ClassVar[list] = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -128,9 +129,9 @@ def analyze_openai(run, url, *extra):
 
 
 def assert_same_statistics(a: dict, b: dict):
-    for key in a:
+    for key, value in a.items():
         if key[1] in STATISTICS:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+            np.testing.assert_array_equal(value, b[key], err_msg=str(key))
 
 
 def test_analyze_rides_out_rate_limits(run_copy, chat_server, capsys):
