@@ -11,7 +11,8 @@ Local files (`--data FILE_OR_FOLDER`, a folder's files in sorted path order): a 
 every record of a `.jsonl` file and every row of a `.parquet` file is one (its `--text-column`), streamed by
 the `datasets` json and parquet loaders. A file that is empty, not what its suffix says, or lacks the text
 column stops the harvest with one line naming it; bytes of a `.txt` file that are not UTF-8 become U+FFFD
-with a warning that counts them. `check_source` runs those checks on every file before anything is written.
+with a warning that counts them. Every file is checked (its start, or its first record) before the first
+document is given; `check_source` runs the same checks for a caller that wants them before it writes anything.
 """
 from __future__ import annotations
 
@@ -192,11 +193,6 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
         yield from _table_documents(path, text_column)
 
 
-def local_documents(root: Path, text_column: str) -> Iterator[str]:
-    for path in local_files(root):
-        yield from _file_documents(path, text_column)
-
-
 def _check_local_file(path: Path, text_column: str) -> None:
     """Cheap checks of one file (its start, or its first record): what a harvest would fail on."""
     if path.suffix == ".txt":
@@ -204,6 +200,16 @@ def _check_local_file(path: Path, text_column: str) -> None:
         return
     for _ in itertools.islice(_table_documents(path, text_column), 1):
         pass
+
+
+def local_documents(root: Path, text_column: str) -> Iterator[str]:
+    """Every document of the files under `root`. All files are checked before the first document is given,
+    so a bad file anywhere stops a harvest before it has stored anything."""
+    files = local_files(root)
+    for path in files:
+        _check_local_file(path, text_column)
+    for path in files:
+        yield from _file_documents(path, text_column)
 
 
 # ---------------------------------------------------------------- Hugging Face hub datasets (streamed)
