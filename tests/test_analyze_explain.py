@@ -159,7 +159,7 @@ def test_dead_explainer_leaves_a_complete_index_and_explain_only_finishes_it(run
     assert analyze_openai(run_copy, chat_server) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("strata: error: explainer endpoint"), err
-    assert "is written with every statistic" in err[0]
+    assert f"{index} is written with every statistic" in err[0]
     assert f"strata analyze {run_copy} --name topk-layer --explain-only --explainer openai" in err[0]
     written = columns(run_copy)
     assert_same_statistics(before, written)  # the whole pass is in the index, with the offline explanations

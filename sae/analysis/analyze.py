@@ -269,8 +269,9 @@ def _explainer_failed(cfg: AnalyzeConfig, failed: list) -> str:
         + (f" --explainer-model {cfg.explainer_model}" if cfg.explainer_model else "") \
         + (f" --explain-max {cfg.explain_max}" if cfg.explain_max else "")
     again = " and ".join(f"`strata analyze {cfg.run_dir} --name {n} --explain-only{flags}`" for n in names)
-    return (f"{first}; the index of {', '.join(names)} is written with every statistic and the {FALLBACK} "
-            f"explanations (and any {cfg.explainer} explanations finished): continue with {again}")
+    paths = ", ".join(str(layout.index_path(cfg.run_dir, n)) for n in names)
+    return (f"{first}; {paths} {'is' if len(names) == 1 else 'are'} written with every statistic, the offline "
+            f"{FALLBACK} explanations and any {cfg.explainer} explanations finished: continue with {again}")
 
 
 def _cfg_dict(cfg) -> dict:
