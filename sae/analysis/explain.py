@@ -7,15 +7,15 @@ the feature is silent at the centre token; F1 of the explainer's yes/no answers.
 default explainer.
 
   tokens        offline default: the tokens the feature peaks on, weighted by activation (no network)
-  openai        any OpenAI-compatible /chat/completions endpoint (e.g. a local llama.cpp or vLLM server)
+  openai        any OpenAI-compatible /chat/completions endpoint (e.g. a local llama.cpp or vLLM server), through
+                the `openai` client: rate limits (429), server errors and dropped connections are retried with
+                exponential backoff (honouring Retry-After) before an ExplainerError
   transformers  a local causal LM loaded through activations.model (greedy generation, yes/no by logits)
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -96,30 +96,40 @@ def _parse_numbers(answer: str, n: int) -> np.ndarray:
     return out
 
 
+class ExplainerError(StrataError):
+    """The explainer gave up (e.g. its endpoint still failed after every retry): explanations are incomplete."""
+
+
 class OpenAIExplainer:
     """Chat completions on an OpenAI-compatible server; the key (if any) is read from an environment variable."""
 
     name = "openai"
 
-    def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60):
+    def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60,
+                 max_retries: int = 6):
+        import openai
+
         if not url:
             raise StrataError("the openai explainer needs --explainer-url (e.g. http://localhost:8080/v1)")
-        self.url, self.model, self.timeout = url.rstrip("/") + "/chat/completions", model, timeout
-        self.key = os.environ.get(api_key_env, "")
+        self.url, self.model, self.max_retries = url.rstrip("/"), model, max_retries
+        # local servers need no key; the client insists on one, and sends it only as a bearer token
+        self.client = openai.OpenAI(base_url=self.url, api_key=os.environ.get(api_key_env) or "none",
+                                    timeout=timeout, max_retries=max_retries)
 
     def _chat(self, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": 64,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers)
+        import openai
+
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                data = json.loads(resp.read())
-        except (OSError, ValueError) as e:
-            raise StrataError(f"explainer endpoint {self.url} failed ({e}); check --explainer-url or use --explainer tokens") from None
-        return str(data["choices"][0]["message"]["content"]).strip()
+            reply = self.client.chat.completions.create(
+                model=self.model, temperature=0, max_tokens=64, messages=[{"role": "user", "content": prompt}])
+            return str(reply.choices[0].message.content or "").strip()
+        except openai.OpenAIError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ExplainerError(f"explainer endpoint {self.url} failed after {self.max_retries} retries "
+                                 f"({type(e).__name__}: {first})") from None
+        except (IndexError, AttributeError, TypeError):  # a reply without choices / message
+            raise ExplainerError(f"explainer endpoint {self.url} sent a reply that is not a chat completion; "
+                                 f"check --explainer-url") from None
 
     def explain(self, windows, acts, vocab) -> Explanation:
         text = self._chat(_explain_prompt(windows, acts, vocab))
@@ -179,17 +189,19 @@ def f1(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def explain_feature(explainer, f: int, r: dict, vocab, max_negatives: int = 20) -> tuple[str, float]:
-    """Explain feature f of an indexer result `r` from its even-ranked top examples; score on held-out ones."""
-    top_tok, top_act = r["top_tokens"][f].numpy(), r["top_acts"][f].numpy()
-    filled = r["top_row"][f].numpy() >= 0
+    """Explain feature f of an indexer result `r` (torch tensors from the pass, or numpy arrays read back from
+    an index) from its even-ranked top examples; score on held-out ones."""
+    top_tok, top_act = np.asarray(r["top_tokens"][f]), np.asarray(r["top_acts"][f])
+    filled = np.asarray(r["top_row"][f]) >= 0
     top_tok, top_act = top_tok[filled], top_act[filled]
     if len(top_tok) == 0:
         return "(never fires)", float("nan")
     expl = explainer.explain(top_tok[0::2], top_act[0::2], vocab)
-    sample_ok = r["sample_row"][f].numpy() >= 0
-    pos = np.concatenate([top_tok[1::2], r["sample_tokens"][f].numpy()[sample_ok]])
-    silent = r["neg_codes"][:, f].float().numpy() == 0 if len(r["neg_codes"]) else np.zeros(0, dtype=bool)
-    neg = r["neg_tokens"].numpy()[silent][:max_negatives]
+    sample_ok = np.asarray(r["sample_row"][f]) >= 0
+    pos = np.concatenate([top_tok[1::2], np.asarray(r["sample_tokens"][f])[sample_ok]])
+    neg_codes = np.asarray(r["neg_codes"])
+    silent = neg_codes[:, f] == 0 if len(neg_codes) else np.zeros(0, dtype=bool)
+    neg = np.asarray(r["neg_tokens"])[silent][:max_negatives]
     if len(pos) == 0 or len(neg) == 0:
         return expl.text, float("nan")
     windows = np.concatenate([pos, neg])

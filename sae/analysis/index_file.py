@@ -1,4 +1,5 @@
-"""The feature index file, RUN/index/<name>.h5: written once by `strata analyze`, read by the dashboard.
+"""The feature index file, RUN/index/<name>.h5: written by `strata analyze` (statistics first, then the
+explanations of a slow explainer are swapped in by `update_explanations`), read by the dashboard.
 
 Layout (every per-feature dataset has the feature as its first axis, chunked by 256 features so one
 feature's page reads a few small chunks):
@@ -11,6 +12,8 @@ feature's page reads a few small chunks):
       layer_count layer_sum [n, slots]; multilayer: layer_mass mean_layer layer_entropy n_layers_active
       crosscoder: decoder_layer_norm; bank: match_{idx,cos,corr} best_next_{idx,corr,cos}
       causal LM: logit_{top,bottom}_{ids,vals}; explanation (string), explanation_score
+      attrs explained (JSON {explainer, features}): the first `features` explanations come from that explainer
+  negatives/<sid>       tokens [m, window], codes [m, n]: random contexts kept to score explanations again
   paths/<i>             features [P, n_saes] (-1 = none), score [P]; attrs saes (JSON list)
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from activations.errors import StrataError
 
 FORMAT_VERSION = 1
 SKIP = {"neg_tokens", "neg_codes", "vectors", "match_next", "sum", "sumsq"}
+NEGATIVES = {"neg_tokens": "tokens", "neg_codes": "codes"}  # not per feature: stored under negatives/<sid>
 STR = h5py.string_dtype("utf-8")
 
 
@@ -61,6 +65,8 @@ def write_index(path, meta: dict, saes: dict, sae_info: dict, paths: list, resid
                 g = f.create_group(f"saes/{sid}")
                 g.attrs["info"] = json.dumps(sae_info[sid])
                 for name, arr in fields.items():
+                    if name in NEGATIVES:
+                        f.create_dataset(f"negatives/{sid}/{NEGATIVES[name]}", data=_np(arr), track_times=False)
                     if name in SKIP:
                         continue
                     if name == "explanation":
@@ -73,6 +79,29 @@ def write_index(path, meta: dict, saes: dict, sae_info: dict, paths: list, resid
                 _put(g, "features", p["features"])
                 _put(g, "score", p["score"])
     return path
+
+
+def update_explanations(path, explanations: dict, explainer: str, label: str) -> None:
+    """Replace the explanations of some SAEs of an index: `explanations` maps sae id -> (texts, scores, done),
+    the first `done` of them from `explainer`; meta["explainer"] becomes `label` (what the dashboard shows).
+    Atomic like write_index: a copy is changed and swapped in."""
+    import shutil
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            meta = json.loads(f.attrs["meta"])
+            meta["explainer"] = label
+            f.attrs["meta"] = json.dumps(meta)
+            for sid, (texts, scores, done) in explanations.items():
+                g = f[f"saes/{sid}"]
+                for name in ("explanation", "explanation_score"):
+                    if name in g:
+                        del g[name]
+                g.create_dataset("explanation", data=_strings(texts), dtype=STR)
+                _put(g, "explanation_score", np.asarray(scores, dtype=np.float32))
+                g.attrs["explained"] = json.dumps({"explainer": explainer, "features": int(done)})
 
 
 class FeatureIndex:
@@ -134,6 +163,15 @@ class FeatureIndex:
             v = ds[i]
             out[name] = v.decode() if isinstance(v, bytes) else v
         return out
+
+    def negatives(self, sid: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(tokens [m, window], codes [m, n]) of the random contexts kept to score explanations, if stored."""
+        g = self.file.get(f"negatives/{sid}")
+        return (g["tokens"][()], g["codes"][()]) if g is not None else None
+
+    def explained(self, sid: str) -> dict:
+        """{explainer, features}: how many of the SAE's first features that explainer explained ({} if unknown)."""
+        return json.loads(self.file[f"saes/{sid}"].attrs.get("explained", "{}"))
 
     def token_str(self, t: int) -> str:
         if self.vocab is not None and 0 <= t < len(self.vocab):
