@@ -32,9 +32,9 @@ def strata_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def find_clash(root: Path | None = None) -> str | None:
+def find_clash() -> str | None:
     """One line naming the first of PACKAGES that is not Strata's own, where it was found and the fix."""
-    root = root or strata_root()
+    root = strata_root()
     for name in PACKAGES:
         problem = _check_package(name, root)
         if problem:
