@@ -77,4 +77,5 @@ def main() -> None:
         st.error(str(e))
 
 
-main()
+if __name__ == "__main__":  # `streamlit run dashboard/app.py`; `strata dashboard` runs strata/dashboard_script/
+    main()

@@ -12,13 +12,23 @@ from pathlib import Path
 
 from dashboard.data import check_run
 
-APP = Path(__file__).resolve().parent / "app.py"
+ROOT = Path(__file__).resolve().parents[1]  # the folder holding the dashboard package (site-packages or checkout)
+# The script Streamlit runs: it lies alone in its folder, because Streamlit puts that folder first on sys.path.
+APP = ROOT / "strata" / "dashboard_script" / "strata_dashboard.py"
 
 
 def dashboard_command(port: int, host: str) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
             "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none"]
+
+
+def dashboard_env(run: Path, read_only: bool) -> dict[str, str]:
+    """The server's environment: Strata's packages first on PYTHONPATH, and PYTHONSAFEPATH=1 so that
+    `python -m streamlit` does not put the current folder (and any dashboard/ or sae/ in it) on sys.path."""
+    env = dict(os.environ, STRATA_RUN=str(run), STRATA_READ_ONLY="1" if read_only else "0", PYTHONSAFEPATH="1")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def wait_until_up(url: str, timeout: float = 60.0) -> bool:
@@ -37,9 +47,7 @@ def wait_until_up(url: str, timeout: float = 60.0) -> bool:
 def serve_dashboard(run, read_only: bool = False, port: int = 8501, host: str = "localhost", block: bool = True):
     """Serve the dashboard of `run`. block=True runs until interrupted; block=False returns the Popen."""
     run = check_run(run)
-    env = dict(os.environ, STRATA_RUN=str(run), STRATA_READ_ONLY="1" if read_only else "0")
-    root = str(APP.parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = dashboard_env(run, read_only)
     url = f"http://{host}:{port}"
     proc = subprocess.Popen(dashboard_command(port, host), env=env, stdout=subprocess.DEVNULL if not block else None)
     if not block:

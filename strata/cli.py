@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from activations.errors import StrataError
-from strata.config import add_config_args, build_config
+from strata.install_check import exit_if_clash
+
+exit_if_clash()  # before the first import from activations/, sae/ or dashboard/: those names may be someone else's
+
+from activations.errors import StrataError  # noqa: E402
+from strata.config import add_config_args, build_config  # noqa: E402
 
 
 def add_run_verb(sub, verb: str, help_: str, cls, run_help: str, action):

@@ -59,6 +59,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         helptext = f"{helptext} (default: {default})" if helptext else f"(default: {default})"
+        helptext = helptext.replace("%", "%%")  # argparse %-formats help: "5% of the steps" crashed `train --help`
         if tp is bool:
             parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=None,
                                 type=lambda s, _t=tp: _parse_value(_t, s), help=helptext)
