@@ -40,7 +40,6 @@ from sae.train_config import TrainConfig
 from strata.config import (
     ConfigError,
     base_type,
-    check_fields,
     check_value,
     load_config_file,
     validate_config,
@@ -94,10 +93,13 @@ class RandomSearch:
 
 # ---------------------------------------------------------------- config -> members (nothing is written here)
 def _check_fields(names, where: str) -> None:
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
     for n in names:
         if n in SET_BY_SWEEP:
             raise ConfigError(f"{where}: {n} is set by the sweep for each member; remove it (the run goes in `run:`)")
-    check_fields(TrainConfig, names, where)
+        if n not in fields:
+            raise ConfigError(f"{where}: unknown TrainConfig field {n!r}; valid fields: "
+                              f"{', '.join(f for f in fields if f not in SET_BY_SWEEP)}")
 
 
 def grid_params(grid) -> list[dict]:
