@@ -4,6 +4,9 @@ Every value, whether from a flag, a config file or a sweep, goes through `valida
 for one field): pydantic validates the plain dataclass against its declared field types in lax mode, so "1e-4"
 becomes a float, "1024" an int, `true`/"yes" a bool, while 32.5 for an int, a negative count or an unknown
 choice is refused with one line naming the field, the value, where it came from and what it takes.
+pydantic rather than tyro or simple_parsing: it validates the plain standard-library dataclasses the stages
+already take (`pydantic.TypeAdapter`), with constraints written as standard `Annotated` metadata, so the same
+check serves argparse flags, files and sweeps, and nothing about the dataclasses or the CLI layout changes.
 
 `add_config_args` adds one `--flag` per dataclass field to an argparse parser (values stay strings until
 validation); `build_config` merges defaults < config file < flags that were given < fixed values.
@@ -77,10 +80,10 @@ def describe(cls, name: str) -> str:
     elif specs:
         text = specs[0].description
     else:
-        bounds = [f"{sign} {getattr(m, attr)}" for m in meta
+        base = _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+        bounds = [f"{sign} {getattr(m, attr)}" for m in meta  # Gt(0), Ge(0), Interval(ge=0, lt=1), ...
                   for attr, sign in _BOUNDS if getattr(m, attr, None) is not None]
-        text = " and ".join([f"{_NAMES.get(tp, getattr(tp, '__name__', str(tp)))} {bounds[0]}".strip()
-                             if bounds else _NAMES.get(tp, getattr(tp, "__name__", str(tp))), *bounds[1:]])
+        text = " and ".join([f"{base} {bounds[0]}", *bounds[1:]]) if bounds else base
     return text + (" (or null)" if optional else "")
 
 
