@@ -3,12 +3,17 @@ built-in offline corpus (CPython's documentation text)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt
+
+from activations.config_types import LAYER_SPEC, SITE_LIST
 
 
 def option(default, help_: str, **meta):
-    """A config field with a default and its CLI help (every stage's config dataclass uses this)."""
+    """A config field with a default and its CLI help (every stage's config dataclass uses this).
+    Its type annotation says what values are valid (choices as Literal, constraints as pydantic types)."""
     return field(default=default, metadata={"help": help_, **meta})
-
 
 
 @dataclass
@@ -20,18 +25,18 @@ class HarvestConfig:
     split: str = option("train", "dataset split")
     text_column: str = option("text", "column holding the text (datasets, .jsonl, .parquet)")
     data: str | None = option(None, "local .txt/.jsonl/.parquet file or folder of them")
-    sites: str = option("resid", "comma list of hook sites: resid, mlp_in, mlp_out, attn_out")
-    layers: str = option("all", "layers: 'all' or comma list of ints and ranges a-b[:step] (b inclusive)")
-    context: int = option(128, "tokens per context (documents are packed)")
-    batch_contexts: int = option(8, "contexts per forward pass")
-    shard_tokens: int = option(16384, "tokens per shard (rounded to whole forward batches)")
-    max_tokens: int = option(200_000, "token budget (0 = the whole corpus)")
-    dtype: str = option("float16", "storage dtype: float16 or bfloat16")
-    model_dtype: str = option("float32", "dtype the model runs in: float32, bfloat16, float16")
+    sites: Annotated[str, SITE_LIST] = option("resid", "comma list of hook sites: resid, mlp_in, mlp_out, attn_out")
+    layers: Annotated[str, LAYER_SPEC] = option("all", "layers: 'all' or comma list of ints and ranges a-b[:step] (b inclusive)")
+    context: Annotated[int, Gt(0)] = option(128, "tokens per context (documents are packed)")
+    batch_contexts: Annotated[int, Gt(0)] = option(8, "contexts per forward pass")
+    shard_tokens: Annotated[int, Gt(0)] = option(16384, "tokens per shard (rounded to whole forward batches)")
+    max_tokens: Annotated[int, Ge(0)] = option(200_000, "token budget (0 = the whole corpus)")
+    dtype: Literal["float16", "bfloat16"] = option("float16", "storage dtype")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype the model runs in")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     resume: bool = option(False, "continue an interrupted run after its last complete shard")
     overwrite: bool = option(False, "delete an existing run in run_dir first")
-    queue_batches: int = option(4, "forward batches buffered between the model and the writer (bounds memory)")
+    queue_batches: Annotated[int, Gt(0)] = option(4, "forward batches buffered between the model and the writer (bounds memory)")
     progress: bool = option(True, "show a progress bar")
 
     def identity(self) -> dict:

@@ -13,11 +13,13 @@ import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
+from typing import Annotated
 
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt
 
 from activations import layout
 from activations.config import option as _f
@@ -35,11 +37,12 @@ from sae.modes import Unit
 class EvalConfig:
     run_dir: str = _f("runs/default", "harvest run directory", cli=False)
     name: str = _f("", "training run to evaluate (default: the only one in RUN/train)")
-    max_tokens: int = _f(0, "held-out tokens for the reconstruction metrics (0 = all)")
-    batch_size: int = _f(4096, "tokens per batch")
-    ce_contexts: int = _f(16, "held-out contexts for CE/KL loss recovered (0 = skip the model forward)")
+    max_tokens: Annotated[int, Ge(0)] = _f(0, "held-out tokens for the reconstruction metrics (0 = all)")
+    batch_size: Annotated[int, Gt(0)] = _f(4096, "tokens per batch")
+    ce_contexts: Annotated[int, Ge(0)] = _f(16, "held-out contexts for CE/KL loss recovered (0 = skip the model forward)")
     device: str = _f("auto", "auto, cpu, cuda")
-    exclude_first: int = _f(-1, "leave out the first N tokens of every context (-1 = as the SAEs were trained)")
+    exclude_first: Annotated[int, Ge(-1)] = _f(-1, "leave out the first N tokens of every context "
+                                                   "(-1 = as the SAEs were trained)")
 
 
 def _resolve_name(cfg: EvalConfig) -> str:

@@ -4,57 +4,61 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Gt, Interval
 
 from activations.config import option as _f
-
-
-
+from activations.config_types import LAYER_SPEC, SITE_LIST, SIZE_LIST
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = _f("runs/default", "harvest run directory to train on", cli=False)
     name: str = _f("", "name of this training run: RUN/train/<name> (default: <arch>-<mode>)")
-    arch: str = _f("topk", "relu, topk, batchtopk, jumprelu, matryoshka")
-    mode: str = _f("layer", "layer (one SAE per key, one pass), multilayer (one SAE for all layers), "
-                            "transcoder (mlp_in.L -> mlp_out.L), crosscoder (all layers of a token)")
-    sites: str = _f("resid", "hook sites to train on (transcoder mode always reads mlp_in/mlp_out)")
-    layers: str = _f("all", "layers: 'all' or ints and ranges a-b[:step]")
-    expansion: int = _f(8, "latents per input dimension (n_latents = expansion * d) unless --n-latents")
-    n_latents: int = _f(0, "dictionary size (0 = expansion * d)")
-    d_model: int = _f(0, "expected activation width (0 = take it from the run); checked against the shards")
-    k: int = _f(32, "active latents per example (topk family); L0 target for jumprelu")
-    k_aux: int = _f(0, "AuxK: dead latents used on the residual (0 = d/2; -1 = off)")
-    aux_coef: float = _f(1 / 32, "AuxK loss weight")
-    dead_tokens: int = _f(10_000_000, "a latent is dead after this many tokens without firing")
-    l1_coef: float = _f(5.0, "relu: L1 weight (per unit of normalised squared error)")
-    l1_warmup_steps: int = _f(0, "relu: steps of linear L1 warm-up (0 = 5% of the steps)")
-    l0_coef: float = _f(1.0, "jumprelu: weight of (L0/k - 1)^2")
-    jumprelu_bandwidth: float = _f(0.05, "jumprelu: straight-through estimator kernel width")
-    matryoshka_prefixes: str = _f("", "matryoshka: comma list of nested sizes (default n/16,n/4,n)")
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = _f("topk", "SAE architecture")
+    mode: Literal["layer", "multilayer", "transcoder", "crosscoder"] = _f(
+        "layer", "layer (one SAE per key, one pass), multilayer (one SAE for all layers), "
+                 "transcoder (mlp_in.L -> mlp_out.L), crosscoder (all layers of a token)")
+    sites: Annotated[str, SITE_LIST] = _f("resid", "hook sites to train on (transcoder mode always reads mlp_in/mlp_out)")
+    layers: Annotated[str, LAYER_SPEC] = _f("all", "layers: 'all' or ints and ranges a-b[:step]")
+    expansion: Annotated[int, Gt(0)] = _f(8, "latents per input dimension (n_latents = expansion * d) unless --n-latents")
+    n_latents: Annotated[int, Ge(0)] = _f(0, "dictionary size (0 = expansion * d)")
+    d_model: Annotated[int, Ge(0)] = _f(0, "expected activation width (0 = take it from the run); checked against the shards")
+    k: Annotated[int, Gt(0)] = _f(32, "active latents per example (topk family); L0 target for jumprelu")
+    k_aux: Annotated[int, Ge(-1)] = _f(0, "AuxK: dead latents used on the residual (0 = d/2; -1 = off)")
+    aux_coef: Annotated[float, Ge(0)] = _f(1 / 32, "AuxK loss weight")
+    dead_tokens: Annotated[int, Gt(0)] = _f(10_000_000, "a latent is dead after this many tokens without firing")
+    l1_coef: Annotated[float, Ge(0)] = _f(5.0, "relu: L1 weight (per unit of normalised squared error)")
+    l1_warmup_steps: Annotated[int, Ge(0)] = _f(0, "relu: steps of linear L1 warm-up (0 = 5% of the steps)")
+    l0_coef: Annotated[float, Ge(0)] = _f(1.0, "jumprelu: weight of (L0/k - 1)^2")
+    jumprelu_bandwidth: Annotated[float, Gt(0)] = _f(0.05, "jumprelu: straight-through estimator kernel width")
+    matryoshka_prefixes: Annotated[str, SIZE_LIST] = _f("", "matryoshka: comma list of nested sizes (default n/16,n/4,n)")
     skip: bool = _f(False, "transcoder: add a learned linear skip connection")
-    lr: float | None = _f(None, "Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents))")
-    warmup_steps: int = _f(0, "linear lr warm-up steps (0 = 1% of the steps, at most 1000)")
-    decay_fraction: float = _f(0.2, "fraction of the steps at the end with linear lr decay to 0")
-    adam_eps: float = _f(6.25e-10, "Adam epsilon")
-    grad_clip: float = _f(1.0, "clip the gradient norm of each SAE (0 = off)")
-    batch_size: int = _f(4096, "tokens per batch")
-    epochs: int = _f(1, "passes over the training shards")
-    max_tokens: int = _f(0, "stop after this many training tokens (0 = all training shards x epochs)")
-    heldout_fraction: float = _f(0.1, "fraction of shards (the last ones) held out for `strata eval`")
-    exclude_first: int = _f(1, "leave out the first N tokens of every context: attention-sink tokens whose norms "
-                               "are ~100x the rest (SmolLM2: 23k vs 136 at layer 12) would dominate the loss and FVU")
-    norm_sample_tokens: int = _f(8192, "tokens sampled to estimate normalisation and the decoder-bias init")
-    b_dec_init: str = _f("median", "decoder bias init: median (geometric), mean, or zero")
+    lr: Annotated[float, Gt(0)] | None = _f(None, "Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents))")
+    warmup_steps: Annotated[int, Ge(0)] = _f(0, "linear lr warm-up steps (0 = 1% of the steps, at most 1000)")
+    decay_fraction: Annotated[float, Interval(ge=0, le=1)] = _f(0.2, "fraction of the steps at the end with linear lr decay to 0")
+    adam_eps: Annotated[float, Gt(0)] = _f(6.25e-10, "Adam epsilon")
+    grad_clip: Annotated[float, Ge(0)] = _f(1.0, "clip the gradient norm of each SAE (0 = off)")
+    batch_size: Annotated[int, Gt(0)] = _f(4096, "tokens per batch")
+    epochs: Annotated[int, Gt(0)] = _f(1, "passes over the training shards")
+    max_tokens: Annotated[int, Ge(0)] = _f(0, "stop after this many training tokens (0 = all training shards x epochs)")
+    heldout_fraction: Annotated[float, Interval(ge=0, lt=1)] = _f(0.1, "fraction of shards (the last ones) held out for `strata eval`")
+    exclude_first: Annotated[int, Ge(0)] = _f(1, "leave out the first N tokens of every context: attention-sink tokens whose "
+                                          "norms are ~100x the rest (SmolLM2: 23k vs 136 at layer 12) would dominate "
+                                          "the loss and FVU")
+    norm_sample_tokens: Annotated[int, Gt(0)] = _f(8192, "tokens sampled to estimate normalisation and the decoder-bias init")
+    b_dec_init: Literal["median", "mean", "zero"] = _f("median", "decoder bias init (median = geometric median)")
     bf16: bool = _f(False, "run the dense encoder matmul in bfloat16 (fast only on CPUs/GPUs with bf16 units)")
-    seed: int = _f(0, "seed for init and data order")
-    log_every: int = _f(20, "steps between metric records")
-    checkpoint_every: int = _f(500, "steps between checkpoints (one is always written at the end)")
+    seed: Annotated[int, Ge(0)] = _f(0, "seed for init and data order")
+    log_every: Annotated[int, Gt(0)] = _f(20, "steps between metric records")
+    checkpoint_every: Annotated[int, Gt(0)] = _f(500, "steps between checkpoints (one is always written at the end)")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda")
-    parallel: str = _f("auto", "under torchrun: data (each process a slice of every batch; the default) or layers "
-                                "(each process every N-th SAE of the bank); the result equals one process's")
+    parallel: Literal["auto", "data", "layers"] = _f(
+        "auto", "under torchrun: data (each process a slice of every batch; the default) or layers "
+                "(each process every N-th SAE of the bank); the result equals one process's")
     wandb_project: str = _f("", "also log to this Weights & Biases project")
-    wandb_mode: str = _f("online", "online, offline (no network or account needed), disabled")
+    wandb_mode: Literal["online", "offline", "disabled"] = _f("online", "offline needs no network or account")
     resume: bool = _f(False, "continue RUN/train/<name> from its checkpoint (the config must be unchanged)")
     overwrite: bool = _f(False, "delete an existing RUN/train/<name> first")
     progress: bool = _f(True, "show a progress bar")

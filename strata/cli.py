@@ -6,6 +6,7 @@ Errors meant for users are `StrataError`s: printed as one line, exit status 2.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from strata.install_check import exit_if_clash
@@ -13,17 +14,45 @@ from strata.install_check import exit_if_clash
 exit_if_clash()  # before the first import from activations/, sae/ or dashboard/: those names may be someone else's
 
 from activations.errors import StrataError  # noqa: E402
-from strata.config import add_config_args, build_config  # noqa: E402
+from strata.config import add_config_args, build_config, given_flags  # noqa: E402
+
+# a value such as -1, -0.5, -1e-3 or -.5 (argparse's own test misses the exponent forms): no Strata option looks
+# like a number, so these are always the value of the flag before them
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with Strata's error format: one line `strata: error: <what> (see strata <verb> --help)`, exit 2;
+    negative numbers in any notation are values."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Unknown arguments are an error of the parser that met them (so the hint names the verb)."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def error(self, message: str):
+        self.exit(2, f"strata: error: {message} (see {self.prog} --help)\n")
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """`--config FILE` plus one flag per field of config dataclass `cls`."""
+    p.add_argument("--config", metavar="FILE", help=f"YAML/JSON file with {cls.__name__} fields (flags win)")
+    add_config_args(p, cls, skip=skip)
 
 
 def add_run_verb(sub, verb: str, help_: str, cls, run_help: str, action):
     """A verb whose flags are the fields of config dataclass `cls` (plus RUN and --config FILE);
     `action(cfg)` does the work."""
-    p = sub.add_parser(verb, help=help_)
-    p.add_argument("run_dir", help=run_help)
-    p.add_argument("--config", help=f"YAML/JSON file with {cls.__name__} fields")
-    add_config_args(p, cls, skip=("run_dir",))
-    p.set_defaults(run=lambda args: action(build_config(cls, args, args.config, run_dir=args.run_dir)))
+    p = sub.add_parser(verb, help=help_, description=help_)
+    p.add_argument("run_dir", metavar="RUN", help=run_help)
+    add_config_flags(p, cls, skip=("run_dir",))
+    p.set_defaults(run=lambda args: action(build_config(cls, args.config, given_flags(cls, args), run_dir=args.run_dir)))
     return p
 
 
@@ -73,12 +102,12 @@ def add_demo(sub):
     from strata.pipeline import DemoConfig
 
     p = sub.add_parser("demo", help="harvest -> train -> eval -> analyze -> dashboard on the embedded default (offline)")
-    add_config_args(p, DemoConfig)
+    add_config_flags(p, DemoConfig)
 
     def run(args):
         from strata.pipeline import run_demo
 
-        run_demo(build_config(DemoConfig, args))
+        run_demo(build_config(DemoConfig, args.config, given_flags(DemoConfig, args)))
 
     p.set_defaults(run=run)
 
@@ -148,17 +177,13 @@ def add_train(sub):
 def add_eval(sub):
     from sae.evaluate import EvalConfig
 
-    p = sub.add_parser("eval", help="evaluate trained SAEs on held-out shards (metrics, CE/KL loss recovered)")
-    p.add_argument("run_dir")
-    add_config_args(p, EvalConfig, skip=("run_dir",))
-
-    def run(args):
+    def run(cfg):
         from sae.evaluate import evaluate, format_report
 
-        cfg = build_config(EvalConfig, args, None, run_dir=args.run_dir)
         print(format_report(evaluate(cfg)))
 
-    p.set_defaults(run=run)
+    add_run_verb(sub, "eval", "evaluate trained SAEs on held-out shards (metrics, CE/KL loss recovered)",
+                 EvalConfig, "harvest run directory with train/<name>", run)
 
 
 def add_export(sub):
@@ -197,15 +222,18 @@ VERBS = [add_demo, add_harvest, add_verify, add_info, add_analyze, add_dashboard
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="strata", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="verb", required=True)
+    parser = Parser(prog="strata", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in VERBS:
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
+        return e.code if isinstance(e.code, int) else 2
     try:
         args.run(args)
     except StrataError as e:

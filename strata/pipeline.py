@@ -7,25 +7,29 @@ finished stage is skipped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
+
+from annotated_types import Gt, Interval
 
 from activations import layout
 from activations.config import option as _f
+from activations.config_types import LAYER_SPEC
 
 
 @dataclass
 class DemoConfig:
     run_dir: str = _f("runs/demo", "run directory")
     model: str = _f("smollm2-135m", "model to harvest (the embedded default needs no network)")
-    layers: str = _f("0-30:6", "residual-stream layers to harvest and train on")
-    max_tokens: int = _f(49152, "harvest budget in tokens")
-    context: int = _f(128, "tokens per context")
-    expansion: int = _f(4, "latents per input dimension")
-    k: int = _f(32, "active latents per token (TopK)")
-    batch_size: int = _f(1024, "training batch in tokens")
-    epochs: int = _f(4, "passes over the training shards")
-    shard_tokens: int = _f(16384, "tokens per shard")
+    layers: Annotated[str, LAYER_SPEC] = _f("0-30:6", "residual-stream layers to harvest and train on")
+    max_tokens: Annotated[int, Gt(0)] = _f(49152, "harvest budget in tokens")
+    context: Annotated[int, Gt(0)] = _f(128, "tokens per context")
+    expansion: Annotated[int, Gt(0)] = _f(4, "latents per input dimension")
+    k: Annotated[int, Gt(0)] = _f(32, "active latents per token (TopK)")
+    batch_size: Annotated[int, Gt(0)] = _f(1024, "training batch in tokens")
+    epochs: Annotated[int, Gt(0)] = _f(4, "passes over the training shards")
+    shard_tokens: Annotated[int, Gt(0)] = _f(16384, "tokens per shard")
     serve: bool = _f(True, "launch the dashboard at the end")
-    port: int = _f(8501, "dashboard port")
+    port: Annotated[int, Interval(ge=1, le=65535)] = _f(8501, "dashboard port")
 
 
 def run_demo(cfg: DemoConfig) -> None:

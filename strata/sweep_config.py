@@ -27,18 +27,26 @@ import json
 import math
 import random
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from annotated_types import Ge, Gt
 
 from activations import layout
+from activations.config import option as _f
 from sae.evaluate import EvalConfig
 from sae.train_config import TrainConfig
-from strata.config import ConfigError, load_config_file
+from strata.config import (
+    ConfigError,
+    base_type,
+    check_value,
+    load_config_file,
+    validate_config,
+)
 
 TOP_KEYS = ("run", "name", "parallel", "eval", "base", "grid", "random")
 SET_BY_SWEEP = ("run_dir", "name", "resume", "overwrite", "progress")  # the sweep decides these per member
-TRAIN_TYPES = typing.get_type_hints(TrainConfig)
 
 
 @dataclass
@@ -75,41 +83,15 @@ class Sweep:
                 **self.search, "members": [m.record() for m in self.members]}
 
 
+@dataclass
+class RandomSearch:
+    n: Annotated[int, Gt(0)] = field(metadata={"help": "members to draw"})
+    seed: Annotated[int, Ge(0)] = _f(0, "seed of the draws (the same seed draws the same members)")
+    space: dict | None = field(default=None, metadata={
+        "help": "TrainConfig field -> list, {choice: [...]}, {uniform: [lo, hi]} or {log_uniform: [lo, hi]}"})
+
+
 # ---------------------------------------------------------------- config -> members (nothing is written here)
-def _base_type(name: str):
-    tp = TRAIN_TYPES[name]
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
-def _coerce(name: str, value, where: str):
-    """A YAML value as the TrainConfig field's type (YAML 1.1 reads 1e-4 as a string: accept it)."""
-    tp = _base_type(name)
-    if value is None and type(None) in typing.get_args(TRAIN_TYPES[name]):
-        return None  # e.g. lr: null = the trainer's width-scaled default
-    bad = ConfigError(f"{where}: {name}={value!r} is not a valid {tp.__name__}; fix the value in the sweep config")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if isinstance(value, bool):
-        raise bad
-    if tp is str:
-        if isinstance(value, (str, int, float)):
-            return str(value)
-        raise bad
-    try:
-        if tp is float:
-            return float(value)
-        if tp is int:
-            v = float(value)
-            if v.is_integer():
-                return int(v)
-    except (TypeError, ValueError):
-        pass
-    raise bad
-
-
 def _check_fields(names, where: str) -> None:
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     for n in names:
@@ -129,7 +111,7 @@ def grid_params(grid) -> list[dict]:
         values = values if isinstance(values, list) else [values]
         if not values:
             raise ConfigError(f"grid: {name} has no values; give at least one or remove it")
-        axes[name] = [_coerce(name, v, "grid") for v in values]
+        axes[name] = [check_value(TrainConfig, name, v, "grid") for v in values]
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
@@ -143,11 +125,12 @@ def _sampler(name: str, spec):
     if kind == "choice":
         if not isinstance(arg, list) or not arg:
             raise ConfigError(f"random.space: {name} has no values to choose from; give a non-empty list")
-        values = [_coerce(name, v, "random.space") for v in arg]
+        values = [check_value(TrainConfig, name, v, "random.space") for v in arg]
         return lambda rng: rng.choice(values)
     if kind not in ("uniform", "log_uniform"):
         raise ConfigError(f"random.space: {name}: unknown distribution {kind!r}; use choice, uniform or log_uniform")
-    if _base_type(name) not in (int, float):
+    numeric = base_type(TrainConfig, name)
+    if numeric not in (int, float):
         raise ConfigError(f"random.space: {name} is not numeric; give it a list of values instead of {kind}")
     try:
         lo, hi = (float(v) for v in arg)
@@ -157,21 +140,19 @@ def _sampler(name: str, spec):
         raise ConfigError(f"random.space: {name}: {kind} needs lo <= hi{' and lo > 0' if kind == 'log_uniform' else ''}")
     draw = (lambda rng: rng.uniform(lo, hi)) if kind == "uniform" else (
         lambda rng: math.exp(rng.uniform(math.log(lo), math.log(hi))))
-    return lambda rng: _coerce(name, round(draw(rng)) if _base_type(name) is int else draw(rng), "random.space")
+    return lambda rng: check_value(TrainConfig, name, round(draw(rng)) if numeric is int else draw(rng), "random.space")
 
 
 def random_params(spec) -> list[dict]:
-    if not isinstance(spec, dict) or set(spec) - {"n", "seed", "space"}:
+    if not isinstance(spec, dict):
         raise ConfigError("random: must be a mapping with n, seed and space, e.g. random: {n: 8, seed: 0, space: {k: [16, 32]}}")
-    n, seed, space = spec.get("n"), spec.get("seed", 0), spec.get("space")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"random.n must be a positive integer (got {n!r})")
-    if not isinstance(space, dict) or not space:
+    search = validate_config(RandomSearch, spec, {k: f"random.{k}" for k in spec}, where="random")
+    if not isinstance(search.space, dict) or not search.space:
         raise ConfigError("random.space must map TrainConfig fields to value lists or ranges; it is empty")
-    _check_fields(space, "random.space")
-    samplers = {name: _sampler(name, s) for name, s in space.items()}
-    rng = random.Random(seed)
-    return [{name: draw(rng) for name, draw in samplers.items()} for _ in range(n)]
+    _check_fields(search.space, "random.space")
+    samplers = {name: _sampler(name, s) for name, s in search.space.items()}
+    rng = random.Random(search.seed)
+    return [{name: draw(rng) for name, draw in samplers.items()} for _ in range(search.n)]
 
 
 def _eval_options(value) -> dict | None:
@@ -182,16 +163,16 @@ def _eval_options(value) -> dict | None:
     if not isinstance(value, dict):
         raise ConfigError("eval: must be true, false or a mapping of `strata eval` fields, e.g. {ce_contexts: 8}")
     allowed = [f.name for f in dataclasses.fields(EvalConfig) if f.name not in ("run_dir", "name")]
-    unknown = sorted(set(value) - set(allowed))
+    unknown = sorted(str(k) for k in value if k not in allowed)
     if unknown:
         raise ConfigError(f"eval: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(allowed)}")
-    return dict(value)
+    return {k: check_value(EvalConfig, k, v, "eval") for k, v in value.items()}
 
 
 def load_sweep(path, parallel: int | None = None) -> Sweep:
     """Parse and check a sweep config; every problem is one ConfigError before anything is written."""
     data = load_config_file(path)
-    unknown = sorted(set(data) - set(TOP_KEYS))
+    unknown = sorted(str(k) for k in data if k not in TOP_KEYS)
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {', '.join(unknown)}; valid keys: {', '.join(TOP_KEYS)}")
     run = data.get("run")
@@ -209,7 +190,7 @@ def load_sweep(path, parallel: int | None = None) -> Sweep:
     if not isinstance(base, dict):
         raise ConfigError("base: must map TrainConfig fields to values, e.g. base: {arch: topk, layers: '3'}")
     _check_fields(base, "base")
-    base = {k: _coerce(k, v, "base") for k, v in base.items()}
+    base = {k: check_value(TrainConfig, k, v, "base") for k, v in base.items()}
     if ("grid" in data) == ("random" in data):
         raise ConfigError("give exactly one of `grid:` (cartesian product) or `random:` (n samples)")
     if "grid" in data:
@@ -217,9 +198,11 @@ def load_sweep(path, parallel: int | None = None) -> Sweep:
     else:
         params, search = random_params(data["random"]), {"random": data["random"]}
     sweep = Sweep(name, run, parallel, _eval_options(data.get("eval")), base, search)
+    search_key = next(iter(search))
     for i, p in enumerate(params):
         member = f"{name}-{i}"
-        cfg = TrainConfig(**{**base, **p, "run_dir": run, "name": member})
+        origins = {**{k: "base" for k in base}, **{k: search_key for k in p}}
+        cfg = validate_config(TrainConfig, {**base, **p, "run_dir": run, "name": member}, origins)
         sweep.members.append(Member(member, p, cfg))
     _check_previous(sweep)
     return sweep

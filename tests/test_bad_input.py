@@ -84,7 +84,59 @@ def run_cli(argv: list, capsys) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------- flags, config files, --help (strata/config.py, cli)
+def with_file(id_: str, argv: Callable[[Workspace], list], name: str, content: str | bytes, match: str) -> Case:
+    """A case whose command line ends with `--config <case folder>/<name>`, the file holding `content`."""
+    def setup(w: Workspace, tmp: Path) -> None:
+        (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    return Case(id_, lambda w: [*argv(w), "--config", w.root / "cases" / id_ / name], match, setup)
+
+
+def _train(name: str, flags: list = FAST) -> Callable[[Workspace], list]:
+    return lambda w: ["train", w.run, "--name", name, *flags]
+
+
+FEW = ["--expansion", "4", "--progress", "false", "--device", "cpu"]  # k and batch_size come from the file
+
+
 CONFIG_CASES: list[Case] = [
+    # flags: a wrong type names the flag, the field, the value and what it takes (not "invalid <lambda> value")
+    Case("flag-int-fractional", lambda w: [*_train("c-frac")(w), "--k", "32.5"], "--k: k='32.5' is not a valid int"),
+    Case("flag-bool-garbage", lambda w: [*_train("c-bool")(w), "--bf16", "maybe"], "bf16='maybe' is not a valid bool"),
+    Case("flag-negative-exclude-first", lambda w: [*_train("c-excl")(w), "--exclude-first", "-1"],
+         "exclude_first='-1' is not a valid int >= 0"),
+    Case("flag-negative-lr-exponent", lambda w: [*_train("c-lr")(w), "--lr", "-1e-3"], "lr='-1e-3' is not a valid float > 0"),
+    Case("flag-bad-prefixes", lambda w: [*_train("c-pre")(w), "--arch", "matryoshka", "--matryoshka-prefixes", "16,abc"],
+         "'abc' is not a positive integer"),
+    Case("eval-negative-max-tokens", lambda w: ["eval", w.run, "--name", "t1", "--max-tokens", "-5", "--device", "cpu"],
+         "max_tokens='-5' is not a valid int >= 0"),
+    Case("analyze-min-link-out-of-range", lambda w: ["analyze", w.analyzed, "--min-link", "2", "--device", "cpu"],
+         "min_link='2' is not a valid float >= -1 and <= 1"),
+    # the explainer's allowed values are checked before any SAE or model is loaded (it took 15 s to refuse)
+    Case("analyze-bogus-explainer", lambda w: ["analyze", w.analyzed, "--explainer", "bogus", "--device", "cpu"],
+         "explainer='bogus' is not a valid choice (tokens, openai, transformers, none)"),
+    # argparse's own errors: one line with the verb's --help, not a usage block
+    Case("flag-unknown", lambda w: [*_train("c-unk")(w), "--nmae", "x"], "unrecognized arguments: --nmae x (see strata train --help)"),
+    Case("flag-missing-value", lambda w: [*_train("c-miss")(w), "--k"], "argument --k: expected one argument"),
+    Case("verb-typo", lambda w: ["trian", w.run], "invalid choice: 'trian'"),
+    # config files: the same types and constraints as flags, the file named in the message
+    with_file("file-fractional-k", _train("c-ffrac", FEW), "t.yaml", "k: 32.5\nbatch_size: 256\n", "t.yaml: k=32.5 is not a valid int"),
+    with_file("file-bool-garbage", _train("c-fbool"), "t.yaml", "bf16: maybe\n", "bf16='maybe' is not a valid bool"),
+    with_file("file-batch-size-text", _train("c-fbs", FEW), "t.json", '{"batch_size": "lots", "k": 8}', "batch_size='lots'"),
+    with_file("file-negative-exclude-first", _train("c-fexcl"), "t.yaml", "exclude_first: -2\n", "exclude_first=-2"),
+    with_file("file-layers-mapping", _train("c-flay"), "t.yaml", "layers: {first: 1}\n", "layers={'first': 1}"),
+    with_file("file-unknown-site-in-list", _train("c-fsite"), "t.yaml", "sites: [resid, bogus]\n", "unknown site 'bogus'"),
+    with_file("file-not-text", _train("c-fbin"), "t.yaml", b"\xff\xfe\x00k: 8", "is not valid YAML"),
+    with_file("file-bad-wandb-mode", _train("c-fwb"), "t.yaml", "wandb_mode: sometimes\n",
+              "wandb_mode='sometimes' is not a valid choice (online, offline, disabled)"),
+    # eval takes --config like every run verb; its unknown fields are listed with the valid ones
+    with_file("eval-config-unknown-field", lambda w: ["eval", w.run, "--name", "t1", "--device", "cpu"], "e.yaml",
+              "ce_context: 4\n", "unknown EvalConfig field(s) ce_context; valid fields: batch_size, ce_contexts"),
+    with_file("eval-config-negative", lambda w: ["eval", w.run, "--name", "t1", "--device", "cpu"], "e.yaml",
+              "ce_contexts: -4\n", "ce_contexts=-4 is not a valid int >= 0"),
+    with_file("harvest-config-negative-context",
+              lambda w: ["harvest", w.root / "cases/harvest-config-negative-context/new-run", "--model", w.model,
+                         "--progress", "false"], "h.yaml", "context: -32\nlayers: [1, 2]\n", "context=-32"),
 ]
 
 

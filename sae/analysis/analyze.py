@@ -13,11 +13,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge, Gt, Interval
 
 from activations import layout
+from activations.config import option as _f
 from activations.errors import StrataError
 from sae.analysis.explain import ExplainerError, TokenExplainer, make_explainer
 from sae.analysis.explain_index import (
@@ -37,29 +40,30 @@ LOGIT_SITES = ("resid", "mlp_out", "attn_out")  # sites that add into the residu
 
 @dataclass
 class AnalyzeConfig:
-    run_dir: str = field(default="", metadata={"help": "run directory", "cli": False})
-    name: str = field(default="", metadata={"help": "training run to index (RUN/train/<name>); empty = every one"})
-    data: str = field(default="heldout", metadata={"help": "which shards: heldout (last shards, as eval) or all"})
-    heldout_fraction: float = field(default=0.1, metadata={"help": "fraction of shards held out (as in training)"})
-    max_tokens: int = field(default=0, metadata={"help": "stop after this many tokens (0 = all selected shards)"})
-    batch_size: int = field(default=1024, metadata={"help": "tokens encoded at once"})
-    top_k: int = field(default=20, metadata={"help": "top activating contexts kept per feature"})
-    window: int = field(default=5, metadata={"help": "context tokens shown each side of the peak"})
-    intervals: int = field(default=5, metadata={"help": "quantile intervals of example activations"})
-    per_interval: int = field(default=5, metadata={"help": "examples per quantile interval"})
-    neighbours: int = field(default=10, metadata={"help": "nearest features by decoder cosine"})
-    logits: int = field(default=10, metadata={"help": "promoted and suppressed tokens per feature (causal LMs)"})
-    match_candidates: int = field(default=5, metadata={"help": "next-layer candidates (decoder cosine) per feature"})
-    min_link: float = field(default=0.3, metadata={"help": "least activation correlation that continues a path"})
-    explainer: str = field(default="tokens", metadata={"help": "tokens (offline), openai, transformers, or none"})
-    explainer_model: str = field(default="", metadata={"help": "model for the openai/transformers explainers"})
-    explainer_url: str = field(default="", metadata={"help": "OpenAI-compatible base URL, e.g. http://localhost:8080/v1"})
-    explain_max: int = field(default=0, metadata={"help": "explain only the first N features per SAE (0 = all)"})
-    explain_only: bool = field(default=False, metadata={
-        "help": "only (re-)explain the features of an existing index, continuing where the explainer stopped"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
-    seed: int = field(default=0)
-    progress: bool = field(default=True, metadata={"help": "print progress to stderr"})
+    run_dir: str = _f("", "run directory", cli=False)
+    name: str = _f("", "training run to index (RUN/train/<name>); empty = every one")
+    data: Literal["heldout", "all"] = _f("heldout", "which shards: heldout (last shards, as eval) or all")
+    heldout_fraction: Annotated[float, Interval(ge=0, lt=1)] = _f(0.1, "fraction of shards held out (as in training)")
+    max_tokens: Annotated[int, Ge(0)] = _f(0, "stop after this many tokens (0 = all selected shards)")
+    batch_size: Annotated[int, Gt(0)] = _f(1024, "tokens encoded at once")
+    top_k: Annotated[int, Gt(0)] = _f(20, "top activating contexts kept per feature")
+    window: Annotated[int, Ge(0)] = _f(5, "context tokens shown each side of the peak")
+    intervals: Annotated[int, Gt(0)] = _f(5, "quantile intervals of example activations")
+    per_interval: Annotated[int, Gt(0)] = _f(5, "examples per quantile interval")
+    neighbours: Annotated[int, Ge(0)] = _f(10, "nearest features by decoder cosine")
+    logits: Annotated[int, Ge(0)] = _f(10, "promoted and suppressed tokens per feature (causal LMs)")
+    match_candidates: Annotated[int, Gt(0)] = _f(5, "next-layer candidates (decoder cosine) per feature")
+    min_link: Annotated[float, Interval(ge=-1, le=1)] = _f(0.3, "least activation correlation that continues a path")
+    explainer: Literal["tokens", "openai", "transformers", "none"] = _f(
+        "tokens", "tokens (offline), openai (any OpenAI-compatible server), transformers (a local model), or none")
+    explainer_model: str = _f("", "model for the openai/transformers explainers")
+    explainer_url: str = _f("", "OpenAI-compatible base URL, e.g. http://localhost:8080/v1")
+    explain_max: Annotated[int, Ge(0)] = _f(0, "explain only the first N features per SAE (0 = all)")
+    explain_only: bool = _f(False, "only (re-)explain the features of an existing index, continuing where the "
+                                   "explainer stopped")
+    device: str = _f("auto", "cpu, cuda or auto")
+    seed: Annotated[int, Ge(0)] = _f(0, "seed for the sampled examples")
+    progress: bool = _f(True, "print progress to stderr")
 
 
 def train_names(run) -> list[str]:
