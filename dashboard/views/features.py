@@ -1,6 +1,8 @@
 """Features: filter and sort an SAE's features, then open one (its page is views/feature.py)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import streamlit as st
 
@@ -41,6 +43,11 @@ def filtered(ctx: Ctx, sid: str, df):
     return df[keep].sort_values(col, ascending=ascending, kind="stable", na_position="last")
 
 
+def linked_feature(q: str, n: int) -> int | None:
+    """The feature index from a link's ?f=, or None unless it is a whole number in 0..n-1."""
+    return int(q) if re.fullmatch(r"[0-9]{1,12}", q) and int(q) < n else None
+
+
 def render(ctx: Ctx) -> None:
     st.header("Features")
     if not need_index(ctx):
@@ -66,12 +73,16 @@ def render(ctx: Ctx) -> None:
     if picked and st.session_state.get(f"sel-{sid}") != picked:  # a new row click opens that feature
         st.session_state[f"sel-{sid}"] = picked
         st.session_state[fkey] = int(shown.iloc[picked[0]]["feature"])
-    if fkey not in st.session_state:
-        q = ctx.query.get("f")
+    q = ctx.query.get("f")
+    if fkey not in st.session_state:  # the page opens on the linked feature, or on the first one listed
         first = int(view.iloc[0]["feature"]) if len(view) else 0
-        st.session_state[fkey] = int(q) if q is not None and str(q).isdigit() and int(q) < n else first
-    f = st.number_input("feature", 0, n - 1, key=fkey)
-    if ctx.query.get("f") != str(f):
+        st.session_state[fkey] = first if q is None else linked_feature(q, n)
+    f = st.number_input("feature", 0, n - 1, key=fkey, placeholder=f"0-{n - 1}")
+    if f is None:  # a link with a feature this SAE does not have: say so rather than show another one
+        st.error(f"This link asks for feature f={q!r}, which {sid} does not have: its features are 0-{n - 1}. "
+                 "Type one above or pick a row in the table.")
+        return
+    if q != str(f):
         ctx.query["f"] = str(f)
     st.divider()
     render_feature(ctx, sid, int(f))
