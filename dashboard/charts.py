@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-LAYOUT = dict(margin=dict(l=40, r=10, t=36, b=36), height=300, template="plotly_white")
+LAYOUT = {"margin": {"l": 40, "r": 10, "t": 36, "b": 36}, "height": 300, "template": "plotly_white"}
 
 
 def flatten(row: dict, prefix: str = "") -> dict:
@@ -65,16 +65,6 @@ def activation_histogram(counts: np.ndarray, hi: float) -> go.Figure:
     return fig
 
 
-def logit_bars(names_top, vals_top, names_bottom, vals_bottom) -> go.Figure:
-    fig = go.Figure()
-    fig.add_trace(go.Bar(y=list(names_bottom)[::-1], x=list(vals_bottom)[::-1], orientation="h", name="suppressed",
-                         marker_color="#dc2626"))
-    fig.add_trace(go.Bar(y=list(names_top)[::-1], x=list(vals_top)[::-1], orientation="h", name="promoted",
-                         marker_color="#2563eb"))
-    fig.update_layout(title="logit effects", **{**LAYOUT, "height": 420})
-    return fig
-
-
 def layer_profile(layers: list[int], mass: np.ndarray, title="activation mass per layer") -> go.Figure:
     fig = go.Figure(go.Bar(x=[str(x) for x in layers], y=mass, marker_color="#7c3aed"))
     fig.update_layout(title=title, xaxis_title="layer", **LAYOUT)
@@ -83,7 +73,7 @@ def layer_profile(layers: list[int], mass: np.ndarray, title="activation mass pe
 
 def feature_layer_heatmap(mass: np.ndarray, layers: list[int], feature_ids: np.ndarray) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=mass, x=[str(x) for x in layers], y=[str(i) for i in feature_ids],
-                               colorscale="Viridis", colorbar=dict(title="mass")))
+                               colorscale="Viridis", colorbar={"title": "mass"}))
     fig.update_layout(title="features x layers (sorted by mean layer)", xaxis_title="layer",
                       yaxis_title="feature", **{**LAYOUT, "height": 520})
     fig.update_yaxes(showticklabels=len(feature_ids) <= 60, type="category")
