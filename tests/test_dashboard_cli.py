@@ -74,6 +74,6 @@ def test_a_server_that_stops_early_is_reported():
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     proc.wait(timeout=30)
     started = time.monotonic()
-    with pytest.raises(StrataError, match="stopped before it served .* exit status 3"):
+    with pytest.raises(StrataError, match=r"stopped before it served .* \(exit status 3\)"):
         wait_until_up(f"http://127.0.0.1:{free_port()}", proc, timeout=30)
     assert time.monotonic() - started < 5
