@@ -35,6 +35,8 @@ def all_html(at) -> str:
 
 
 def test_overview_shows_manifest_curves_table_density_frontier(synth, monkeypatch):
+    import json
+
     at = app(synth, monkeypatch)
     assert at.header[0].value == "Overview"
     labels = {m.label: m.value for m in at.metric}
@@ -46,9 +48,14 @@ def test_overview_shows_manifest_curves_table_density_frontier(synth, monkeypatc
     assert table.set_index("SAE").loc["resid.1", "loss recovered"] == pytest.approx(0.9)
     # L0 measured by the index equals the SAEs' k (TopK with k=4)
     assert table.set_index("SAE").loc["resid.1", "L0 (index)"] == pytest.approx(4.0)
-    charts = at.get("plotly_chart")
-    titles = " ".join(c.proto.spec for c in charts)
-    assert "fvu" in titles and "feature density" in titles and "L0-FVU frontier" in titles
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    titles = {s["layout"]["title"]["text"] for s in specs}
+    assert {"fvu", "l0", "feature density", "L0-FVU frontier"} <= titles
+    fvu = next(s for s in specs if s["layout"]["title"]["text"] == "fvu")  # one curve per SAE, against step
+    assert {t["name"] for t in fvu["data"]} == {"resid.0", "resid.1", "resid.2", "multi", "cross"}
+    assert list(fvu["data"][0]["x"]) == list(range(10, 110, 10))
+    assert at.multiselect(key="metrics-synth").options == ["frac_dead", "fvu", "fvu/resid.0", "fvu/resid.1",
+                                                           "fvu/resid.2", "l0", "loss", "lr", "tokens_per_s"]
 
 
 def test_overview_shows_a_sweep_summary(synth, monkeypatch):

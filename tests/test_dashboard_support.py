@@ -89,7 +89,10 @@ def synthetic_run(root: Path, vocab: list[str], tokens: int = 2000, d: int = 16,
     tdir = layout.train_dir(root, name)
     layout.checkpoint_dir(root, name).mkdir(parents=True, exist_ok=True)
     with open(layout.metrics_path(root, name), "w") as f:
-        f.writelines(json.dumps({"step": step, "fvu": 1.0 / (1 + step), "l0": 4.0, "loss": 2.0 - step / 100}) + "\n" for step in range(0, 100, 10))
+        f.writelines(json.dumps({"step": step, "tokens": 256 * step, "lr": 3e-4, "tokens_per_s": 1e4, "saes": {
+            sid: {"loss": 2.0 - step / 100, "fvu": 1.0 / (1 + step) + 0.01 * i, "l0": 4.0, "frac_dead": 0.1,
+                  **({f"fvu/{k}": 0.5 for k in sae.cfg.in_keys} if len(sae.cfg.in_keys) > 1 else {})}
+            for i, (sid, sae) in enumerate(saes.items())}}) + "\n" for step in range(10, 110, 10))  # as sae/train.py logs
     # the shape `strata eval` writes: per SAE an "overall" summary (and per-key details)
     (tdir / "eval.json").write_text(json.dumps({"name": name, "heldout_shards": [0], "saes": {
         sid: {"overall": {"l0": 4.0, "fvu": 0.2 + 0.01 * i, "frac_dead": 0.1, "ce_loss_recovered": 0.9}, "per_key": {}}
