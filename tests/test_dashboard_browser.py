@@ -2,6 +2,8 @@
 Playwright (pytest-playwright's `page`, driving Debian's chromium)."""
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 from test_dashboard_support import (
     XSS_PAYLOADS,
@@ -120,3 +122,16 @@ def test_real_run_feature_page_in_chromium(analyzed_run, page):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_bad_feature_link_is_named_as_typed(served, page):
+    """?f= is shown back in the error exactly as written, never as markup: this one cannot become a link."""
+    _, url = served
+    bad = "[open](https://evil.example)"
+    page.set_default_timeout(LOAD_MS)
+    page.goto(f"{url}/?page=features&train=synth&sae=resid.1&f={quote(bad)}")
+    alert = page.get_by_role("alert").filter(has_text="This link asks for feature")
+    alert.wait_for()
+    assert f"feature f={bad}, which resid.1 does not have: its features are 0-31" in alert.inner_text()
+    assert page.locator("a[href*='evil.example']").count() == 0
+    assert page.locator(".strata-ctx").count() == 0  # and no other feature is shown in its place

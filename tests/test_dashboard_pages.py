@@ -153,7 +153,7 @@ def test_a_link_to_a_feature_that_does_not_exist_says_so(synth, monkeypatch, bad
     at.query_params.update(page="features", train="synth", sae="resid.1", f=bad)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    assert [e.value for e in at.error] == [(f"This link asks for feature f={bad!r}, which resid.1 does not have: its "
+    assert [e.value for e in at.error] == [(f"This link asks for feature ` f={bad} `, which resid.1 does not have: its "
                                            "features are 0-31. Type one above or pick a row in the table.")]
     assert "class=\"tok" not in all_html(at) and not any("· feature" in h.value for h in at.subheader)
     assert at.number_input[0].value is None

@@ -1,6 +1,7 @@
 """What every page gets, and small helpers shared by pages."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def pick_sae(ctx: Ctx, sae_ids: list[str], label: str = "SAE", key: str = "sae",
             del ctx.query["f"]
         ctx.query["sae"] = sid
     return sid
+
+
+def md_code(text: str) -> str:
+    """`text` (e.g. from the URL) as a markdown code span for Streamlit's st.error, st.caption ...: shown exactly
+    as written, never read as a link, an image or emphasis (the fence is longer than any backtick run inside)."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
 
 
 def html(fragment: Markup) -> None:

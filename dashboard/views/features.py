@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import cache
-from dashboard.views.common import Ctx, need_index, pick_sae
+from dashboard.views.common import Ctx, md_code, need_index, pick_sae
 from dashboard.views.feature import render_feature
 
 SORTS = {"max activation": ("max_act", False), "density (high first)": ("frequency", False),
@@ -79,7 +79,7 @@ def render(ctx: Ctx) -> None:
         st.session_state[fkey] = first if q is None else linked_feature(q, n)
     f = st.number_input("feature", 0, n - 1, key=fkey, placeholder=f"0-{n - 1}")
     if f is None:  # a link with a feature this SAE does not have: say so rather than show another one
-        st.error(f"This link asks for feature f={q!r}, which {sid} does not have: its features are 0-{n - 1}. "
+        st.error(f"This link asks for feature {md_code('f=' + q)}, which {sid} does not have: its features are 0-{n - 1}. "
                  "Type one above or pick a row in the table.")
         return
     if q != str(f):

@@ -40,7 +40,7 @@ def prompt_features(lm, saes: dict, text: str, top: int = 3, max_tokens: int = 1
     return {"tokens": tokens, "columns": columns}
 
 
-def grid_html(result: dict, train: str):
+def grid_html(result: dict, train: str) -> Markup:
     """Tokens down, SAE layers across; a cell links the strongest features there, shaded by activation."""
     cols = result["columns"]
     vmax = max((float(c["val"].max()) for c in cols if c["val"].size), default=1.0) or 1.0
