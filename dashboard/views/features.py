@@ -78,9 +78,12 @@ def render(ctx: Ctx) -> None:
         first = int(view.iloc[0]["feature"]) if len(view) else 0
         st.session_state[fkey] = first if q is None else linked_feature(q, n)
     f = st.number_input("feature", 0, n - 1, key=fkey, placeholder=f"0-{n - 1}")
-    if f is None:  # a link with a feature this SAE does not have: say so rather than show another one
-        st.error(f"This link asks for feature {md_code('f=' + q)}, which {sid} does not have: its features are 0-{n - 1}. "
-                 "Type one above or pick a row in the table.")
+    if f is None and q is not None and linked_feature(q, n) is None:  # say so rather than show another feature
+        st.error(f"This link asks for feature {md_code('f=' + q)}, which {sid} does not have: its features are "
+                 f"0-{n - 1}. Type one above or pick a row in the table.")
+        return
+    if f is None:  # the number field was emptied
+        st.info(f"Type a feature number in 0-{n - 1} above, or pick a row in the table.")
         return
     if q != str(f):
         ctx.query["f"] = str(f)
