@@ -44,7 +44,7 @@ def grid_html(result: dict, train: str) -> Markup:
     """Tokens down, SAE layers across; a cell links the strongest features there, shaded by activation."""
     cols = result["columns"]
     vmax = max((float(c["val"].max()) for c in cols if c["val"].size), default=1.0) or 1.0
-    rows = [[TOKEN_CELL.format(visible_token(s))]
+    rows = [[TOKEN_CELL % {"text": visible_token(s)}]
             + [Markup(" ").join(feature_chip(train, c["sae"], int(j), float(v), vmax)
                                 for j, v in zip(c["idx"][t], c["val"][t]) if v > 0) for c in cols]
             for t, s in enumerate(result["tokens"])]
