@@ -137,6 +137,10 @@ def test_share_is_refused_while_a_harvest_holds_the_run(shared, capsys):
         assert main(["share", str(shared), "--features", "resid.1:3"]) == 2
     assert "in use by `strata harvest`" in capsys.readouterr().err
     assert pages(shared / "share") == before
+    # once the harvest is done, rerunning share replaces its own earlier bundle in RUN/share
+    assert main(["share", str(shared), "--features", SPEC]) == 0
+    assert pages(shared / "share") == before
+    assert sorted(p.name for p in shared.iterdir() if p.name.startswith("share")) == ["share"]
 
 
 @needs_chromium
