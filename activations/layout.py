@@ -71,8 +71,12 @@ def metrics_path(run, name: str) -> Path:
     return train_dir(run, name) / "metrics.jsonl"
 
 
+def sweeps_root(run) -> Path:
+    return Path(run) / "sweeps"
+
+
 def sweep_dir(run, sweep: str) -> Path:
-    return Path(run) / "sweeps" / check_name(sweep, "sweep name")
+    return sweeps_root(run) / check_name(sweep, "sweep name")
 
 
 def index_path(run, name: str) -> Path:

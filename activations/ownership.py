@@ -34,6 +34,8 @@ def owner_kind(folder) -> str | None:
         return "run"
     if (folder / "state.json").is_file() and (folder / "saes").is_dir():
         return "checkpoint"  # written before markers existed (Strata 0.1)
+    if (folder / "index.html").is_file() and (folder / "assets" / "plotly.min.js").is_file():
+        return "share"  # a bundle written before markers existed (Strata 0.1)
     return None
 
 

@@ -4,46 +4,48 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-LAYOUT = dict(margin=dict(l=40, r=10, t=36, b=36), height=300, template="plotly_white")
+LAYOUT = {"margin": {"l": 40, "r": 10, "t": 36, "b": 36}, "height": 300, "template": "plotly_white"}
 
 
-def flatten(row: dict, prefix: str = "") -> dict:
-    """{"lr": x, "saes": {"resid.0": {"fvu": y}}} -> {"lr": x, "resid.0/fvu": y} (numbers only)."""
-    out = {}
-    for k, v in row.items():
-        name = k if not prefix else f"{prefix}/{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, "" if k == "saes" and not prefix else name))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[name] = v
-    return out
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def training_series(rows: list[dict], metric: str) -> dict[str, tuple[list, list]]:
+    """(steps, values) per line of `metric` from metrics.jsonl rows as sae/train.py logs them:
+    {"step", "tokens", "lr", "tokens_per_s", "saes": {sae_id: {"loss", "fvu", "l0", "frac_dead", ...,
+    "fvu/<key>" for an SAE that reads several keys}}}. A per-SAE metric gives one line per SAE; a run-wide one
+    (lr, tokens_per_s) one line named after it."""
+    series: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        step = r.get("step")
+        lines = {sid: m.get(metric) for sid, m in r.get("saes", {}).items() if isinstance(m, dict)}
+        lines[metric] = r.get(metric)
+        for name, v in lines.items():
+            if _number(v) and _number(step):
+                xs, ys = series.setdefault(name, ([], []))
+                xs.append(step)
+                ys.append(v)
+    return series
 
 
 def training_curves(rows: list[dict], metric: str) -> go.Figure:
-    """One line per SAE (or one line) of `metric` against step."""
+    """One line per SAE (or one line, for a run-wide metric) of `metric` against step."""
     fig = go.Figure()
-    series: dict[str, tuple[list, list]] = {}
-    for i, r in enumerate(rows):
-        flat = flatten(r)
-        step = flat.get("step", i)
-        for k, v in flat.items():
-            if k == metric or k.endswith("/" + metric):
-                name = k[: -len(metric) - 1] if k != metric else metric
-                series.setdefault(name, ([], []))
-                series[name][0].append(step)
-                series[name][1].append(v)
-    for name, (x, y) in sorted(series.items()):
+    for name, (x, y) in sorted(training_series(rows, metric).items()):
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=name))
     fig.update_layout(title=metric, xaxis_title="step", **LAYOUT)
     return fig
 
 
 def numeric_metrics(rows: list[dict]) -> list[str]:
+    """Every metric a curve can be drawn of: the per-SAE ones and the run-wide ones except step and tokens."""
     names = set()
     for r in rows:
-        for k in flatten(r):
-            if k != "step":
-                names.add(k.rsplit("/", 1)[-1])
+        names.update(k for k, v in r.items() if _number(v) and k not in ("step", "tokens"))
+        for m in r.get("saes", {}).values():
+            if isinstance(m, dict):
+                names.update(k for k, v in m.items() if _number(v))
     return sorted(names)
 
 
@@ -65,16 +67,6 @@ def activation_histogram(counts: np.ndarray, hi: float) -> go.Figure:
     return fig
 
 
-def logit_bars(names_top, vals_top, names_bottom, vals_bottom) -> go.Figure:
-    fig = go.Figure()
-    fig.add_trace(go.Bar(y=list(names_bottom)[::-1], x=list(vals_bottom)[::-1], orientation="h", name="suppressed",
-                         marker_color="#dc2626"))
-    fig.add_trace(go.Bar(y=list(names_top)[::-1], x=list(vals_top)[::-1], orientation="h", name="promoted",
-                         marker_color="#2563eb"))
-    fig.update_layout(title="logit effects", **{**LAYOUT, "height": 420})
-    return fig
-
-
 def layer_profile(layers: list[int], mass: np.ndarray, title="activation mass per layer") -> go.Figure:
     fig = go.Figure(go.Bar(x=[str(x) for x in layers], y=mass, marker_color="#7c3aed"))
     fig.update_layout(title=title, xaxis_title="layer", **LAYOUT)
@@ -83,7 +75,7 @@ def layer_profile(layers: list[int], mass: np.ndarray, title="activation mass pe
 
 def feature_layer_heatmap(mass: np.ndarray, layers: list[int], feature_ids: np.ndarray) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=mass, x=[str(x) for x in layers], y=[str(i) for i in feature_ids],
-                               colorscale="Viridis", colorbar=dict(title="mass")))
+                               colorscale="Viridis", colorbar={"title": "mass"}))
     fig.update_layout(title="features x layers (sorted by mean layer)", xaxis_title="layer",
                       yaxis_title="feature", **{**LAYOUT, "height": 520})
     fig.update_yaxes(showticklabels=len(feature_ids) <= 60, type="category")

@@ -41,13 +41,22 @@ def _within(run, path) -> bool:
         return False
 
 
+def _valid_name(name: str) -> bool:
+    try:
+        layout.check_name(name)
+        return True
+    except StrataError:
+        return False
+
+
 def train_names(run) -> list[str]:
-    """Training runs on disk (a symlink that leads out of the run is not one)."""
+    """Training runs on disk (a symlink that leads out of the run, or a folder whose name Strata would never
+    give a training run, is not one)."""
     root = inside(run, layout.train_root(run))
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith((".partial", ".old"))
-                  and _within(run, p))
+                  and _valid_name(p.name) and _within(run, p))
 
 
 def index_names(run) -> list[str]:
@@ -74,20 +83,19 @@ def metrics(run, name: str) -> list[dict]:
 
 
 def eval_results(run, name: str) -> dict:
-    """eval.json as {sae_id: {metric: value}} (a flat or nested file; unknown shapes give {})."""
+    """Each SAE's summary from the eval.json `strata eval` writes (sae/evaluate.py): {sae_id: overall}, where
+    overall holds fvu, l0, frac_dead, ... and ce_loss_recovered when eval ran the model. {} when there is no
+    readable file."""
     path = inside(run, layout.train_dir(run, name) / "eval.json")
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        saes = json.loads(path.read_text()).get("saes")
+    except (json.JSONDecodeError, AttributeError):
         return {}
-    if isinstance(data, dict) and isinstance(data.get("saes"), dict):
-        data = data["saes"]
-    if isinstance(data, dict):  # `strata eval` nests each SAE's summary under "overall"
-        return {str(k): (v["overall"] if isinstance(v.get("overall"), dict) else v)
-                for k, v in data.items() if isinstance(v, dict)}
-    return {}
+    if not isinstance(saes, dict):
+        return {}
+    return {str(sid): r["overall"] for sid, r in saes.items() if isinstance(r, dict) and isinstance(r.get("overall"), dict)}
 
 
 def train_config(run, name: str) -> dict:
@@ -98,24 +106,18 @@ def train_config(run, name: str) -> dict:
         return {}
 
 
-METRIC_ALIASES = {
-    "L0": ("l0",),
-    "FVU": ("fvu",),
-    "dead %": ("dead_pct", "dead_percent", "dead_frac", "dead_fraction", "frac_dead"),
-    "loss recovered": ("ce_loss_score", "loss_recovered", "ce_recovered", "ce_loss_recovered"),
-}
+# the overview's columns: (key in eval.json's per-SAE "overall", factor); sae/evaluate.py writes these keys
+# (NaN is stored as null), "frac_dead" as a fraction of latents
+EVAL_COLUMNS = {"L0": ("l0", 1.0), "FVU": ("fvu", 1.0), "dead %": ("frac_dead", 100.0),
+                "loss recovered": ("ce_loss_recovered", 1.0)}
 
 
-def pick_metric(results: dict, name: str):
-    """One of the overview's metrics from an eval entry, by its usual names (fractions of dead -> percent)."""
-    for key in METRIC_ALIASES[name]:
-        v = results.get(key)
-        if isinstance(v, dict):
-            v = v.get("value", v.get("mean"))
-        if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-            if name == "dead %" and "frac" in key:
-                return 100 * float(v)
-            return float(v)
+def eval_metric(overall: dict, column: str) -> float | None:
+    """One of EVAL_COLUMNS from an SAE's eval summary; None when eval did not measure it."""
+    key, factor = EVAL_COLUMNS[column]
+    v = overall.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return factor * float(v)
     return None
 
 
@@ -124,7 +126,7 @@ def sweep_points(run) -> list[dict]:
     points = []
     for name in train_names(run):
         for sid, res in eval_results(run, name).items():
-            l0, fvu = pick_metric(res, "L0"), pick_metric(res, "FVU")
+            l0, fvu = eval_metric(res, "L0"), eval_metric(res, "FVU")
             if l0 is not None and fvu is not None:
                 points.append({"train": name, "sae": sid, "L0": l0, "FVU": fvu})
     return points
@@ -141,9 +143,9 @@ def pareto_front(points: list[dict]) -> list[dict]:
 
 
 def sweep_summaries(run) -> dict[str, list[dict]]:
-    """{sweep name: members} from RUN/sweeps/<sweep>/summary.json (written by `strata sweep`; schema in
-    strata/sweep_report.py): each member's name, params, status, l0, fvu, loss_recovered, dead_fraction, frontier."""
-    root = inside(run, layout.sweep_dir(run, ""))  # RUN/sweeps
+    """{sweep name: members} from RUN/sweeps/<sweep>/summary.json (written by `python scripts/sweep.py`;
+    schema in strata/sweep_report.py): each member's name, params, status, l0, fvu, loss_recovered, dead_fraction, frontier."""
+    root = inside(run, layout.sweeps_root(run))
     out = {}
     if not root.is_dir():
         return out

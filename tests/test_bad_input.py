@@ -236,7 +236,34 @@ INTEROP_CASES: list[Case] = [
 
 
 # ---------------------------------------------------------------- analyze / dashboard / share
+def _user_files(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "mine.txt").write_text("a user's own file\n")
+
+
 DASHBOARD_CASES: list[Case] = [
+    Case("share-into-user-folder", lambda w: ["share", w.analyzed, "--out", w.user, "--features", "top:2"],
+         "did not write"),
+    Case("share-onto-a-file", lambda w: ["share", w.analyzed, "--out", w.root / "cases/share-onto-a-file/report.html"],
+         "existing file", setup=lambda w, tmp: (tmp / "report.html").write_text("<p>my report</p>")),
+    Case("share-beside-user-partial", lambda w: ["share", w.analyzed, "--out", w.root / "cases/share-beside-user-partial/B"],
+         "did not write", setup=lambda w, tmp: _user_files(tmp / "B.partial")),
+    Case("share-beside-user-old", lambda w: ["share", w.analyzed, "--out", w.root / "cases/share-beside-user-old/B"],
+         "did not write", setup=lambda w, tmp: _user_files(tmp / "B.old")),
+    Case("share-under-a-file", lambda w: ["share", w.analyzed, "--out", w.root / "cases/share-under-a-file/f.txt/B"],
+         "is a file", setup=lambda w, tmp: (tmp / "f.txt").write_text("text")),
+    Case("share-onto-a-symlink", lambda w: ["share", w.analyzed, "--out", w.root / "cases/share-onto-a-symlink/link"],
+         "symbolic link", setup=lambda w, tmp: (tmp / "link").symlink_to(w.user, target_is_directory=True)),
+    Case("share-over-the-index", lambda w: ["share", w.analyzed, "--out", w.analyzed / "index"], "did not write"),
+    Case("share-over-the-run", lambda w: ["share", w.analyzed, "--out", w.analyzed], "did not write"),
+    Case("share-feature-out-of-range", lambda w: ["share", w.analyzed, "--features", "99999"], "does not exist"),
+    Case("share-feature-range-backwards", lambda w: ["share", w.analyzed, "--features", "5-2"], "backwards"),
+    Case("share-sae-without-features", lambda w: ["share", w.analyzed, "--features", "resid.0:"], "no features listed"),
+    Case("share-features-empty", lambda w: ["share", w.analyzed, "--features", ""], "--features is empty"),
+    Case("dashboard-port-out-of-range", lambda w: ["dashboard", w.analyzed, "--port", "70000"], "1-65535"),
+    Case("dashboard-port-zero", lambda w: ["dashboard", w.analyzed, "--port", "0"], "1-65535"),
+    Case("dashboard-unknown-host", lambda w: ["dashboard", w.analyzed, "--host", "no-such-host.invalid"],
+         "not an address of this machine"),
 ]
 
 

@@ -1,21 +1,25 @@
-"""The dashboard served by `streamlit run` (as `strata dashboard` does), opened in headless Chromium."""
+"""The dashboard served by `streamlit run` (as `strata dashboard` does), opened in headless Chromium through
+Playwright (pytest-playwright's `page`, driving Debian's chromium)."""
 from __future__ import annotations
 
-import json
-import socket
+from urllib.parse import quote
 
 import pytest
+from test_dashboard_support import (
+    XSS_PAYLOADS,
+    chromium_launch_args,
+    free_port,
+    needs_chromium,
+    synthetic_run,
+)
 
-from test_dashboard_support import XSS_PAYLOADS, chromium_path, chromium_render, synthetic_run
-
-pytestmark = pytest.mark.skipif(chromium_path() is None,
-                                reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+pytestmark = needs_chromium
+LOAD_MS = 90_000  # a cold Streamlit session on a busy 2-core machine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    return chromium_launch_args(browser_type_launch_args)
 
 
 @pytest.fixture(scope="module")
@@ -27,53 +31,80 @@ def served(tmp_path_factory):
     port = free_port()
     proc = serve_dashboard(run, read_only=True, port=port, host="127.0.0.1", block=False)
     try:
-        assert wait_until_up(f"http://127.0.0.1:{port}", timeout=90), "streamlit did not come up"
+        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90), "streamlit did not come up"
         yield run, f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=20)
 
 
-def test_feature_page_shows_highlighted_tokens(served):
+def open_feature(page, url: str):
+    """Open a feature page and wait until Streamlit has rendered its token contexts; the alerts any script on
+    the page raises are collected in the returned list."""
+    alerts = []
+    page.on("dialog", lambda d: (alerts.append(d.message), d.dismiss()))
+    page.set_default_timeout(LOAD_MS)
+    page.goto(url)
+    page.locator(".strata-ctx .tok").first.wait_for()
+    return alerts
+
+
+def alpha(css_colour: str) -> float:
+    """The alpha of a computed CSS colour: rgba(r, g, b, a), or rgb(r, g, b) (opaque)."""
+    parts = css_colour[css_colour.index("(") + 1:-1].split(",")
+    return float(parts[3]) if len(parts) == 4 else 1.0
+
+
+def test_feature_page_shows_highlighted_tokens(served, page):
     run, url = served
     from sae.analysis.index_file import FeatureIndex
 
     idx = FeatureIndex(run / "index" / "synth.h5")
     f = int(idx.column("resid.1", "max_act").argmax())
     rec = idx.feature("resid.1", f)
-    js = ("(() => { const t = [...document.querySelectorAll('.strata-ctx .tok')]; if (!t.length) return null;"
-          " return JSON.stringify({n: t.length, peaks: document.querySelectorAll('.strata-ctx .tok.peak').length,"
-          " titles: t.map(e => e.title).filter(x => x.startsWith('activation ')).length,"
-          " shaded: t.filter(e => (e.style.background || '').includes('rgba(249, 115, 22')).length,"
-          " head: document.body.innerText.includes('resid.1 · feature " + str(f) + "'),"
-          " doc: document.title}); })()")
-    _, value = chromium_render(f"{url}/?page=features&train=synth&sae=resid.1&f={f}", js, timeout=90)
-    assert value, "the feature page never rendered its contexts"
-    state = json.loads(value)
-    n_top = int((rec["top_row"] >= 0).sum())
-    assert state["head"]
-    assert state["peaks"] >= n_top  # one peak per top example (and per interval sample)
-    assert state["titles"] == state["n"]  # every token has its value on hover
-    assert state["shaded"] >= state["peaks"]  # tokens where the feature fires are shaded (zero-activation ones are clear)
-    assert not state["doc"].startswith("pwned")
+    open_feature(page, f"{url}/?page=features&train=synth&sae=resid.1&f={f}")
+    assert page.get_by_text(f"resid.1 · feature {f}").is_visible()
+    tokens = page.locator(".strata-ctx .tok")
+    peaks = page.locator(".strata-ctx .tok.peak")
+    assert peaks.count() >= int((rec["top_row"] >= 0).sum())  # one peak per top example (and interval sample)
+    # every token carries its value for the hover tooltip; a token is shaded exactly where the feature fires
+    shown = tokens.evaluate_all("ts => ts.map(t => [t.title, t.dataset.act, getComputedStyle(t).backgroundColor])")
+    assert len(shown) > 20
+    for title, act, colour in shown:
+        assert title == f"activation {act}"
+        if float(act) == 0:
+            assert alpha(colour) == 0, (act, colour)
+        elif float(act) > 0.01 * float(rec["max_act"]):
+            assert alpha(colour) > 0, (act, colour)
+    # hovering the strongest example's peak: the token under the mouse names the feature's top activation
+    page.locator(".strata-ctx").first.locator(".tok.peak").hover()
+    title, act = page.evaluate("() => { const e = document.querySelector('.strata-ctx .tok:hover');"
+                               " return e ? [e.title, e.dataset.act] : [null, null]; }")
+    assert title == f"activation {act}"
+    assert float(act) == pytest.approx(float(rec["top_acts"].max()), rel=1e-3)
+    assert not page.title().startswith("pwned")
 
 
-def test_hostile_tokens_render_as_text_in_the_live_app(served):
+def test_hostile_tokens_render_as_text_in_the_live_app(served, page):
     run, url = served
     from sae.analysis.index_file import FeatureIndex
 
     idx = FeatureIndex(run / "index" / "synth.h5")
     f = next(f for f in range(32) if (idx.feature("resid.0", f)["top_tokens"] >= 30).any())
-    js = ("(() => { if (!document.querySelectorAll('.strata-ctx .tok').length) return null;"
-          " return JSON.stringify({active: document.querySelectorAll('.strata-ctx img, .strata-ctx svg, .strata-ctx script,"
-          " .strata-ctx b, .strata-ctx a').length, doc: document.title,"
-          " shown: document.body.innerText.includes('onerror')}); })()")
-    _, value = chromium_render(f"{url}/?page=features&train=synth&sae=resid.0&f={f}", js, timeout=90)
-    state = json.loads(value)
-    assert state["active"] == 0 and not state["doc"].startswith("pwned")
+    tokens = idx.feature("resid.0", f)["top_tokens"]
+    payloads = {XSS_PAYLOADS[int(t) - 30] for t in tokens[tokens >= 30]}
+    alerts = open_feature(page, f"{url}/?page=features&train=synth&sae=resid.0&f={f}")
+    contexts = page.locator(".strata-ctx")
+    assert contexts.locator("img, svg, script, b, a, iframe").count() == 0
+    text = contexts.evaluate_all("cs => cs.map(c => c.innerText).join('\\n')")
+    assert all(p in text for p in payloads), payloads  # shown, character for character, as text
+    hostile = page.locator(".strata-ctx .tok").filter(has_text="<")
+    for i in range(min(hostile.count(), 15)):  # hovering them runs nothing (the onmouseover payloads)
+        hostile.nth(i).hover()
+    assert alerts == [] and not page.title().startswith("pwned")
 
 
-def test_real_run_feature_page_in_chromium(analyzed_run):
+def test_real_run_feature_page_in_chromium(analyzed_run, page):
     """The README's flow: `strata dashboard RUN` on an analysed run, the feature page opened in a browser."""
     from dashboard.serve import serve_dashboard, wait_until_up
     from sae.analysis.index_file import FeatureIndex
@@ -83,13 +114,24 @@ def test_real_run_feature_page_in_chromium(analyzed_run):
     port = free_port()
     proc = serve_dashboard(analyzed_run, port=port, host="127.0.0.1", block=False)
     try:
-        assert wait_until_up(f"http://127.0.0.1:{port}", timeout=90)
-        js = ("(() => { const t = document.querySelectorAll('.strata-ctx .tok'); if (!t.length) return null;"
-              " return JSON.stringify({n: t.length, peak: document.querySelectorAll('.strata-ctx .tok.peak').length,"
-              " hover: [...t].every(e => e.title.startsWith('activation '))}); })()")
-        _, value = chromium_render(f"http://127.0.0.1:{port}/?page=features&train=topk-layer&sae=resid.2&f={f}", js)
-        state = json.loads(value)
-        assert state["n"] > 20 and state["peak"] >= 1 and state["hover"]
+        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90)
+        open_feature(page, f"http://127.0.0.1:{port}/?page=features&train=topk-layer&sae=resid.2&f={f}")
+        tokens = page.locator(".strata-ctx .tok")
+        assert tokens.count() > 20 and page.locator(".strata-ctx .tok.peak").count() >= 1
+        assert all(t.startswith("activation ") for t in tokens.evaluate_all("ts => ts.map(t => t.title)"))
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_bad_feature_link_is_named_as_typed(served, page):
+    """?f= is shown back in the error exactly as written, never as markup: this one cannot become a link."""
+    _, url = served
+    bad = "[open](https://evil.example)"
+    page.set_default_timeout(LOAD_MS)
+    page.goto(f"{url}/?page=features&train=synth&sae=resid.1&f={quote(bad)}")
+    alert = page.get_by_role("alert").filter(has_text="This link asks for feature")
+    alert.wait_for()
+    assert f"feature f={bad}, which resid.1 does not have: its features are 0-31" in alert.inner_text()
+    assert page.locator("a[href*='evil.example']").count() == 0
+    assert page.locator(".strata-ctx").count() == 0  # and no other feature is shown in its place

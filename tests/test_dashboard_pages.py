@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from test_dashboard_support import XSS_PAYLOADS, synthetic_run
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -36,6 +35,8 @@ def all_html(at) -> str:
 
 
 def test_overview_shows_manifest_curves_table_density_frontier(synth, monkeypatch):
+    import json
+
     at = app(synth, monkeypatch)
     assert at.header[0].value == "Overview"
     labels = {m.label: m.value for m in at.metric}
@@ -47,9 +48,14 @@ def test_overview_shows_manifest_curves_table_density_frontier(synth, monkeypatc
     assert table.set_index("SAE").loc["resid.1", "loss recovered"] == pytest.approx(0.9)
     # L0 measured by the index equals the SAEs' k (TopK with k=4)
     assert table.set_index("SAE").loc["resid.1", "L0 (index)"] == pytest.approx(4.0)
-    charts = at.get("plotly_chart")
-    titles = " ".join(c.proto.spec for c in charts)
-    assert "fvu" in titles and "feature density" in titles and "L0-FVU frontier" in titles
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    titles = {s["layout"]["title"]["text"] for s in specs}
+    assert {"fvu", "l0", "feature density", "L0-FVU frontier"} <= titles
+    fvu = next(s for s in specs if s["layout"]["title"]["text"] == "fvu")  # one curve per SAE, against step
+    assert {t["name"] for t in fvu["data"]} == {"resid.0", "resid.1", "resid.2", "multi", "cross"}
+    assert list(fvu["data"][0]["x"]) == list(range(10, 110, 10))
+    assert at.multiselect(key="metrics-synth").options == ["frac_dead", "fvu", "fvu/resid.0", "fvu/resid.1",
+                                                           "fvu/resid.2", "l0", "loss", "lr", "tokens_per_s"]
 
 
 def test_overview_shows_a_sweep_summary(synth, monkeypatch):
@@ -131,9 +137,37 @@ def test_prompt_explorer_off_when_read_only(synth, monkeypatch):
 
 
 def test_bad_query_values_stay_inside_the_run(synth, monkeypatch):
-    at = app(synth, monkeypatch, page="features", train="../../etc", sae="../x", f="999999")
+    at = app(synth, monkeypatch, page="features", train="../../etc", sae="../x", f="3")
     assert at.selectbox(key="train").value == "synth"
-    assert at.number_input[0].value < 32
+    assert at.number_input[0].value == 3
+
+
+@pytest.mark.parametrize("bad", ["999999", "32", "-1", "abc", "2.5", "\u00b2"])
+def test_a_link_to_a_feature_that_does_not_exist_says_so(synth, monkeypatch, bad):
+    """?f= names a feature the SAE lacks: the page says which value is wrong and what range is valid, and shows
+    no other feature in its place."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("STRATA_RUN", str(synth))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params.update(page="features", train="synth", sae="resid.1", f=bad)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [e.value for e in at.error] == [(f"This link asks for feature ` f={bad} `, which resid.1 does not have: its "
+                                           "features are 0-31. Type one above or pick a row in the table.")]
+    assert "class=\"tok" not in all_html(at) and not any("· feature" in h.value for h in at.subheader)
+    assert at.number_input[0].value is None
+    at.number_input[0].set_value(7).run()  # typing a valid one opens it and puts it in the link
+    assert not at.error and any(h.value == "resid.1 · feature 7" for h in at.subheader)
+    assert at.query_params["f"] == "7"
+
+
+def test_switching_sae_does_not_carry_a_feature_number_over(synth, monkeypatch):
+    at = app(synth, monkeypatch, page="features", train="synth", sae="resid.1", f=5)
+    at.selectbox(key="sae").select("resid.2").run()
+    first = int(at.dataframe[0].value.iloc[0]["feature"])  # the strongest feature of resid.2, not resid.1's #5
+    assert not at.error and at.query_params["sae"] == "resid.2" and at.query_params["f"] == str(first)
+    assert any(h.value == f"resid.2 · feature {first}" for h in at.subheader)
 
 
 def test_symlinks_out_of_the_run_are_not_followed(synth, tmp_path, monkeypatch):

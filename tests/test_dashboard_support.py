@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from activations import layout
@@ -88,8 +89,10 @@ def synthetic_run(root: Path, vocab: list[str], tokens: int = 2000, d: int = 16,
     tdir = layout.train_dir(root, name)
     layout.checkpoint_dir(root, name).mkdir(parents=True, exist_ok=True)
     with open(layout.metrics_path(root, name), "w") as f:
-        for step in range(0, 100, 10):
-            f.write(json.dumps({"step": step, "fvu": 1.0 / (1 + step), "l0": 4.0, "loss": 2.0 - step / 100}) + "\n")
+        f.writelines(json.dumps({"step": step, "tokens": 256 * step, "lr": 3e-4, "tokens_per_s": 1e4, "saes": {
+            sid: {"loss": 2.0 - step / 100, "fvu": 1.0 / (1 + step) + 0.01 * i, "l0": 4.0, "frac_dead": 0.1,
+                  **({f"fvu/{k}": 0.5 for k in sae.cfg.in_keys} if len(sae.cfg.in_keys) > 1 else {})}
+            for i, (sid, sae) in enumerate(saes.items())}}) + "\n" for step in range(10, 110, 10))  # as sae/train.py logs
     # the shape `strata eval` writes: per SAE an "overall" summary (and per-key details)
     (tdir / "eval.json").write_text(json.dumps({"name": name, "heldout_shards": [0], "saes": {
         sid: {"overall": {"l0": 4.0, "fvu": 0.2 + 0.01 * i, "frac_dead": 0.1, "ce_loss_recovered": 0.9}, "per_key": {}}
@@ -97,70 +100,30 @@ def synthetic_run(root: Path, vocab: list[str], tokens: int = 2000, d: int = 16,
     return root
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ---------------------------------------------------------------- headless Chromium (Debian's `chromium`)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
 def chromium_path() -> str | None:
+    """Debian's chromium (scripts/setup.sh installs it); Playwright drives it, no browser is downloaded."""
     import shutil
 
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def chromium_render(url: str, ready_js: str, timeout: float = 90.0) -> tuple[str, object]:
-    """Open `url` in headless Chromium, wait until the JavaScript expression `ready_js` is truthy (the page
-    is live: Streamlit renders over a websocket after load), return (outerHTML, value of ready_js).
-    Talks the DevTools protocol through the `websockets` package (a Streamlit dependency)."""
-    import itertools
-    import subprocess
-    import tempfile
-    import time
-    import urllib.request
+needs_chromium = pytest.mark.skipif(chromium_path() is None,
+                                    reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
 
-    from websockets.sync.client import connect
 
-    profile = Path(tempfile.mkdtemp(prefix="strata-chromium-"))
-    proc = subprocess.Popen([chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                             "--remote-debugging-port=0", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout
-        port_file = profile / "DevToolsActivePort"
-        while not port_file.is_file() or not port_file.read_text().strip():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("chromium did not start its DevTools endpoint")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
-        page = next(t for t in targets if t["type"] == "page")
-        ids = itertools.count(1)
-        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=20) as ws:
-            def call(method, **params):
-                i = next(ids)
-                ws.send(json.dumps({"id": i, "method": method, "params": params}))
-                while True:
-                    msg = json.loads(ws.recv(timeout=max(1.0, deadline - time.monotonic())))
-                    if msg.get("id") == i:
-                        return msg.get("result", {})
-
-            def evaluate(expr):
-                return call("Runtime.evaluate", expression=expr, returnByValue=True).get("result", {}).get("value")
-
-            call("Page.navigate", url=url)
-            value = None
-            while time.monotonic() < deadline:
-                value = evaluate(ready_js)
-                if value:
-                    break
-                time.sleep(0.5)
-            return evaluate("document.documentElement.outerHTML") or "", value
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def chromium_launch_args(base: dict) -> dict:
+    """pytest-playwright's launch options, pointed at the system chromium."""
+    return {**base, "executable_path": chromium_path()}
 
 
 def build_analyzed_run(dest: Path, harvested: Path) -> Path:

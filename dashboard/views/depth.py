@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import cache, charts
-from dashboard.render import esc, feature_link
+from dashboard.render import feature_link, grid
 from dashboard.views.common import Ctx, html, need_index
 
 MAX_HEATMAP_ROWS = 400
@@ -61,13 +61,9 @@ def render(ctx: Ctx) -> None:
             st.write("No links above the threshold.")
             continue
         st.plotly_chart(charts.paths_figure(p["features"], p["score"], saes), key=f"paths-{p_i}")
-        rows = []
-        for feats, score in zip(p["features"][:30], p["score"][:30]):
-            cells = "".join(f"<td>{feature_link(ctx.train, s, int(j), f'#{int(j)}') if j >= 0 else ''}</td>"
-                            for s, j in zip(saes, feats))
-            rows.append(f"<tr>{cells}<td>{float(score):.2f}</td></tr>")
-        head = "".join(f"<th>{esc(s)}</th>" for s in saes)
-        html(f'<table class="strata-grid"><tr>{head}<th>mean corr</th></tr>{"".join(rows)}</table>')
+        rows = [[feature_link(ctx.train, s, int(j), f"#{int(j)}") if j >= 0 else "" for s, j in zip(saes, feats)]
+                + [f"{float(score):.2f}"] for feats, score in zip(p["features"][:30], p["score"][:30])]
+        html(grid([*saes, "mean corr"], rows))
 
     if idx.residual_similarity:
         shown = True

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import cache, charts
-from dashboard.render import contexts_html, esc, feature_link
+from dashboard.render import contexts_html, feature_link, grid, visible_token
 from dashboard.views.common import Ctx, html
 
 
@@ -70,26 +70,20 @@ def render_feature(ctx: Ctx, sid: str, f: int) -> None:
             st.markdown("**Logit effects** (decoder direction through final norm and unembedding)")
             top = [tok(int(t)) for t in rec["logit_top_ids"]]
             bottom = [tok(int(t)) for t in rec["logit_bottom_ids"]]
-            st.dataframe(pd.DataFrame({"promoted": [show_token_plain(s) for s in top], "logit": rec["logit_top_vals"],
-                                       "suppressed": [show_token_plain(s) for s in bottom],
+            st.dataframe(pd.DataFrame({"promoted": [visible_token(s) for s in top], "logit": rec["logit_top_vals"],
+                                       "suppressed": [visible_token(s) for s in bottom],
                                        "logit ": rec["logit_bottom_vals"]}), hide_index=True)
         render_neighbours(ctx, idx, sid, rec)
     render_depth(ctx, idx, sid, f, rec, info, layers)
 
 
-def show_token_plain(s: str) -> str:
-    return s.replace("\n", "\u21b5").replace("\t", "\u2192") or "\u2205"
-
-
 def render_neighbours(ctx: Ctx, idx, sid: str, rec: dict) -> None:
     st.markdown("**Nearest features** (decoder cosine)")
     expl = cache.column(ctx.run, ctx.train, sid, "explanation")
-    rows = []
-    for j, cos in zip(rec["neighbour_idx"], rec["neighbour_cos"]):
-        text = esc(expl[int(j)])[:80] if expl is not None else ""
-        rows.append(f"<tr><td>{feature_link(ctx.train, sid, int(j), f'#{int(j)}')}</td><td>{float(cos):.3f}</td>"
-                    f"<td>{text}</td></tr>")
-    html('<table class="strata-grid"><tr><th>feature</th><th>cos</th><th>explanation</th></tr>' + "".join(rows) + "</table>")
+    rows = [[feature_link(ctx.train, sid, int(j), f"#{int(j)}"), f"{float(cos):.3f}",
+             str(expl[int(j)])[:80] if expl is not None else ""]
+            for j, cos in zip(rec["neighbour_idx"], rec["neighbour_cos"])]
+    html(grid(["feature", "cos", "explanation"], rows))
 
 
 def render_depth(ctx: Ctx, idx, sid: str, f: int, rec: dict, info: dict, layers: list[int]) -> None:
@@ -119,7 +113,5 @@ def render_depth(ctx: Ctx, idx, sid: str, f: int, rec: dict, info: dict, layers:
             order = np.argsort(-rec["match_corr"])
             for c_ in order:
                 rows.append(("next", nxt, int(rec["match_idx"][c_]), float(rec["match_cos"][c_]), float(rec["match_corr"][c_])))
-        body = "".join(f"<tr><td>{esc(d)}</td><td>{feature_link(ctx.train, s, j)}</td><td>{cs:.3f}</td><td>{cr:.3f}</td></tr>"
-                       for d, s, j, cs, cr in rows)
-        html('<table class="strata-grid"><tr><th>layer</th><th>feature</th><th>decoder cos</th><th>act. corr</th></tr>'
-             + body + "</table>")
+        html(grid(["layer", "feature", "decoder cos", "act. corr"],
+                  [[d, feature_link(ctx.train, s, j), f"{cs:.3f}", f"{cr:.3f}"] for d, s, j, cs, cr in rows]))

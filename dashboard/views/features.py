@@ -1,11 +1,13 @@
 """Features: filter and sort an SAE's features, then open one (its page is views/feature.py)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import streamlit as st
 
 from dashboard import cache
-from dashboard.views.common import Ctx, need_index, pick_sae
+from dashboard.views.common import Ctx, md_code, need_index, pick_sae
 from dashboard.views.feature import render_feature
 
 SORTS = {"max activation": ("max_act", False), "density (high first)": ("frequency", False),
@@ -41,6 +43,11 @@ def filtered(ctx: Ctx, sid: str, df):
     return df[keep].sort_values(col, ascending=ascending, kind="stable", na_position="last")
 
 
+def linked_feature(q: str, n: int) -> int | None:
+    """The feature index from a link's ?f=, or None unless it is a whole number in 0..n-1."""
+    return int(q) if re.fullmatch(r"[0-9]{1,12}", q) and int(q) < n else None
+
+
 def render(ctx: Ctx) -> None:
     st.header("Features")
     if not need_index(ctx):
@@ -66,12 +73,19 @@ def render(ctx: Ctx) -> None:
     if picked and st.session_state.get(f"sel-{sid}") != picked:  # a new row click opens that feature
         st.session_state[f"sel-{sid}"] = picked
         st.session_state[fkey] = int(shown.iloc[picked[0]]["feature"])
-    if fkey not in st.session_state:
-        q = ctx.query.get("f")
+    q = ctx.query.get("f")
+    if fkey not in st.session_state:  # the page opens on the linked feature, or on the first one listed
         first = int(view.iloc[0]["feature"]) if len(view) else 0
-        st.session_state[fkey] = int(q) if q is not None and str(q).isdigit() and int(q) < n else first
-    f = st.number_input("feature", 0, n - 1, key=fkey)
-    if ctx.query.get("f") != str(f):
+        st.session_state[fkey] = first if q is None else linked_feature(q, n)
+    f = st.number_input("feature", 0, n - 1, key=fkey, placeholder=f"0-{n - 1}")
+    if f is None and q is not None and linked_feature(q, n) is None:  # say so rather than show another feature
+        st.error(f"This link asks for feature {md_code('f=' + q)}, which {sid} does not have: its features are "
+                 f"0-{n - 1}. Type one above or pick a row in the table.")
+        return
+    if f is None:  # the number field was emptied
+        st.info(f"Type a feature number in 0-{n - 1} above, or pick a row in the table.")
+        return
+    if q != str(f):
         ctx.query["f"] = str(f)
     st.divider()
     render_feature(ctx, sid, int(f))

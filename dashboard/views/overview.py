@@ -19,8 +19,8 @@ def sae_table(ctx: Ctx, name: str) -> pd.DataFrame:
     for sid in ids:
         r = results.get(sid, {})
         row = {"SAE": sid}
-        for metric in data.METRIC_ALIASES:
-            row[metric] = data.pick_metric(r, metric)
+        for column in data.EVAL_COLUMNS:
+            row[column] = data.eval_metric(r, column)
         if idx and sid in idx.sae_ids:
             info = idx.info(sid)
             freq = cache.column(ctx.run, name, sid, "frequency")

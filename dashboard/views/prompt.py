@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 import torch
+from markupsafe import Markup
 
 from activations import layout
 from activations.hooks import capture, key_depth
 from dashboard import cache, data
-from dashboard.render import esc, feature_href, show_token
+from dashboard.render import TOKEN_CELL, feature_chip, grid, visible_token
 from dashboard.views.common import Ctx, html, need_index
 from sae.analysis.stream import slots_of
 
@@ -39,25 +40,15 @@ def prompt_features(lm, saes: dict, text: str, top: int = 3, max_tokens: int = 1
     return {"tokens": tokens, "columns": columns}
 
 
-def grid_html(result: dict, train: str) -> str:
+def grid_html(result: dict, train: str) -> Markup:
+    """Tokens down, SAE layers across; a cell links the strongest features there, shaded by activation."""
     cols = result["columns"]
     vmax = max((float(c["val"].max()) for c in cols if c["val"].size), default=1.0) or 1.0
-    head = "<tr><th>token</th>" + "".join(f"<th>{esc(c['label'])}</th>" for c in cols) + "</tr>"
-    rows = []
-    for t, s in enumerate(result["tokens"]):
-        cells = []
-        for c in cols:
-            links = []
-            for j, v in zip(c["idx"][t], c["val"][t]):
-                if v <= 0:
-                    continue
-                alpha = min(1.0, float(v) / vmax)
-                links.append(f'<a href="{esc(feature_href(train, c["sae"], int(j)))}" target="_self" '
-                             f'title="activation {float(v):.3g}" style="background: rgba(249,115,22,{alpha:.2f})">'
-                             f'{int(j)}</a>')
-            cells.append("<td>" + " ".join(links) + "</td>")
-        rows.append(f'<tr><td><span class="tok">{show_token(s)}</span></td>{"".join(cells)}</tr>')
-    return f'<table class="strata-grid">{head}{"".join(rows)}</table>'
+    rows = [[TOKEN_CELL % {"text": visible_token(s)}]
+            + [Markup(" ").join(feature_chip(train, c["sae"], int(j), float(v), vmax)
+                                for j, v in zip(c["idx"][t], c["val"][t]) if v > 0) for c in cols]
+            for t, s in enumerate(result["tokens"])]
+    return grid(["token", *(c["label"] for c in cols)], rows)
 
 
 def render(ctx: Ctx) -> None:
