@@ -41,6 +41,10 @@ def run_demo(cfg: DemoConfig) -> None:
     from sae.train_config import TrainConfig
 
     run = cfg.run_dir
+    if cfg.serve:  # a taken port is said now, not after minutes of work
+        from dashboard.serve import check_port_free
+
+        check_port_free("localhost", cfg.port)
     print(f"[1/5] harvest {cfg.model} layers {cfg.layers} -> {run}")
     harvest(HarvestConfig(run_dir=run, model=cfg.model, sites="resid", layers=cfg.layers, context=cfg.context,
                           max_tokens=cfg.max_tokens, shard_tokens=cfg.shard_tokens,
@@ -60,5 +64,5 @@ def run_demo(cfg: DemoConfig) -> None:
     if cfg.serve:
         from dashboard.serve import serve_dashboard
 
-        print(f"[5/5] dashboard at http://localhost:{cfg.port}  (Ctrl+C to stop)")
+        print("[5/5] dashboard (Ctrl+C to stop)")
         serve_dashboard(run, port=cfg.port)
