@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from dataclasses import dataclass
-
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from activations import layout
+from activations.atomic import atomic_write_json, existing_dir
 from activations.config import option as _f
-from activations.atomic import atomic_write_json
 from activations.errors import StrataError
+from activations.lock import run_lock
 from activations.reader import ActivationReader, open_run
+from sae import train_folder
 from sae.checkpoint import load_saes
 from sae.metrics import LatentStats, ReconStats
-from sae.modes import Unit
-
-
+from sae.modes import Unit, check_exclude_first
 
 
 @dataclass
@@ -44,9 +42,9 @@ class EvalConfig:
 
 def _resolve_name(cfg: EvalConfig) -> str:
     if cfg.name:
-        return cfg.name
+        return layout.check_name(cfg.name)
     root = layout.train_root(cfg.run_dir)
-    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    names = sorted(p.name for p in root.iterdir() if existing_dir(p / "checkpoint") is not None) if root.is_dir() else []
     if len(names) != 1:
         raise StrataError(f"pick a training run with --name (found: {', '.join(names) or 'none'})")
     return names[0]
@@ -163,18 +161,28 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, dev
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate train/<name> and write its eval.json, holding the run's "train-<name>" lock throughout (no
+    training of that name can replace the checkpoint underneath)."""
+    name = _resolve_name(cfg)
+    run = open_run(cfg.run_dir)
+    with run_lock(cfg.run_dir, f"strata eval --name {name}", scope=f"train-{name}"):
+        return _evaluate(cfg, run, name)
+
+
+def _evaluate(cfg: EvalConfig, run, name: str) -> dict:
     from activations.model import resolve_device
 
-    run = open_run(cfg.run_dir)
-    name = _resolve_name(cfg)
-    device = resolve_device(cfg.device)
-    saes = load_saes(cfg.run_dir, name, device)
-    cfg_path = layout.train_dir(cfg.run_dir, name) / "config.json"
-    identity = json.loads(cfg_path.read_text())["identity"] if cfg_path.is_file() else {}
-    frac = identity.get("heldout_fraction", 0.1)
+    tdir = layout.train_dir(cfg.run_dir, name)
+    saved = train_folder.read_config(tdir)
+    identity = saved["identity"] if saved is not None else {}
     if cfg.exclude_first < 0:  # evaluate on the positions the SAEs were trained on
         cfg = dataclasses.replace(cfg, exclude_first=int(identity.get("exclude_first", 0)))
-    _, heldout = run.split(frac)
+        check_exclude_first(cfg.exclude_first, run.manifest.context_length, f"exclude_first in {tdir / 'config.json'}:")
+    else:
+        check_exclude_first(cfg.exclude_first, run.manifest.context_length)
+    device = resolve_device(cfg.device)
+    saes = load_saes(cfg.run_dir, name, device)
+    _, heldout = run.split(identity.get("heldout_fraction", 0.1))
     if not heldout:
         raise StrataError(f"{cfg.run_dir} has no held-out shard (it needs at least two shards); harvest more tokens")
     result = {"name": name, "heldout_shards": heldout, "saes": reconstruction_metrics(run, saes, heldout, cfg, device)}
@@ -185,7 +193,10 @@ def evaluate(cfg: EvalConfig) -> dict:
                 result["saes"][sid]["per_key"].setdefault(key, {}).update(m)
             result["saes"][sid]["overall"]["ce_loss_recovered"] = float(np.mean([m["ce_loss_recovered"] for m in per_key.values()]))
             result["saes"][sid]["overall"]["kl_recovered"] = float(np.mean([m["kl_recovered"] for m in per_key.values()]))
-    atomic_write_json(layout.train_dir(cfg.run_dir, name) / "eval.json", _finite(result))
+    try:
+        atomic_write_json(tdir / "eval.json", _finite(result))
+    except OSError as e:
+        raise StrataError(f"cannot write {tdir / 'eval.json'} ({e.strerror or e}); make {tdir} writable and rerun") from None
     return result
 
 

@@ -152,6 +152,13 @@ def sae_configs(cfg: TrainConfig, keys: list[str], dims: dict, model: dict, cont
     return out
 
 
+def check_exclude_first(n: int, context_length: int, source: str = "--exclude-first") -> None:
+    """Positions left out of every context must leave at least one: 0 <= n < the run's context length."""
+    if not 0 <= n < context_length:
+        raise StrataError(f"{source} {n} must be at least 0 and below the run's context length ({context_length} "
+                          f"tokens), or no token is left; pass --exclude-first between 0 and {context_length - 1}")
+
+
 def norm_scale(x: torch.Tensor, key: str = "") -> float:
     """The scalar s with E||s x||^2 = d on this sample."""
     if not bool(torch.isfinite(x).all()):
