@@ -19,6 +19,7 @@ from activations.model import resolve_device
 from activations.reader import ActivationReader, open_run
 from sae import train_folder
 from sae.checkpoint import (
+    drop_stale_old,
     load_sae,
     read_checkpoint,
     restore_optimizers,
@@ -143,8 +144,12 @@ def _open_folder(cfg: TrainConfig, par: Parallel, tdir: Path):
     if par.writes:
         if not cfg.resume and tdir.exists():
             train_folder.remove(tdir)
+        if cfg.resume and ckpt is not None:
+            drop_stale_old(layout.checkpoint_dir(cfg.run_dir, cfg.resolved_name()))  # a kill mid-cleanup left it
         if train_folder.read_config(tdir) is None:
-            made = train_folder.create(tdir, {"identity": cfg.identity(), "config": vars(cfg).copy()})
+            invocation = ("resume", "overwrite")  # how this process was started, not what the run is
+            record = {"identity": cfg.identity(), "config": {k: v for k, v in vars(cfg).items() if k not in invocation}}
+            made = train_folder.create(tdir, record)
     par.barrier()
     return ckpt, made
 

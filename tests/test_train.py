@@ -250,7 +250,8 @@ def test_import_refuses_a_mismatched_width(run, tmp_path, capsys):
     cfg["d_in"] = 64
     cfg_path.write_text(json.dumps(cfg))
     assert strata("import", run, tmp_path / "x" / "resid.1", "--name", "imp") == 2
-    assert "width 32" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "d_in=64" in err and "(32, 128)" in err  # the cfg.json contradicts its own weights
     assert not layout.train_dir(run, "imp").exists()
 
 
