@@ -62,6 +62,9 @@ def check_replaceable(tdir) -> None:
         raise StrataError(f"{tdir} is an existing file, not a Strata training folder; nothing was changed: {hint}")
     if is_training_folder(tdir) or not any(tdir.iterdir()):
         return
+    kind = owner_kind(tdir)
+    if kind is not None:
+        raise StrataError(f"{tdir} is a Strata {kind} folder, not a training run; nothing was changed: {hint}")
     raise StrataError(f"{tdir} holds files Strata did not write (no training marker {layout.OWNER_MARKER} and no "
                       f"training config.json); nothing was changed: {hint}")
 

@@ -263,3 +263,87 @@ def test_yaml_config_with_cli_overrides_and_bf16(run, tmp_path):
     assert saved["arch"] == "batchtopk" and saved["k"] == 6 and saved["bf16"] is True and saved["expansion"] == 2
     sae = load_saes(run, "y")["resid.2"]
     assert sae.cfg.k == 6 and sae.cfg.n_latents == 64 and float(sae.threshold) > 0
+
+
+# ---------------------------------------------------------------- what train may delete, locks, read-only runs
+def tree(folder: Path) -> dict:
+    """Every file's bytes under folder (the lock files Strata keeps in a run are not content)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".strata.lock" and p.parent.name != ".locks"}
+
+
+def test_overwrite_replaces_only_a_strata_training_folder(run, capsys):
+    from activations.ownership import owner_kind
+
+    assert strata("train", run, "--name", "o", "--layers", "0", *FAST) == 0
+    assert owner_kind(layout.train_dir(run, "o")) == "train"
+    first = load_saes(run, "o")["resid.0"].W_dec.clone()
+    assert strata("train", run, "--name", "o", "--layers", "0", "--seed", "5", "--overwrite", *FAST) == 0
+    assert not torch.equal(load_saes(run, "o")["resid.0"].W_dec, first), "retrained"
+
+    # a Strata 0.1 training folder has no marker: recognised by its config.json's identity
+    (layout.train_dir(run, "o") / ".strata-owned").unlink()
+    assert strata("train", run, "--name", "o", "--layers", "0", "--overwrite", *FAST) == 0
+
+    mine = layout.train_dir(run, "notes")
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "obs.csv").write_text("a,b\n")
+    (mine / "config.json").write_text('{"my": "settings"}')
+    before = tree(run)
+    assert strata("train", run, "--name", "notes", "--layers", "0", "--overwrite", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "did not write" in err and "nothing was changed" in err
+    assert tree(run) == before
+
+
+def test_a_training_in_progress_locks_its_name(run, capsys):
+    from activations.lock import run_lock
+
+    assert strata("train", run, "--name", "busy", "--layers", "0", *FAST) == 0
+    before = tree(layout.train_dir(run, "busy"))
+    with run_lock(run, "strata train --name busy", scope="train-busy"):  # as a running `strata train` holds it
+        assert strata("train", run, "--name", "busy", "--layers", "0", "--overwrite", *FAST) == 2
+        assert "in use by `strata train --name busy`" in capsys.readouterr().err
+        assert strata("eval", run, "--name", "busy", "--ce-contexts", "0", "--device", "cpu") == 2
+        assert "in use" in capsys.readouterr().err
+        assert strata("train", run, "--name", "other", "--layers", "0", *FAST) == 0  # other names train meanwhile
+    assert tree(layout.train_dir(run, "busy")) == before
+
+
+def _read_only(folder: Path):
+    """Make a folder unwritable, even for root (chattr +i); returns the undo."""
+    import os
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i: cannot make a folder read-only")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_read_only_train_folder_gives_one_line_and_leaves_nothing(run, capsys):
+    (run / "train").mkdir()
+    undo = _read_only(run / "train")
+    try:
+        assert strata("train", run, "--name", "ro", "--layers", "0", *FAST) == 2
+    finally:
+        undo()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write {layout.train_dir(run, 'ro')}" in err, err
+    assert not layout.train_dir(run, "ro").exists()
+
+
+def test_early_failure_leaves_no_folder_it_created(run, capsys):
+    _corrupt_shard(run, "resid.1")
+    assert not (run / "train").exists()
+    assert strata("train", run, "--name", "early", "--layers", "1", *FAST) == 2
+    assert "shard-00002.h5" in capsys.readouterr().err
+    assert not (run / "train").exists(), "neither train/early nor the train/ it made is left behind"
+
+
+def test_exclude_first_is_checked_against_the_context(run, capsys):
+    assert strata("train", run, "--name", "x", "--exclude-first", "500", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "below the run's context length (32 tokens)" in err and "all zero" not in err
+    assert not (run / "train").exists()
