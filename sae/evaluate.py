@@ -134,7 +134,9 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, dev
             cross = dict(zip(c.in_keys, sae.reconstruct(flat.float()).chunk(len(c.in_keys), 1)))
         per_key = {}
         for key in c.out_keys:
-            def replace(a, key=key):
+            stash: dict = {}
+
+            def replace(a, key=key, c=c, sae=sae, cross=cross, stash=stash):
                 if cross is not None:
                     new = cross[key].reshape(a.shape).to(a.dtype)
                 else:
@@ -143,10 +145,9 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, dev
                     new = sae.reconstruct(src.reshape(-1, src.shape[-1]).float(), **kw).reshape(a.shape).to(a.dtype)
                 return keep_first(a, new)
 
-            stash: dict = {}
             with contextlib.ExitStack() as stack:
                 if c.mode == "transcoder":
-                    stack.enter_context(splice(model, c.in_keys[0], lambda a: stash.__setitem__("x", a) or a))
+                    stack.enter_context(splice(model, c.in_keys[0], lambda a, stash=stash: stash.__setitem__("x", a) or a))
                 stack.enter_context(splice(model, key, replace))
                 ce_sae, kl_sae = _ce_kl(model(ids).logits, ids, clean_logp)
             with splice(model, key, lambda a: keep_first(a, torch.zeros_like(a))):

@@ -41,7 +41,7 @@ class MetricsLogger:
             atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a")  # noqa: SIM115 -- appended to until close()
         self.wandb = None
         if wandb_project and wandb_mode != "disabled":
             if wandb_mode not in ("online", "offline"):
@@ -54,7 +54,7 @@ class MetricsLogger:
                 self.wandb = wandb.init(project=wandb_project, name=run_name, mode=wandb_mode, dir=str(self.path.parent),
                                         config=config or {}, id=run_name + "-" + hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8],
                                         resume="allow")
-            except Exception as e:  # wandb raises many types (auth, network)
+            except Exception as e:  # noqa: BLE001 -- wandb raises many types (auth, network)
                 raise StrataError(f"wandb could not start ({str(e).splitlines()[0][:120]}); use --wandb-mode offline or disabled") from None
 
     def log(self, record: dict) -> None:
