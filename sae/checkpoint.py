@@ -5,8 +5,10 @@
         optimizer.safetensors              Adam moments per SAE: "<sae_id>/<param index>/<exp_avg|exp_avg_sq|step>"
         saes/<sae_id>/cfg.json             SAEConfig
         saes/<sae_id>/sae.safetensors      weights + training statistics (firing counts, BatchTopK threshold)
+        .strata-owned                      ownership marker, kind "checkpoint" (activations/ownership.py)
 
-`load_saes(run, name)` / `load_sae(folder)` are the loader every other stage uses.
+`load_saes(run, name)` / `load_sae(folder)` are the loader every other stage uses. A damaged state.json or
+optimizer.safetensors is a one-line StrataError naming the file (restore it, or retrain with --overwrite).
 """
 from __future__ import annotations
 
