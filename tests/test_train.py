@@ -205,6 +205,8 @@ def test_saelens_export_and_import_round_trip(run, tmp_path):
     assert strata("train", run, "--name", "e", "--layers", "1,2", *FAST) == 0
     out = tmp_path / "exported"
     assert strata("export", run, "--name", "e", "--format", "saelens", "--out", out) == 0
+    assert strata("export", run, "--name", "e", "--format", "saelens", "--out", out) == 0  # replaces its own folders
+    assert sorted(p.name for p in out.iterdir()) == ["resid.1", "resid.2"]
     folder = out / "resid.2"
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["d_in"] == 32 and cfg["d_sae"] == 128 and cfg["k"] == 8
