@@ -17,7 +17,6 @@ from torch import nn
 from activations.errors import StrataError
 from sae.config import SAEConfig
 
-
 # Set by sae/distributed.py in a data-parallel process, whose batch is a slice of the global one:
 # y -> (sum of squared deviations of the *global* batch about its mean, number of processes).
 global_batch_variance = None

@@ -5,8 +5,10 @@
         optimizer.safetensors              Adam moments per SAE: "<sae_id>/<param index>/<exp_avg|exp_avg_sq|step>"
         saes/<sae_id>/cfg.json             SAEConfig
         saes/<sae_id>/sae.safetensors      weights + training statistics (firing counts, BatchTopK threshold)
+        .strata-owned                      ownership marker, kind "checkpoint" (activations/ownership.py)
 
-`load_saes(run, name)` / `load_sae(folder)` are the loader every other stage uses.
+`load_saes(run, name)` / `load_sae(folder)` are the loader every other stage uses. A damaged state.json or
+optimizer.safetensors is a one-line StrataError naming the file (restore it, or retrain with --overwrite).
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from safetensors.torch import load_file, save_file
 from activations import layout
 from activations.atomic import atomic_path, atomic_write_json, existing_dir, replace_dir
 from activations.errors import StrataError
+from activations.ownership import mark
 from sae.base import SAE
 from sae.config import SAEConfig
 from sae.models import build_sae
 
 SAE_CFG = "cfg.json"
 SAE_WEIGHTS = "sae.safetensors"
+STATE = "state.json"
+OPTIMIZER = "optimizer.safetensors"
 
 
 def save_sae(sae: SAE, folder) -> None:
@@ -49,7 +54,7 @@ def load_sae(folder, device: str | torch.device = "cpu", trainable: bool = False
     try:
         cfg = SAEConfig.from_dict(json.loads((folder / SAE_CFG).read_text()))
         tensors = load_file(str(folder / SAE_WEIGHTS))
-    except (json.JSONDecodeError, TypeError, SafetensorError, OSError) as e:
+    except (json.JSONDecodeError, TypeError, AttributeError, SafetensorError, OSError) as e:
         raise StrataError(f"{folder} is unreadable ({str(e).splitlines()[0][:120]}); retrain or restore it") from None
     sae = build_sae(cfg)
     missing, unexpected = sae.load_state_dict(tensors, strict=False)
@@ -69,7 +74,7 @@ def saes_dir(run, name: str) -> Path:
 def load_saes(run, name: str, device: str | torch.device = "cpu") -> dict[str, SAE]:
     """{sae_id: SAE} of RUN/train/<name>, in the order they were trained."""
     root = saes_dir(run, name)
-    order = json.loads((root.parent / "state.json").read_text()).get("sae_ids", []) if (root.parent / "state.json").is_file() else []
+    order = read_state(root.parent / STATE)["sae_ids"] if (root.parent / STATE).is_file() else []
     ids = [i for i in order if (root / i).is_dir()] or sorted(p.name for p in root.iterdir() if p.is_dir())
     return {i: load_sae(root / i, device) for i in ids}
 
@@ -83,13 +88,36 @@ def _rng_from_json(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
+def _unreadable(path: Path, why: str = "") -> StrataError:
+    why = f" ({why.splitlines()[0][:120]})" if why else ""
+    return StrataError(f"{path} is unreadable{why}: restore it, or retrain with --overwrite")
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, checked for the fields training and loading use."""
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _unreadable(path, str(e)) from None
+    ok = (isinstance(state, dict) and isinstance(state.get("sae_ids"), list)
+          and all(isinstance(i, str) for i in state["sae_ids"])
+          and all(isinstance(state.get(k), int) for k in ("step", "tokens")))
+    if not ok:
+        raise _unreadable(path, "not the state Strata writes: sae_ids, step, tokens")
+    return state
+
+
 def write_checkpoint(run, name: str, saes: dict, optimizers: dict, state: dict) -> None:
-    """Write the whole checkpoint beside the old one, then swap it in: a kill leaves the old or the new one."""
+    """Write the whole checkpoint beside the old one, then swap it in: a kill leaves the old or the new one.
+    The folder being written (checkpoint.partial) is marked as Strata's from the start; one left by a kill
+    is replaced by the next write (it lies inside train/<name>, which the caller has checked is Strata's)."""
     final = layout.checkpoint_dir(run, name)
     tmp = final.with_name(final.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
+    drop_stale_old(final)
     (tmp / "saes").mkdir(parents=True)
+    mark(tmp, "checkpoint")
     try:
         for sae_id, sae in saes.items():
             save_sae(sae, tmp / "saes" / sae_id)
@@ -100,31 +128,60 @@ def write_checkpoint(run, name: str, saes: dict, optimizers: dict, state: dict) 
                 for key, val in st.items():
                     opt_tensors[f"{sae_id}/{idx}/{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
             groups[sae_id] = sd["param_groups"]
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(opt_tensors, str(tmp / OPTIMIZER))
         full = dict(state, sae_ids=list(saes), optimizer_param_groups=groups, rng=_rng_to_json(torch.get_rng_state()))
-        atomic_write_json(tmp / "state.json", full)
+        atomic_write_json(tmp / STATE, full)
         replace_dir(tmp, final, "checkpoint")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def drop_stale_old(final: Path) -> None:
+    """A kill while replace_dir was removing checkpoint.old (after the new checkpoint was swapped in) leaves
+    part of it, possibly without its marker. With a complete checkpoint in place, that remnant inside our own
+    training folder is garbage: remove it so the next swap is not refused. (Without `final`, checkpoint.old is
+    the complete checkpoint and stays.)"""
+    old = final.with_name(final.name + ".old")
+    if final.is_dir() and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+
+
 def read_checkpoint(run, name: str) -> tuple[dict, Path] | None:
+    """(state, folder) of the latest complete checkpoint of train/<name>, None when there is none yet;
+    StrataError naming the file when its state.json cannot be read."""
     ckpt = existing_dir(layout.checkpoint_dir(run, name))
-    if ckpt is None or not (ckpt / "state.json").is_file():
+    if ckpt is None or not (ckpt / STATE).is_file():
         return None
-    return json.loads((ckpt / "state.json").read_text()), ckpt
+    return read_state(ckpt / STATE), ckpt
 
 
 def restore_optimizers(ckpt: Path, state: dict, optimizers: dict) -> None:
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    for sae_id, opt in optimizers.items():
-        per: dict = {}
-        for key, val in tensors.items():
+    """Adam moments of every SAE from optimizer.safetensors, checked against the parameters they belong to
+    (a missing or mis-shaped moment would silently restart or crash the optimiser)."""
+    path = ckpt / OPTIMIZER
+    groups = state.get("optimizer_param_groups")
+    if not isinstance(groups, dict):
+        raise _unreadable(ckpt / STATE, "no optimizer_param_groups")
+    try:
+        per_sae: dict = {}
+        for key, val in load_file(str(path)).items():
             sid, idx, name = key.rsplit("/", 2)
-            if sid == sae_id:
-                per.setdefault(int(idx), {})[name] = val
-        opt.load_state_dict({"state": per, "param_groups": state["optimizer_param_groups"][sae_id]})
+            per_sae.setdefault(sid, {}).setdefault(int(idx), {})[name] = val
+    except (OSError, SafetensorError, ValueError) as e:
+        raise _unreadable(path, str(e)) from None
+    for sae_id, opt in optimizers.items():
+        per = per_sae.get(sae_id, {})
+        params = opt.param_groups[0]["params"]
+        mismatched = (not per and int(state["step"]) > 0) or any(
+            i >= len(params) or any(torch.is_tensor(v) and v.dim() > 0 and v.shape != params[i].shape for v in st.values())
+            for i, st in per.items())
+        if mismatched:
+            raise _unreadable(path, f"the moments of SAE {sae_id} do not match its parameters")
+        try:
+            opt.load_state_dict({"state": per, "param_groups": groups[sae_id]})
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise _unreadable(ckpt / STATE, f"optimizer_param_groups of {sae_id}: {e}") from None
         # safetensors stores row-major copies; give each moment its parameter's memory layout again (W_enc is
         # latent-major), as the fused Adam kernel walks parameter and moments with the same strides
         for group in opt.param_groups:
@@ -135,4 +192,9 @@ def restore_optimizers(ckpt: Path, state: dict, optimizers: dict) -> None:
 
 
 def restore_rng(state: dict) -> None:
-    torch.set_rng_state(_rng_from_json(state["rng"]))
+    try:
+        rng = _rng_from_json(state["rng"])
+        torch.set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise StrataError(f"the rng of the checkpoint's {STATE} is unreadable ({str(e).splitlines()[0][:80]}): "
+                          f"restore it, or retrain with --overwrite") from None

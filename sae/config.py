@@ -37,6 +37,7 @@ class SAEConfig:
     context_length: int = 0
     tokens_seen: int = 0
     dtype: str = "float32"
+    imported: dict = field(default_factory=dict)  # `strata import`: source format and folder, what was folded in
 
     def to_dict(self) -> dict:
         """All fields, plus the site and layer of each input key for readers of cfg.json (ignored on load)."""
@@ -46,7 +47,7 @@ class SAEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
+    def from_dict(cls, d: dict) -> SAEConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

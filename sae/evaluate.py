@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Annotated
-
 
 import numpy as np
 import torch
@@ -22,15 +20,15 @@ import torch.nn.functional as F
 from annotated_types import Ge, Gt
 
 from activations import layout
+from activations.atomic import atomic_write_json, existing_dir
 from activations.config import option as _f
-from activations.atomic import atomic_write_json
 from activations.errors import StrataError
+from activations.lock import run_lock
 from activations.reader import ActivationReader, open_run
+from sae import train_folder
 from sae.checkpoint import load_saes
 from sae.metrics import LatentStats, ReconStats
-from sae.modes import Unit
-
-
+from sae.modes import Unit, check_exclude_first
 
 
 @dataclass
@@ -47,9 +45,9 @@ class EvalConfig:
 
 def _resolve_name(cfg: EvalConfig) -> str:
     if cfg.name:
-        return cfg.name
+        return layout.check_name(cfg.name)
     root = layout.train_root(cfg.run_dir)
-    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    names = sorted(p.name for p in root.iterdir() if existing_dir(p / "checkpoint") is not None) if root.is_dir() else []
     if len(names) != 1:
         raise StrataError(f"pick a training run with --name (found: {', '.join(names) or 'none'})")
     return names[0]
@@ -139,7 +137,9 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, dev
             cross = dict(zip(c.in_keys, sae.reconstruct(flat.float()).chunk(len(c.in_keys), 1)))
         per_key = {}
         for key in c.out_keys:
-            def replace(a, key=key):
+            stash: dict = {}
+
+            def replace(a, key=key, c=c, sae=sae, cross=cross, stash=stash):
                 if cross is not None:
                     new = cross[key].reshape(a.shape).to(a.dtype)
                 else:
@@ -148,10 +148,9 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, dev
                     new = sae.reconstruct(src.reshape(-1, src.shape[-1]).float(), **kw).reshape(a.shape).to(a.dtype)
                 return keep_first(a, new)
 
-            stash: dict = {}
             with contextlib.ExitStack() as stack:
                 if c.mode == "transcoder":
-                    stack.enter_context(splice(model, c.in_keys[0], lambda a: stash.__setitem__("x", a) or a))
+                    stack.enter_context(splice(model, c.in_keys[0], lambda a, stash=stash: stash.__setitem__("x", a) or a))
                 stack.enter_context(splice(model, key, replace))
                 ce_sae, kl_sae = _ce_kl(model(ids).logits, ids, clean_logp)
             with splice(model, key, lambda a: keep_first(a, torch.zeros_like(a))):
@@ -166,18 +165,28 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, dev
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate train/<name> and write its eval.json, holding the run's "train-<name>" lock throughout (no
+    training of that name can replace the checkpoint underneath)."""
+    name = _resolve_name(cfg)
+    run = open_run(cfg.run_dir)
+    with run_lock(cfg.run_dir, f"strata eval --name {name}", scope=f"train-{name}"):
+        return _evaluate(cfg, run, name)
+
+
+def _evaluate(cfg: EvalConfig, run, name: str) -> dict:
     from activations.model import resolve_device
 
-    run = open_run(cfg.run_dir)
-    name = _resolve_name(cfg)
-    device = resolve_device(cfg.device)
-    saes = load_saes(cfg.run_dir, name, device)
-    cfg_path = layout.train_dir(cfg.run_dir, name) / "config.json"
-    identity = json.loads(cfg_path.read_text())["identity"] if cfg_path.is_file() else {}
-    frac = identity.get("heldout_fraction", 0.1)
+    tdir = layout.train_dir(cfg.run_dir, name)
+    saved = train_folder.read_config(tdir)
+    identity = saved["identity"] if saved is not None else {}
     if cfg.exclude_first < 0:  # evaluate on the positions the SAEs were trained on
         cfg = dataclasses.replace(cfg, exclude_first=int(identity.get("exclude_first", 0)))
-    _, heldout = run.split(frac)
+        check_exclude_first(cfg.exclude_first, run.manifest.context_length, f"exclude_first in {tdir / 'config.json'}:")
+    else:
+        check_exclude_first(cfg.exclude_first, run.manifest.context_length)
+    device = resolve_device(cfg.device)
+    saes = load_saes(cfg.run_dir, name, device)
+    _, heldout = run.split(identity.get("heldout_fraction", 0.1))
     if not heldout:
         raise StrataError(f"{cfg.run_dir} has no held-out shard (it needs at least two shards); harvest more tokens")
     result = {"name": name, "heldout_shards": heldout, "saes": reconstruction_metrics(run, saes, heldout, cfg, device)}
@@ -188,7 +197,10 @@ def evaluate(cfg: EvalConfig) -> dict:
                 result["saes"][sid]["per_key"].setdefault(key, {}).update(m)
             result["saes"][sid]["overall"]["ce_loss_recovered"] = float(np.mean([m["ce_loss_recovered"] for m in per_key.values()]))
             result["saes"][sid]["overall"]["kl_recovered"] = float(np.mean([m["kl_recovered"] for m in per_key.values()]))
-    atomic_write_json(layout.train_dir(cfg.run_dir, name) / "eval.json", _finite(result))
+    try:
+        atomic_write_json(tdir / "eval.json", _finite(result))
+    except OSError as e:
+        raise StrataError(f"cannot write {tdir / 'eval.json'} ({e.strerror or e}); make {tdir} writable and rerun") from None
     return result
 
 

@@ -19,18 +19,29 @@ def _clean(v):
     return v
 
 
+def _step_of(line: str) -> float:
+    """The step of one metrics.jsonl line; infinity for a blank, torn or foreign line (never kept on resume)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else math.inf
+
+
 class MetricsLogger:
     def __init__(self, path: Path, resume_step: int | None, wandb_project: str = "", wandb_mode: str = "online",
                  run_name: str = "", config: dict | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
-            # drop records written after the checkpoint we resume from: they will be logged again
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            # drop records written after the checkpoint we resume from (they will be logged again), and a last
+            # line torn by a kill in the middle of its write
+            keep = [ln for ln in self.path.read_text(errors="replace").splitlines() if _step_of(ln) <= resume_step]
             atomic_write_bytes(self.path, ("\n".join(keep) + "\n" if keep else "").encode())
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a")  # noqa: SIM115 -- appended to until close()
         self.wandb = None
         if wandb_project and wandb_mode != "disabled":
             if wandb_mode not in ("online", "offline"):
@@ -43,7 +54,7 @@ class MetricsLogger:
                 self.wandb = wandb.init(project=wandb_project, name=run_name, mode=wandb_mode, dir=str(self.path.parent),
                                         config=config or {}, id=run_name + "-" + hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8],
                                         resume="allow")
-            except Exception as e:  # wandb raises many types (auth, network)
+            except Exception as e:  # noqa: BLE001 -- wandb raises many types (auth, network)
                 raise StrataError(f"wandb could not start ({str(e).splitlines()[0][:120]}); use --wandb-mode offline or disabled") from None
 
     def log(self, record: dict) -> None:

@@ -15,9 +15,8 @@ SAE_CLASSES = {"relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jum
 def build_sae(cfg: SAEConfig) -> SAE:
     if cfg.arch not in SAE_CLASSES:
         raise StrataError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
-    if cfg.arch in ("topk", "batchtopk", "matryoshka"):
-        if cfg.k is None or not 0 < cfg.k < cfg.n_latents:
-            raise StrataError(f"k={cfg.k} must be between 1 and n_latents-1 ({cfg.n_latents - 1}); lower --k or raise --expansion")
+    if cfg.arch in ("topk", "batchtopk", "matryoshka") and (cfg.k is None or not 0 < cfg.k < cfg.n_latents):
+        raise StrataError(f"k={cfg.k} must be between 1 and n_latents-1 ({cfg.n_latents - 1}); lower --k or raise --expansion")
     if cfg.arch == "matryoshka":
         p = list(cfg.matryoshka_prefixes)
         if not p or p != sorted(p) or p[-1] != cfg.n_latents or p[0] <= 0:

@@ -117,12 +117,12 @@ def sae_configs(cfg: TrainConfig, keys: list[str], dims: dict, model: dict, cont
     if cfg.arch != "relu" and not 0 < cfg.k < n:
         raise StrataError(f"k={cfg.k} must be at least 1 and below the number of latents ({n}); lower --k or raise --expansion")
     prefixes = [int(p) for p in cfg.matryoshka_prefixes.split(",") if p.strip()] or sorted({max(1, n // 16), max(1, n // 4), n})
-    common = dict(arch=cfg.arch, n_latents=n, k=None if cfg.arch == "relu" else cfg.k, aux_coef=cfg.aux_coef,
-                  dead_tokens=cfg.dead_tokens, l1_coef=cfg.l1_coef if cfg.arch == "relu" else 0.0,
-                  l0_coef=cfg.l0_coef if cfg.arch == "jumprelu" else 0.0, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-                  matryoshka_prefixes=prefixes if cfg.arch == "matryoshka" else [],
-                  normalize_decoder=cfg.arch != "relu", model_id=str(model.get("id", "")),
-                  context_length=context_length, dtype="float32")
+    common = {"arch": cfg.arch, "n_latents": n, "k": None if cfg.arch == "relu" else cfg.k, "aux_coef": cfg.aux_coef,
+              "dead_tokens": cfg.dead_tokens, "l1_coef": cfg.l1_coef if cfg.arch == "relu" else 0.0,
+              "l0_coef": cfg.l0_coef if cfg.arch == "jumprelu" else 0.0, "jumprelu_bandwidth": cfg.jumprelu_bandwidth,
+              "matryoshka_prefixes": prefixes if cfg.arch == "matryoshka" else [],
+              "normalize_decoder": cfg.arch != "relu", "model_id": str(model.get("id", "")),
+              "context_length": context_length, "dtype": "float32"}
 
     def k_aux(d_out):
         if cfg.arch not in ("topk", "batchtopk", "matryoshka") or cfg.k_aux < 0:
@@ -150,6 +150,13 @@ def sae_configs(cfg: TrainConfig, keys: list[str], dims: dict, model: dict, cont
     else:
         raise StrataError(f"unknown mode {cfg.mode!r}; choose layer, multilayer, transcoder or crosscoder")
     return out
+
+
+def check_exclude_first(n: int, context_length: int, source: str = "--exclude-first") -> None:
+    """Positions left out of every context must leave at least one: 0 <= n < the run's context length."""
+    if not 0 <= n < context_length:
+        raise StrataError(f"{source} {n} must be at least 0 and below the run's context length ({context_length} "
+                          f"tokens), or no token is left; pass --exclude-first between 0 and {context_length - 1}")
 
 
 def norm_scale(x: torch.Tensor, key: str = "") -> float:

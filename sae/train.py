@@ -4,8 +4,7 @@ on each batch (see modes.py), logging metrics and writing atomic checkpoints; `-
 as an uninterrupted one."""
 from __future__ import annotations
 
-import json
-import shutil
+import contextlib
 import time
 from pathlib import Path
 
@@ -13,23 +12,33 @@ import numpy as np
 import torch
 
 from activations import layout
-from activations.atomic import atomic_write_json
+from activations.atomic import existing_dir
 from activations.errors import StrataError
+from activations.lock import run_lock
 from activations.model import resolve_device
 from activations.reader import ActivationReader, open_run
-from sae.checkpoint import load_sae, read_checkpoint, restore_optimizers, restore_rng, write_checkpoint
+from sae import train_folder
+from sae.checkpoint import (
+    drop_stale_old,
+    load_sae,
+    read_checkpoint,
+    restore_optimizers,
+    restore_rng,
+    write_checkpoint,
+)
 from sae.config import ARCHS
 from sae.distributed import NullLogger, Parallel
-from sae.metrics import LatentStats, ReconStats
-from sae.modes import Unit, norm_scale, sae_configs, select_keys
-from sae.models import build_sae
-from sae.optim import NonFiniteLoss, SAEStepper, default_lr
 from sae.logger import MetricsLogger
+from sae.metrics import LatentStats, ReconStats
+from sae.models import build_sae
+from sae.modes import Unit, check_exclude_first, norm_scale, sae_configs, select_keys
+from sae.optim import NonFiniteLoss, SAEStepper, default_lr
 from sae.relu import ReLUSAE
 from sae.train_config import TrainConfig
 
 
 def check_config(cfg: TrainConfig) -> None:
+    layout.check_name(cfg.resolved_name())
     if cfg.arch not in ARCHS:
         raise StrataError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     if cfg.lr is not None and not cfg.lr > 0:
@@ -84,40 +93,76 @@ def fresh_saes(cfg: TrainConfig, run, configs: dict, train_shards: list[int], de
 
 
 def train(cfg: TrainConfig) -> Path:
+    """Everything that can be checked is checked before the run is locked and train/<name> is touched; the
+    whole training holds the run shared and "train-<name>" exclusively (rank 0 for a torchrun job)."""
     check_config(cfg)
+    name = cfg.resolved_name()
     par = Parallel(cfg.parallel, cfg.device)  # torchrun: this process's share (sae/distributed.py)
     run = open_run(cfg.run_dir)
-    name = cfg.resolved_name()
-    tdir = layout.train_dir(cfg.run_dir, name)
+    check_exclude_first(cfg.exclude_first, run.manifest.context_length)
     keys = select_keys(cfg, run.keys, run.manifest.n_layers)
     configs = sae_configs(cfg, keys, {k: run.d(k) for k in keys}, run.manifest.model, run.manifest.context_length)
     par.check(cfg, len(configs))
     train_shards, _ = run.split(cfg.heldout_fraction)
     if not train_shards:
         raise StrataError(f"no training shards left after holding out {cfg.heldout_fraction:.0%}; lower --heldout-fraction")
+    lock = run_lock(cfg.run_dir, f"strata train --name {name}", scope=f"train-{name}") if par.writes else contextlib.nullcontext()
+    with lock:
+        tdir = layout.train_dir(cfg.run_dir, name)
+        ckpt, made = _open_folder(cfg, par, tdir)
+        try:
+            _fit(cfg, par, run, name, configs, train_shards, ckpt)
+        except Exception:
+            if made and existing_dir(layout.checkpoint_dir(cfg.run_dir, name)) is None:
+                train_folder.remove_created(made)  # failed before any checkpoint: leave nothing behind
+            raise
+    return tdir
 
+
+def _open_folder(cfg: TrainConfig, par: Parallel, tdir: Path):
+    """Check train/<name> for this --resume / --overwrite / fresh start, then (rank 0) replace or create it.
+    Returns (checkpoint to resume or None, folders created for train_folder.remove_created)."""
     ckpt = None
     if cfg.resume:
-        cfg_path = tdir / "config.json"
-        if not cfg_path.is_file():
-            raise StrataError(f"nothing to resume in {tdir}; drop --resume to start training")
-        saved = json.loads(cfg_path.read_text())
-        diffs = config_differences(saved.get("identity", {}), cfg.identity())
-        if diffs:
-            raise StrataError("the config differs from the run being resumed (" + "; ".join(diffs) + "); "
-                              "resume with the original flags or train under a new --name")
-        ckpt = read_checkpoint(cfg.run_dir, name)
-    elif tdir.exists():
+        saved = train_folder.read_config(tdir)
+        if saved is None:
+            if not tdir.is_dir():
+                raise StrataError(f"nothing to resume in {tdir}; drop --resume to start training")
+            train_folder.check_replaceable(tdir)  # killed before its config.json was written: starts afresh
+        else:
+            diffs = config_differences(saved["identity"], cfg.identity())
+            if diffs:
+                raise StrataError("the config differs from the run being resumed (" + "; ".join(diffs) + "); "
+                                  "resume with the original flags or train under a new --name")
+            ckpt = read_checkpoint(cfg.run_dir, cfg.resolved_name())
+    elif tdir.exists() or tdir.is_symlink():
         if not cfg.overwrite:
             raise StrataError(f"{tdir} exists; pass --resume to continue it, --overwrite to replace it, or a new --name")
-        if par.writes:
-            shutil.rmtree(tdir)
-    par.barrier()  # every rank has checked the folder before rank 0 writes into it
+        train_folder.check_replaceable(tdir)
+    par.barrier()  # every rank has checked the folder before rank 0 changes it
+    made = []
+    if par.writes:
+        if not cfg.resume and tdir.exists():
+            train_folder.remove(tdir)
+        if cfg.resume and ckpt is not None:
+            drop_stale_old(layout.checkpoint_dir(cfg.run_dir, cfg.resolved_name()))  # a kill mid-cleanup left it
+        if train_folder.read_config(tdir) is None:
+            invocation = ("resume", "overwrite")  # how this process was started, not what the run is
+            record = {"identity": cfg.identity(), "config": {k: v for k, v in vars(cfg).items() if k not in invocation}}
+            made = train_folder.create(tdir, record)
+    par.barrier()
+    return ckpt, made
 
+
+def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_shards: list[int], ckpt) -> None:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if ckpt is not None:
         state, folder = ckpt
+        missing = [sid for sid in configs if sid not in state["sae_ids"]]
+        if missing:
+            raise StrataError(f"the checkpoint in {folder} has no SAE {missing[0]}; resume with the original flags or "
+                              f"retrain with --overwrite")
         saes = {sid: load_sae(folder / "saes" / sid, device, trainable=True).train() for sid in state["sae_ids"]}
         for sid, sae in saes.items():
             if sae.cfg.d_in != configs[sid].d_in:
@@ -150,8 +195,7 @@ def train(cfg: TrainConfig) -> Path:
         restore_optimizers(ckpt[1], ckpt[0], {sid: st.opt for sid, st in steppers.items()})
         restore_rng(ckpt[0])
 
-    if ckpt is None and par.writes:
-        atomic_write_json(tdir / "config.json", {"identity": cfg.identity(), "config": vars(cfg).copy()})
+    tdir = layout.train_dir(cfg.run_dir, name)
     logger = NullLogger() if not par.writes else MetricsLogger(layout.metrics_path(cfg.run_dir, name), step if cfg.resume else None, cfg.wandb_project,
                            cfg.wandb_mode, name, cfg.identity())
     last_good = step if ckpt is not None else None
@@ -163,9 +207,14 @@ def train(cfg: TrainConfig) -> Path:
                 raise StrataError(f"the weights of SAE {sid} became NaN/inf at step {step}; stopped, {kept}; lower --lr")
         for sae in saes.values():
             sae.cfg.tokens_seen = tokens * (len(sae.cfg.in_keys) if sae.cfg.mode == "multilayer" else 1)
-        par.write_checkpoint(write_checkpoint, cfg.run_dir, name, saes, {sid: st.opt for sid, st in steppers.items()},
-                         {"step": step, "tokens": tokens, "total_steps": total_steps, "batches_read": step,
-                          "done": done, "name": name})
+        try:
+            par.write_checkpoint(write_checkpoint, cfg.run_dir, name, saes, {sid: st.opt for sid, st in steppers.items()},
+                                 {"step": step, "tokens": tokens, "total_steps": total_steps, "batches_read": step,
+                                  "done": done, "name": name})
+        except OSError as e:
+            kept = f"the last complete checkpoint (step {last_good}) is kept" if last_good is not None else "no checkpoint was written"
+            raise StrataError(f"cannot write the checkpoint into {tdir} ({e.strerror or e}); {kept}; free disk space or "
+                              f"make it writable, then rerun with --resume") from None
 
     windows = {u.sae_id: LatentStats(u.sae.cfg.n_latents) for u in units}
     sums = {u.sae_id: {} for u in units}
@@ -178,7 +227,7 @@ def train(cfg: TrainConfig) -> Path:
         if step >= total_steps:
             if not (ckpt and ckpt[0].get("done")):
                 checkpoint(True)
-            return tdir
+            return
         for batch in reader:
             if step >= total_steps:
                 break
@@ -213,16 +262,10 @@ def train(cfg: TrainConfig) -> Path:
                 checkpoint(False)
                 last_good = step
         checkpoint(True)
-    except StrataError:
-        if par.writes and ckpt is None and last_good is None and read_checkpoint(cfg.run_dir, name) is None:
-            logger.close()
-            shutil.rmtree(tdir, ignore_errors=True)  # failed before any checkpoint: leave nothing behind
-        raise
     finally:
         if bar is not None:
             bar.close()
         logger.close()
-    return tdir
 
 
 @torch.no_grad()

@@ -126,8 +126,8 @@ def test_killed_run_resumes_to_identical_weights(run, tmp_path):
     killed_at = json.loads((layout.checkpoint_dir(run, "r") / "state.json").read_text())
     assert not killed_at["done"] and killed_at["step"] < killed_at["total_steps"]
 
-    assert subprocess.run(_train_cmd(run, "--resume"), env=env, capture_output=True).returncode == 0
-    assert subprocess.run(_train_cmd(ref), env=env, capture_output=True).returncode == 0
+    assert subprocess.run(_train_cmd(run, "--resume"), env=env, capture_output=True, check=False).returncode == 0
+    assert subprocess.run(_train_cmd(ref), env=env, capture_output=True, check=False).returncode == 0
     for sid in ("resid.0", "resid.3"):
         a = load_file(str(layout.checkpoint_dir(run, "r") / "saes" / sid / "sae.safetensors"))
         b = load_file(str(layout.checkpoint_dir(ref, "r") / "saes" / sid / "sae.safetensors"))
@@ -205,6 +205,8 @@ def test_saelens_export_and_import_round_trip(run, tmp_path):
     assert strata("train", run, "--name", "e", "--layers", "1,2", *FAST) == 0
     out = tmp_path / "exported"
     assert strata("export", run, "--name", "e", "--format", "saelens", "--out", out) == 0
+    assert strata("export", run, "--name", "e", "--format", "saelens", "--out", out) == 0  # replaces its own folders
+    assert sorted(p.name for p in out.iterdir()) == ["resid.1", "resid.2"]
     folder = out / "resid.2"
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["d_in"] == 32 and cfg["d_sae"] == 128 and cfg["k"] == 8
@@ -237,7 +239,7 @@ def test_saelens_loads_the_export_when_installed(run, tmp_path):
         assert strata("export", run, "--name", f"{arch}-layer", "--out", tmp_path / arch) == 0
         theirs = sae_lens.SAE.load_from_disk(str(tmp_path / arch / "resid.1"))
         ours = load_saes(run, f"{arch}-layer")["resid.1"]
-        x = torch.from_numpy(open_run(run).read_rows("resid.1", list(range(0, 200))))
+        x = torch.from_numpy(open_run(run).read_rows("resid.1", list(range(200))))
         with torch.no_grad():
             assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5), arch
 
@@ -250,7 +252,8 @@ def test_import_refuses_a_mismatched_width(run, tmp_path, capsys):
     cfg["d_in"] = 64
     cfg_path.write_text(json.dumps(cfg))
     assert strata("import", run, tmp_path / "x" / "resid.1", "--name", "imp") == 2
-    assert "width 32" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "d_in=64" in err and "(32, 128)" in err  # the cfg.json contradicts its own weights
     assert not layout.train_dir(run, "imp").exists()
 
 
@@ -262,3 +265,87 @@ def test_yaml_config_with_cli_overrides_and_bf16(run, tmp_path):
     assert saved["arch"] == "batchtopk" and saved["k"] == 6 and saved["bf16"] is True and saved["expansion"] == 2
     sae = load_saes(run, "y")["resid.2"]
     assert sae.cfg.k == 6 and sae.cfg.n_latents == 64 and float(sae.threshold) > 0
+
+
+# ---------------------------------------------------------------- what train may delete, locks, read-only runs
+def tree(folder: Path) -> dict:
+    """Every file's bytes under folder (the lock files Strata keeps in a run are not content)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".strata.lock" and p.parent.name != ".locks"}
+
+
+def test_overwrite_replaces_only_a_strata_training_folder(run, capsys):
+    from activations.ownership import owner_kind
+
+    assert strata("train", run, "--name", "o", "--layers", "0", *FAST) == 0
+    assert owner_kind(layout.train_dir(run, "o")) == "train"
+    first = load_saes(run, "o")["resid.0"].W_dec.clone()
+    assert strata("train", run, "--name", "o", "--layers", "0", "--seed", "5", "--overwrite", *FAST) == 0
+    assert not torch.equal(load_saes(run, "o")["resid.0"].W_dec, first), "retrained"
+
+    # a Strata 0.1 training folder has no marker: recognised by its config.json's identity
+    (layout.train_dir(run, "o") / ".strata-owned").unlink()
+    assert strata("train", run, "--name", "o", "--layers", "0", "--overwrite", *FAST) == 0
+
+    mine = layout.train_dir(run, "notes")
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "obs.csv").write_text("a,b\n")
+    (mine / "config.json").write_text('{"my": "settings"}')
+    before = tree(run)
+    assert strata("train", run, "--name", "notes", "--layers", "0", "--overwrite", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "did not write" in err and "nothing was changed" in err
+    assert tree(run) == before
+
+
+def test_a_training_in_progress_locks_its_name(run, capsys):
+    from activations.lock import run_lock
+
+    assert strata("train", run, "--name", "busy", "--layers", "0", *FAST) == 0
+    before = tree(layout.train_dir(run, "busy"))
+    with run_lock(run, "strata train --name busy", scope="train-busy"):  # as a running `strata train` holds it
+        assert strata("train", run, "--name", "busy", "--layers", "0", "--overwrite", *FAST) == 2
+        assert "in use by `strata train --name busy`" in capsys.readouterr().err
+        assert strata("eval", run, "--name", "busy", "--ce-contexts", "0", "--device", "cpu") == 2
+        assert "in use" in capsys.readouterr().err
+        assert strata("train", run, "--name", "other", "--layers", "0", *FAST) == 0  # other names train meanwhile
+    assert tree(layout.train_dir(run, "busy")) == before
+
+
+def _read_only(folder: Path):
+    """Make a folder unwritable, even for root (chattr +i); returns the undo."""
+    import os
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i: cannot make a folder read-only")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_read_only_train_folder_gives_one_line_and_leaves_nothing(run, capsys):
+    (run / "train").mkdir()
+    undo = _read_only(run / "train")
+    try:
+        assert strata("train", run, "--name", "ro", "--layers", "0", *FAST) == 2
+    finally:
+        undo()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write {layout.train_dir(run, 'ro')}" in err, err
+    assert not layout.train_dir(run, "ro").exists()
+
+
+def test_early_failure_leaves_no_folder_it_created(run, capsys):
+    _corrupt_shard(run, "resid.1")
+    assert not (run / "train").exists()
+    assert strata("train", run, "--name", "early", "--layers", "1", *FAST) == 2
+    assert "shard-00002.h5" in capsys.readouterr().err
+    assert not (run / "train").exists(), "neither train/early nor the train/ it made is left behind"
+
+
+def test_exclude_first_is_checked_against_the_context(run, capsys):
+    assert strata("train", run, "--name", "x", "--exclude-first", "500", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "below the run's context length (32 tokens)" in err and "all zero" not in err
+    assert not (run / "train").exists()
