@@ -12,10 +12,15 @@ OWNER_MARKER = ".strata-owned"  # in every folder Strata creates as one output u
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+def valid_name(name: str) -> bool:
+    """Whether `name` may be a run/training/sweep name (see check_name)."""
+    return isinstance(name, str) and bool(_NAME.fullmatch(name)) and ".." not in name
+
+
 def check_name(name: str, what: str = "training run name") -> str:
     """A name that becomes one path component inside a run: letters, digits, '_', '-', '.', never '..'.
     Every path built from a user-given name goes through here, so no name can reach outside its folder."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+    if not valid_name(name):
         raise StrataError(f"{what} {name!r} is not allowed: use one path component of letters, digits, '_', '-' "
                           f"and '.' (no '/', no '..', at most 128 characters), e.g. topk-k32")
     return name

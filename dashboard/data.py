@@ -41,14 +41,6 @@ def _within(run, path) -> bool:
         return False
 
 
-def _valid_name(name: str) -> bool:
-    try:
-        layout.check_name(name)
-        return True
-    except StrataError:
-        return False
-
-
 def train_names(run) -> list[str]:
     """Training runs on disk (a symlink that leads out of the run, or a folder whose name Strata would never
     give a training run, is not one)."""
@@ -56,7 +48,7 @@ def train_names(run) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith((".partial", ".old"))
-                  and _valid_name(p.name) and _within(run, p))
+                  and layout.valid_name(p.name) and _within(run, p))
 
 
 def index_names(run) -> list[str]:

@@ -8,8 +8,8 @@ A slower explainer (openai, transformers) runs after that, its explanations swap
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-import json
 import math
 import sys
 import time
@@ -22,6 +22,7 @@ from annotated_types import Ge, Gt, Interval
 from activations import layout
 from activations.config import option as _f
 from activations.errors import StrataError
+from activations.lock import run_lock
 from sae.analysis.explain import ExplainerError, TokenExplainer, make_explainer
 from sae.analysis.explain_index import (
     FALLBACK,
@@ -34,6 +35,7 @@ from sae.analysis.index_file import FeatureIndex, write_index
 from sae.analysis.indexer import IndexerSettings
 from sae.analysis.source import run_blocks
 from sae.analysis.stream import index_saes, keys_needed, slots_of
+from sae.train_folder import read_config
 
 LOGIT_SITES = ("resid", "mlp_out", "attn_out")  # sites that add into the residual stream
 
@@ -68,7 +70,8 @@ class AnalyzeConfig:
 
 def train_names(run) -> list[str]:
     root = layout.train_root(run)
-    names = sorted(p.name for p in root.iterdir() if layout.checkpoint_dir(run, p.name).is_dir()) if root.is_dir() else []
+    names = sorted(p.name for p in root.iterdir() if layout.valid_name(p.name)
+                   and layout.checkpoint_dir(run, p.name).is_dir()) if root.is_dir() else []
     if not names:
         raise StrataError(f"{run} has no trained SAEs (no train/<name>/checkpoint); run `strata train {run}` first")
     return names
@@ -145,27 +148,38 @@ def _log(cfg, msg):
 
 def trained_exclude_first(run_dir, name: str) -> int:
     """Context positions the SAEs of train/<name> never saw (TrainConfig.exclude_first): they are not indexed."""
-    path = layout.train_dir(run_dir, name) / "config.json"
-    return int(json.loads(path.read_text())["identity"].get("exclude_first", 0)) if path.is_file() else 0
+    saved = read_config(layout.train_dir(run_dir, name))  # a damaged config.json: one line naming it
+    return int(saved["identity"].get("exclude_first", 0)) if saved is not None else 0
 
 
 def analyze(cfg: AnalyzeConfig) -> list:
     """Index every requested training run of cfg.run_dir; returns the index paths written."""
     from activations.model import resolve_device
     from activations.reader import open_run
-    from sae.checkpoint import load_saes
 
     if cfg.explain_only and cfg.explainer == "none":
         raise StrataError("--explain-only with --explainer none has nothing to do; pass --explainer tokens, openai "
                           "or transformers")
+    if cfg.name:
+        layout.check_name(cfg.name)  # before any work
     run = open_run(cfg.run_dir)
     device = resolve_device(cfg.device)
     names = [cfg.name] if cfg.name else train_names(cfg.run_dir)
     # the slow explainer is made (its flags checked, its model loaded) before the pass, used after each index is written
     slow = make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url, device=cfg.device) \
         if cfg.explainer not in ("none", FALLBACK) or cfg.explain_only else None
-    if cfg.explain_only:
-        return _explain_only(cfg, names, slow)
+    with contextlib.ExitStack() as held:  # no training of these names may write while they are indexed
+        for name in names:
+            held.enter_context(run_lock(cfg.run_dir, f"strata analyze --name {name}", scope=f"train-{name}"))
+        if cfg.explain_only:
+            return _explain_only(cfg, names, slow)
+        return _index_runs(cfg, run, names, device, slow)
+
+
+def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
+    """The analysis pass and index file of each training run in `names`, then the slow explainer's explanations."""
+    from sae.checkpoint import load_saes
+
     spans, shard_ids = select_spans(run, cfg.data, cfg.heldout_fraction)
     vocab, unemb, note = None, None, ""
     written, failed = [], []
