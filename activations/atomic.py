@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from activations.layout import OWNER_MARKER
+
 TMP_SUFFIX = ".partial"
 
 
@@ -64,7 +66,7 @@ def replace_dir(tmp_dir, final_dir, kind: str) -> None:
     empty, or an earlier folder of the same kind (activations/ownership.py); anything else is refused before
     a byte changes. The old folder is renamed aside first and removed last, so at every instant either the old
     or the new complete folder exists (readers check `<final>.old` too)."""
-    from activations.ownership import check_replaceable, mark
+    from activations.ownership import check_replaceable, mark, remove_owned
 
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
     old = final_dir.with_name(final_dir.name + ".old")
@@ -72,13 +74,15 @@ def replace_dir(tmp_dir, final_dir, kind: str) -> None:
     check_replaceable(old, kind)
     mark(tmp_dir, kind)
     if old.exists():
-        shutil.rmtree(old)
+        remove_owned(old)
     if final_dir.exists():
+        if not (final_dir / OWNER_MARKER).exists() and any(final_dir.iterdir()):
+            mark(final_dir, kind)  # a folder of this kind written before markers existed: keep it recognisable
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
     if old.exists():
-        shutil.rmtree(old)
+        remove_owned(old)
 
 
 def existing_dir(final_dir) -> Path | None:

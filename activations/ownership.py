@@ -7,6 +7,7 @@ before anything is replaced: a user's own folder or file, or a Strata folder of 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from activations import layout
@@ -52,3 +53,15 @@ def check_replaceable(path, kind: str, hint: str = "choose another output path")
         return
     raise StrataError(f"{path} holds files Strata did not write (no {kind} marker {layout.OWNER_MARKER}); "
                       f"nothing was changed: {hint}, or remove that folder yourself")
+
+
+def remove_owned(folder) -> None:
+    """Delete a folder Strata recognised as its own, its marker last: a kill half-way leaves a folder that is
+    still recognisably Strata's (and is removed next time), never an unmarked one that would block a rerun."""
+    folder = Path(folder)
+    marker = folder / layout.OWNER_MARKER
+    for child in folder.iterdir():
+        if child != marker:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    marker.unlink(missing_ok=True)
+    folder.rmdir()

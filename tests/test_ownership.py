@@ -1,0 +1,67 @@
+"""What Strata may replace: a folder it wrote and marked, of the same kind; never a user's folder or file."""
+from __future__ import annotations
+
+import pytest
+
+from activations.atomic import replace_dir
+from activations.errors import StrataError
+from activations.ownership import owner_kind
+
+
+def bundle(tmp_path, name: str, text: str):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "index.html").write_text(text)
+    return folder
+
+
+def test_replacing_its_own_folder_works_and_a_users_folder_is_refused(tmp_path):
+    final = tmp_path / "out"
+    replace_dir(bundle(tmp_path, "a.partial", "first"), final, "share")
+    replace_dir(bundle(tmp_path, "b.partial", "second"), final, "share")
+    assert (final / "index.html").read_text() == "second" and owner_kind(final) == "share"
+    assert not (tmp_path / "out.old").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(StrataError, match="did not write"):
+        replace_dir(bundle(tmp_path, "c.partial", "x"), mine, "share")
+    assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    with pytest.raises(StrataError, match="existing file"):
+        replace_dir(bundle(tmp_path, "d.partial", "x"), mine / "notes.txt", "share")
+    with pytest.raises(StrataError, match="did not write"):  # another kind of Strata folder is not this kind
+        replace_dir(bundle(tmp_path, "e.partial", "x"), final, "checkpoint")
+
+
+def test_a_kill_while_the_old_folder_is_removed_does_not_block_the_next_swap(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    final = tmp_path / "out"
+    replace_dir(bundle(tmp_path, "a.partial", "first"), final, "share")
+    (final / "more.html").write_text("a second file")
+    real_unlink, calls = Path.unlink, []
+
+    def dies_after_one(self, *args, **kwargs):  # the process is killed after the first file of out.old is gone
+        calls.append(self.name)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(bundle(tmp_path, "b.partial", "second"), final, "share")
+    monkeypatch.undo()
+    assert (tmp_path / "out.old").is_dir() and owner_kind(tmp_path / "out.old") == "share"
+    replace_dir(bundle(tmp_path, "c.partial", "third"), final, "share")
+    assert (final / "index.html").read_text() == "third" and not (tmp_path / "out.old").exists()
+
+
+def test_folders_written_before_markers_are_recognised(tmp_path):
+    legacy = tmp_path / "share"
+    (legacy / "assets").mkdir(parents=True)
+    (legacy / "index.html").write_text("v0.1")
+    (legacy / "assets" / "plotly.min.js").write_text("//")
+    assert owner_kind(legacy) == "share"
+    replace_dir(bundle(tmp_path, "new.partial", "v0.2"), legacy, "share")
+    assert (legacy / "index.html").read_text() == "v0.2"
