@@ -294,7 +294,7 @@ TRAIN_CASES: list[Case] = [
     Case("train-exclude-first-beyond-context", lambda w: ["train", w.run, "--name", "ef", "--exclude-first", "500", *FAST],
          "below the run's context length (32"),
     Case("train-exclude-first-negative", lambda w: ["train", w.run, "--name", "ef", "--exclude-first", "-3", *FAST],
-         "--exclude-first -3 must be at least 0"),
+         "exclude_first='-3' is not a valid int >= 0"),
     _tcase("train-resume-corrupt-state", ["train", "RUN", *RESUME_T1], "state.json is unreadable",
            _damage_run(f"{CKPT}/state.json", b'{"step": 4, "tok')),
     _tcase("train-resume-state-without-fields", ["train", "RUN", *RESUME_T1], "state.json is unreadable",

@@ -48,7 +48,7 @@ POINTS = [
     KillPoint("mid-training-between-saes-of-a-step", "step", 2 * 6 + 1, "before"),
     KillPoint("second-ckpt-old-moved-aside-new-not-in", "replace", 1, "after", "checkpoint.old"),
     KillPoint("second-ckpt-swapped-old-still-there", "replace", 2, "after", "checkpoint.partial"),
-    KillPoint("second-ckpt-old-partly-removed", "rmtree", 1, "torn", "checkpoint.old"),
+    KillPoint("second-ckpt-old-partly-removed", "rmtree", 1, "torn", "checkpoint.old/saes"),
     KillPoint("final-ckpt-optimizer-half-written", "save_file", 9, "torn"),
     KillPoint("final-ckpt-before-state-json", "json", 3, "before", "state.json"),
     KillPoint("final-ckpt-swapped-old-still-there", "replace", 3, "after", "checkpoint.partial"),
@@ -111,9 +111,8 @@ def _install(point: KillPoint) -> None:
         real_rmtree = shutil.rmtree
 
         def rmtree(path, *args, **kw):
-            if hit(path):  # killed partway: the marker and state.json are already gone, the rest is not
-                for f in (".strata-owned", "state.json"):
-                    (Path(path) / f).unlink(missing_ok=True)
+            if hit(path):  # killed partway through removing the old checkpoint (its marker goes last)
+                real_rmtree(Path(path) / next(iter(os.listdir(path))))
                 _die()
             return real_rmtree(path, *args, **kw)
         shutil.rmtree = rmtree
