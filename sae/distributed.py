@@ -57,6 +57,13 @@ class Parallel:
         if self.size > 1:
             self.dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group once every rank is done (gloo's threads can abort a process that exits
+        with the group still open: "terminate called without an active exception")."""
+        if self.size > 1 and self.dist.is_initialized():
+            self.dist.barrier()
+            self.dist.destroy_process_group()
+
     def check(self, cfg, n_saes: int) -> None:
         if cfg.parallel not in ("auto", "data", "layers"):
             raise StrataError(f"--parallel {cfg.parallel!r}: use auto, data or layers")

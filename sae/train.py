@@ -116,6 +116,7 @@ def train(cfg: TrainConfig) -> Path:
             if made and existing_dir(layout.checkpoint_dir(cfg.run_dir, name)) is None:
                 train_folder.remove_created(made)  # failed before any checkpoint: leave nothing behind
             raise
+    par.close()
     return tdir
 
 
