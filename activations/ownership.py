@@ -37,7 +37,18 @@ def owner_kind(folder) -> str | None:
         return "checkpoint"  # written before markers existed (Strata 0.1)
     if (folder / "index.html").is_file() and (folder / "assets" / "plotly.min.js").is_file():
         return "share"  # a bundle written before markers existed (Strata 0.1)
+    if _legacy_training(folder):
+        return "train"
     return None
+
+
+def _legacy_training(folder: Path) -> bool:
+    """train/<name> written before markers existed (Strata 0.1): its config.json holds the run's "identity"."""
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("identity"), dict)
 
 
 def check_replaceable(path, kind: str, hint: str = "choose another output path") -> None:
@@ -49,8 +60,11 @@ def check_replaceable(path, kind: str, hint: str = "choose another output path")
         return
     if not path.is_dir():
         raise StrataError(f"{path} is an existing file, not a Strata {kind} folder; Strata will not replace it: {hint}")
-    if owner_kind(path) == kind or not any(path.iterdir()):
+    found = owner_kind(path)
+    if found == kind or not any(path.iterdir()):
         return
+    if found is not None:
+        raise StrataError(f"{path} is a Strata {found} folder, not a {kind} folder; nothing was changed: {hint}")
     raise StrataError(f"{path} holds files Strata did not write (no {kind} marker {layout.OWNER_MARKER}); "
                       f"nothing was changed: {hint}, or remove that folder yourself")
 

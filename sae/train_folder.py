@@ -12,10 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
-from activations import layout
+from activations import ownership
 from activations.atomic import atomic_write_json
 from activations.errors import StrataError
-from activations.ownership import mark, owner_kind
 
 KIND = "train"
 CONFIG = "config.json"
@@ -36,37 +35,9 @@ def read_config(tdir) -> dict | None:
     return data
 
 
-def is_training_folder(tdir) -> bool:
-    """A folder Strata wrote as train/<name>: marked so, or (Strata 0.1, before markers) with a config.json
-    that holds a training identity."""
-    tdir = Path(tdir)
-    if owner_kind(tdir) == KIND:
-        return True
-    if owner_kind(tdir) is not None or tdir.is_symlink() or not tdir.is_dir():
-        return False
-    try:
-        return read_config(tdir) is not None
-    except StrataError:
-        return False
-
-
 def check_replaceable(tdir) -> None:
     """Refuse (StrataError) unless train/<name> is missing, an empty folder, or Strata's training folder."""
-    tdir = Path(tdir)
-    hint = "choose another --name, or move it away yourself"
-    if tdir.is_symlink():
-        raise StrataError(f"{tdir} is a symbolic link; Strata will not replace it: {hint}")
-    if not tdir.exists():
-        return
-    if not tdir.is_dir():
-        raise StrataError(f"{tdir} is an existing file, not a Strata training folder; nothing was changed: {hint}")
-    if is_training_folder(tdir) or not any(tdir.iterdir()):
-        return
-    kind = owner_kind(tdir)
-    if kind is not None:
-        raise StrataError(f"{tdir} is a Strata {kind} folder, not a training run; nothing was changed: {hint}")
-    raise StrataError(f"{tdir} holds files Strata did not write (no training marker {layout.OWNER_MARKER} and no "
-                      f"training config.json); nothing was changed: {hint}")
+    ownership.check_replaceable(tdir, KIND, "choose another --name, or move it away yourself")
 
 
 def remove(tdir) -> None:
@@ -84,7 +55,7 @@ def create(tdir, record: dict) -> list[Path]:
     made = [p for p in (tdir, tdir.parent) if not p.exists()]
     try:
         tdir.mkdir(parents=True, exist_ok=True)
-        mark(tdir, KIND)
+        ownership.mark(tdir, KIND)
         atomic_write_json(tdir / CONFIG, record)
     except OSError as e:
         remove_created(made)

@@ -30,7 +30,7 @@ def test_replacing_its_own_folder_works_and_a_users_folder_is_refused(tmp_path):
     assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     with pytest.raises(StrataError, match="existing file"):
         replace_dir(bundle(tmp_path, "d.partial", "x"), mine / "notes.txt", "share")
-    with pytest.raises(StrataError, match="did not write"):  # another kind of Strata folder is not this kind
+    with pytest.raises(StrataError, match="not a checkpoint folder"):  # another kind of Strata folder
         replace_dir(bundle(tmp_path, "e.partial", "x"), final, "checkpoint")
 
 
