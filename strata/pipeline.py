@@ -50,7 +50,7 @@ def run_demo(cfg: DemoConfig) -> None:
                           max_tokens=cfg.max_tokens, shard_tokens=cfg.shard_tokens,
                           resume=layout.manifest_path(run).exists()))
     names = {"mlsae": "multilayer", "bank": "layer"}
-    for i, (name, mode) in enumerate(names.items()):
+    for name, mode in names.items():
         print(f"[2/5] train {name}: TopK k={cfg.k}, {cfg.expansion}x, mode {mode}")
         train(TrainConfig(run_dir=run, name=name, mode=mode, arch="topk", layers=cfg.layers, expansion=cfg.expansion,
                           k=cfg.k, batch_size=cfg.batch_size, epochs=cfg.epochs, checkpoint_every=50,

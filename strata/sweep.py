@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from activations import layout
 from activations.atomic import atomic_write_json
 from sae.checkpoint import read_checkpoint
-from strata.sweep_config import SET_BY_SWEEP, Member, Sweep, load_sweep, jsonable
 from sae.train_config import TrainConfig
+from strata.sweep_config import SET_BY_SWEEP, Member, Sweep, jsonable, load_sweep
 
 
 def member_flags(cfg: TrainConfig) -> list[str]:

@@ -191,7 +191,8 @@ def test_pair_correlation_chunking_is_exact(monkeypatch):
     B = torch.relu(torch.randn(300, 30, generator=g) - 1)
     ai = torch.arange(20).unsqueeze(1).expand(20, 5)
     bi = torch.stack([torch.randperm(30, generator=g)[:5] for _ in range(20)])  # distinct per row, like top-k
-    sp = lambda M: (*M.nonzero(as_tuple=True), M[M > 0])
+    def sp(M):
+        return (*M.nonzero(as_tuple=True), M[M > 0])
     expect = (A[:, ai.flatten()] * B[:, bi.flatten()]).sum(0).view(20, 5).double()
     for limit in (1 << 22, 7):
         monkeypatch.setattr(similarity, "MAX_PAIRS_PER_CHUNK", limit)

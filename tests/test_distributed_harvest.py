@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import harvest_tiny
+
 from activations.manifest import load_manifest
 from activations.reader import ActivationReader, open_run
-from conftest import harvest_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

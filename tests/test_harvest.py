@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import harvest_tiny
 from transformers import AutoModelForCausalLM
 
 from activations.hooks import capture
 from activations.manifest import load_manifest
 from activations.reader import open_run
-from conftest import harvest_tiny
 
 
 def _hidden_states(model_dir, token_ids):

@@ -194,7 +194,8 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
         keys = keys_needed(saes)
         missing = [k for k in keys if k not in run.keys]
         if missing:
-            raise StrataError(f"SAEs of {name!r} read {', '.join(missing)}, which this run did not harvest; analyse the run they were trained on")
+            raise StrataError(f"SAEs of {name!r} read {', '.join(missing)}, which this run did not harvest; "
+                              "analyse the run they were trained on")
         resid = sorted((k for k in run.keys if k.startswith("resid.")), key=lambda k: int(k.split(".")[1]))
         residual_pairs = list(itertools.pairwise(resid))
         settings = IndexerSettings(top_k=cfg.top_k, window=cfg.window, intervals=cfg.intervals,

@@ -63,7 +63,8 @@ class TokenExplainer:
             covered += w
             if covered >= self.coverage * total or len(chosen) >= self.max_tokens:
                 break
-        name = lambda t: repr(vocab[t]) if vocab is not None and t < len(vocab) else f"<{t}>"
+        def name(t):
+            return repr(vocab[t]) if vocab is not None and t < len(vocab) else f"<{t}>"
         text = "fires on " + ", ".join(f"{name(t)} ({100 * w / total:.0f}%)" for t, w in chosen)
         return Explanation(text, {t for t, _ in chosen})
 

@@ -32,7 +32,6 @@ def topk_cosine(w_a: torch.Tensor, w_b: torch.Tensor, k: int, exclude_self: bool
 
 def _pairs_by_row(row_a, row_b, n_rows):
     """Index pairs (ea, eb) of entries of A and B that sit on the same row (rows sorted ascending in each)."""
-    count_a = torch.bincount(row_a, minlength=n_rows)
     count_b = torch.bincount(row_b, minlength=n_rows)
     start_b = torch.cumsum(count_b, 0) - count_b
     per_a = count_b[row_a]

@@ -6,7 +6,7 @@ the margin rows are encoded but not counted. `run_blocks` reads a harvested run 
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ def array_blocks(acts: dict, token_ids, doc_ids, context_ids, batch: int, margin
                  spans: list[tuple[int, int]] | None = None, max_rows: int = 0) -> Iterator[Block]:
     """Blocks over in-memory arrays {key: [T, d]} (numpy or torch)."""
     T = len(token_ids)
-    as_t = lambda a, dt=None: torch.as_tensor(a, dtype=dt)
+    def as_t(a, dt=None):
+        return torch.as_tensor(a, dtype=dt)
     token_ids, doc_ids, context_ids = as_t(token_ids, torch.int32), as_t(doc_ids, torch.long), as_t(context_ids, torch.long)
     for s, e in row_ranges(spans or [(0, T)], batch, max_rows):
         a, b = max(0, s - margin), min(T, e + margin)

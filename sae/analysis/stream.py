@@ -7,7 +7,7 @@ Independent of where blocks come from (a run on disk or arrays in memory) and of
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
