@@ -19,18 +19,23 @@ import h5py
 import numpy as np
 import torch
 
-from activations import layout
 from activations.errors import StrataError
-from activations.manifest import Manifest, load_manifest
-from activations.shards import ACTS, chunk_rows, read_tokens as read_token_file
+from activations.harvest_dir import resume_command
+from activations.manifest import Manifest, file_sha256, load_manifest
+from activations.shards import ACTS, TOKEN_FIELDS, chunk_rows, has_checksums
 
 
 class RunStore:
     """A harvest run opened for reading. HDF5 handles are opened lazily and are not pickled, so a store can be
-    passed to worker processes."""
+    passed to worker processes.
 
-    def __init__(self, run):
+    Damaged data is never returned: shard files carry HDF5 checksums (a bad chunk fails its read), and a file
+    written without them is checked against the manifest's sha256 when first opened (unless `check_unfiltered`
+    is False). Either failure is a StrataError naming the file and how to re-create it."""
+
+    def __init__(self, run, check_unfiltered: bool = True):
         self.path = Path(run)
+        self.check_unfiltered = check_unfiltered
         self.manifest: Manifest = load_manifest(self.path)
         if not self.manifest.shards:
             raise StrataError(f"{run} has no complete shard yet; finish it with `strata harvest {run} --resume`")
@@ -82,34 +87,47 @@ class RunStore:
         return int(self.manifest.shards[i].rows)
 
     # ---- raw access
+    def _damaged(self, path: Path, detail) -> StrataError:
+        first = (str(detail).strip().splitlines() or ["unreadable"])[0][:160]
+        return StrataError(f"shard file {path} is damaged ({first}); list every damaged shard with `strata verify "
+                           f"{self.path}`, then re-create them with `{resume_command(self.path, self.manifest.config)}`")
+
+    def _path(self, name: str, i: int) -> Path:
+        rec = self.manifest.shards[i].files.get(name)
+        if rec is None:
+            raise StrataError(f"shard {i} of {self.path} has no {name} file in its manifest; re-harvest with --overwrite")
+        return self.path / rec["path"]
+
     def _file(self, name: str, i: int) -> h5py.File:
         with self._lock:
             f = self._files.get((name, i))
             if f is None:
-                rec = self.manifest.shards[i].files.get(name)
-                if rec is None:
-                    raise StrataError(f"shard {i} of {self.path} has no file for {name}; re-harvest it")
-                path = self.path / rec["path"]
+                path = self._path(name, i)
                 try:
                     f = h5py.File(path, "r")
-                except OSError as e:
-                    raise StrataError(f"shard file {path} cannot be read ({e}); run `strata verify {self.path}`") from None
+                    checked = has_checksums(f)
+                except (OSError, KeyError) as e:
+                    raise self._damaged(path, e) from None
+                # written without HDF5 checksums: the whole file against the manifest's sha256
+                if not checked and self.check_unfiltered and file_sha256(path) != self.manifest.shards[i].files[name]["sha256"]:
+                    f.close()
+                    raise self._damaged(path, "its sha256 differs from the manifest's")
                 self._files[(name, i)] = f
             return f
 
+    def _read(self, key: str, i: int, read):
+        try:
+            return read(self._file(key, i)[ACTS])
+        except (OSError, KeyError) as e:  # a chunk that fails its checksum, or a broken file
+            raise self._damaged(self._path(key, i), e) from None
+
     def read_block(self, key: str, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Stored rows [start, stop) of shard i, in the storage dtype (float16, or uint16 for bfloat16)."""
-        try:
-            return self._file(key, i)[ACTS][start:stop]
-        except (OSError, KeyError) as e:
-            raise StrataError(f"shard {i} of {key} in {self.path} is corrupt ({e}); run `strata verify {self.path}`") from None
+        return self._read(key, i, lambda ds: ds[start:stop])
 
     def read_into(self, key: str, i: int, start: int, stop: int, out: np.ndarray) -> None:
         """Stored rows [start, stop) of shard i written straight into `out` (no intermediate copy)."""
-        try:
-            self._file(key, i)[ACTS].read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
-        except (OSError, KeyError) as e:
-            raise StrataError(f"shard {i} of {key} in {self.path} is corrupt ({e}); run `strata verify {self.path}`") from None
+        self._read(key, i, lambda ds: ds.read_direct(out, np.s_[start:stop], np.s_[0:stop - start]))
 
     def storage_tensor(self, a: np.ndarray) -> torch.Tensor:
         """A torch view of stored rows: float16, or bfloat16 (stored as uint16)."""
@@ -142,7 +160,7 @@ class RunStore:
             if hi - lo <= 4 * len(uniq) + 1024:  # nearby rows: one contiguous read beats fancy indexing
                 block = self.read_block(key, int(i), lo, hi)[uniq - lo]
             else:
-                block = self._file(key, int(i))[ACTS][uniq]
+                block = self._read(key, int(i), lambda ds, wanted=uniq: ds[wanted])
             out[sel] = self.to_float(block).numpy()[inverse]
         return out
 
@@ -153,8 +171,12 @@ class RunStore:
         for i in range(len(self.manifest.shards)):
             a, b = max(start, self.starts[i]), min(stop, self.starts[i + 1])
             if a < b:
-                rec = self.manifest.shards[i].files["tokens"]
-                parts.append(read_token_file(self.path / rec["path"], int(a - self.starts[i]), int(b - self.starts[i])))
+                lo, hi = int(a - self.starts[i]), int(b - self.starts[i])
+                f = self._file("tokens", i)
+                try:
+                    parts.append({name: f[name][lo:hi] for name in TOKEN_FIELDS})
+                except (OSError, KeyError) as e:
+                    raise self._damaged(self._path("tokens", i), e) from None
         if not parts:
             return {"token_ids": np.zeros(0, np.int32), "doc_ids": np.zeros(0, np.int64), "positions": np.zeros(0, np.int32)}
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -166,8 +188,8 @@ class RunStore:
             self._files.clear()
 
 
-def open_run(run) -> RunStore:
-    return RunStore(run)
+def open_run(run, check_unfiltered: bool = True) -> RunStore:
+    return RunStore(run, check_unfiltered)
 
 
 @dataclass

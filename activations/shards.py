@@ -4,6 +4,11 @@ Activations are rows [tokens, d], stored float16 by default; bfloat16 has no HDF
 uint16 with the attribute dtype="bfloat16". Chunks span whole rows, ~256-512 KiB each, so a reader that
 takes chunk-aligned blocks touches each chunk once. Datasets are written with track_times=False so the
 same content gives byte-identical files (a resumed run equals an uninterrupted one).
+
+Every dataset carries HDF5's fletcher32 checksum filter and the files use the latest format (whose metadata is
+checksummed too), so a flipped bit in a chunk makes the read of that chunk fail instead of returning wrong
+numbers: training and analysis cannot silently use a damaged shard. `has_checksums` tells such files from
+older ones written without the filter (which readers check against the manifest's sha256 instead).
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ class ActivationShardWriter:
         self.file = h5py.File(path, "w", libver="latest")
         np_dtype = np.uint16 if dtype == "bfloat16" else np.float16
         self.ds = self.file.create_dataset(ACTS, shape=(expected_rows, d), maxshape=(None, d), dtype=np_dtype,
-                                           chunks=(min(chunk_rows(d), max(1, expected_rows)), d), track_times=False)
+                                           chunks=(min(chunk_rows(d), max(1, expected_rows)), d), track_times=False,
+                                           fletcher32=True)
         self.ds.attrs["dtype"] = dtype
         self.rows = 0
 
@@ -62,7 +68,13 @@ class ActivationShardWriter:
 def write_tokens(path, token_ids: np.ndarray, doc_ids: np.ndarray, positions: np.ndarray) -> None:
     with h5py.File(path, "w", libver="latest") as f:
         for name, arr in zip(TOKEN_FIELDS, (token_ids, doc_ids, positions)):
-            f.create_dataset(name, data=arr, chunks=(min(len(arr), 1 << 16),), track_times=False)
+            f.create_dataset(name, data=arr, chunks=(min(len(arr), 1 << 16),), track_times=False, fletcher32=True)
+
+
+def has_checksums(f: h5py.File) -> bool:
+    """Whether every dataset of an open shard file carries the fletcher32 filter (older shards do not)."""
+    names = [ACTS] if ACTS in f else list(TOKEN_FIELDS)
+    return all(name in f and f[name].fletcher32 for name in names)
 
 
 def read_tokens(path, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
