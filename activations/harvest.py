@@ -225,7 +225,7 @@ class _ShardWriterThread(threading.Thread):
         """Stop before a shard that cannot fit: HDF5 does not recover from a failed write (it crashes at exit)."""
         names = self._names(i)
         need = self.shard_rows * (16 * ("tokens" in names) + sum(2 * self.manifest.dims[k] for k in names if k != "tokens"))
-        need = int(need * 1.05) + (1 << 20)
+        need = int(need * 1.05) + len(names) * (64 << 10)  # HDF5 metadata and chunk index per file
         free = shutil.disk_usage(self.run_dir).free
         if free < need:
             raise StrataError(f"disk full: {self.run_dir} has {free / 2**20:.0f} MiB free but shard {i} needs about "
@@ -402,7 +402,8 @@ def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
             return _harvest_claimed(cfg, world, run, lm)
         except BaseException:
             if world.size == 1:
-                _forget_unfinished(run, created)
+                with contextlib.suppress(OSError):  # e.g. a read-only folder: the original error matters
+                    _forget_unfinished(run, created)
             raise
 
 
