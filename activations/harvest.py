@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import queue
 import shutil
@@ -326,20 +327,16 @@ class _ShardWriterThread(threading.Thread):
 
 
 def _batches(docs, tokenizer, cfg: HarvestConfig, start: CorpusPosition, limit: int | None, out: queue.Queue, stop: threading.Event):
-    """Packer thread: put lists of up to batch_contexts contexts, then None."""
+    """Packer thread: put lists of up to batch_contexts contexts (at most `limit` contexts in all), then None."""
     try:
         batch = []
-        n = 0
-        for ctx in pack_contexts(docs, tokenizer, cfg.context, start):
+        for ctx in itertools.islice(pack_contexts(docs, tokenizer, cfg.context, start), limit):
             if stop.is_set():
                 return
             batch.append(ctx)
-            n += 1
             if len(batch) == cfg.batch_contexts:
                 out.put(batch)
                 batch = []
-            if limit is not None and n >= limit:
-                break
         if batch:
             out.put(batch)
         out.put(None)
