@@ -4,10 +4,17 @@ Three threads keep memory bounded whatever the corpus size: a packer turns docum
 the main thread runs the model (stopping after the deepest requested block), and a writer streams rows into
 the current shard's files. Bounded queues sit between them, so writing overlaps the next forward.
 
-Crash safety: shard files are written under temporary names and renamed when complete; the manifest is then
-replaced atomically with the new shard's record (checksums, and the corpus position after it). `--resume`
-drops anything not in the manifest and continues from the last complete shard, so a killed run loses at most
-the shard in flight, and its files end up byte-identical to an uninterrupted run's.
+Crash safety: the manifest is written (atomically) before the first shard file, so shard files never exist
+without a manifest that explains them. Shard files are written under temporary names and renamed when complete;
+the manifest is then replaced atomically with the new shard's record (checksums, and the corpus position after
+it). `--resume` drops anything not in the manifest, re-creates listed shard files that are missing or fail their
+checksum (from the corpus position their shard started at), and continues from the last complete shard, so a
+run killed at any point loses at most the shard in flight, and its files end up byte-identical to an
+uninterrupted run's (tests/test_crash_safety_harvest.py). On a finished run, `--resume` only does the repair.
+
+One harvest at a time: the whole harvest holds the run's lock exclusively (activations/lock.py), and the folder
+rules (what a harvest may write into, and what --overwrite may delete) are in activations/harvest_dir.py.
+Before each shard the free disk space is checked, because HDF5 does not survive a failed write.
 
 Under `torchrun --nproc-per-node N` shard g belongs to rank g % N. Every rank reads the same token stream
 (tokenizing is cheap next to the forward pass) but runs the model only on its own shards, and keeps its own
@@ -168,7 +175,7 @@ def _remove_created(run: Path, created: Path | None) -> None:
 
 def _forget_unfinished(run: Path, created: Path | None) -> None:
     """After a harvest that finished no shard: remove what it wrote, so the folder is as it was (lock held)."""
-    if world_manifest_has_shards(run):
+    if _has_shards(run):
         return
     clear_harvest(run)
     if run.is_dir() and {p.name for p in run.iterdir()} <= {layout.LOCK}:
@@ -176,7 +183,7 @@ def _forget_unfinished(run: Path, created: Path | None) -> None:
         _remove_created(run, created)
 
 
-def world_manifest_has_shards(run: Path) -> bool:
+def _has_shards(run: Path) -> bool:
     """Whether any manifest in `run` (main or per-process) lists a complete shard."""
     for path in [layout.manifest_path(run), *part_manifests(run)]:
         if path.is_file():
@@ -189,13 +196,14 @@ def world_manifest_has_shards(run: Path) -> bool:
 
 
 def _drop_unlisted(run: Path, manifest: Manifest, world: World) -> None:
-    """Remove this process's partial files and shards written after its manifest's last update."""
+    """Remove this process's partial files and shards written after its manifest's last update (shard files only:
+    anything else a user keeps in these folders stays)."""
     listed = {run / f["path"] for s in manifest.shards for f in s.files.values()}
     for folder in [layout.tokens_dir(run)] + [layout.acts_dir(run, k) for k in manifest.keys]:
         if folder.is_dir():
             for p in folder.iterdir():
                 i = layout.shard_index(p)
-                if p not in listed and (i is None or world.owns(i)):
+                if p not in listed and i is not None and world.owns(i):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
