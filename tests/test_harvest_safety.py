@@ -233,6 +233,11 @@ def test_a_kill_while_the_first_manifest_is_written_resumes(tmp_path, tiny_llama
     (run / "manifest.json.partial").write_text('{"model": {"id": "x"}, "sha')  # torn write
     assert _harvest(run, tiny_llama, "--resume") == 0
     assert load_manifest(run).complete and verify_run(run) == [] and not list(run.rglob("*.partial"))
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "manifest.json.partial").write_text('{"model": {"id": "x"}, "sha')
+    assert _harvest(again, tiny_llama, "--overwrite") == 0, "--overwrite starts over too (it used to loop)"
+    assert load_manifest(again).complete and not list(again.rglob("*.partial"))
 
 
 # ---------------------------------------------------------------- one harvest at a time
