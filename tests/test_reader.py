@@ -111,7 +111,7 @@ def test_a_damaged_chunk_is_an_error_naming_the_file_never_wrong_numbers(own_run
 
 
 def _strip_checksums(path: Path) -> None:
-    """Rewrite an activation shard as older harvests wrote it: no fletcher32 filter."""
+    """Rewrite an activation shard as older harvests wrote it: the rows only, no chunk hashes."""
     with h5py.File(path, "r") as f:
         data, attrs = f["acts"][:], dict(f["acts"].attrs)
     path.unlink()
