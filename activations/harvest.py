@@ -43,14 +43,30 @@ from activations.atomic import atomic_path
 from activations.config import HarvestConfig
 from activations.corpus import describe, documents
 from activations.errors import StrataError
-from activations.harvest_dir import check_target, clear_harvest, clear_leftovers, part_manifests, resume_command
+from activations.harvest_dir import (
+    check_target,
+    clear_harvest,
+    clear_leftovers,
+    part_manifests,
+    resume_command,
+)
 from activations.hooks import capture, key_depth, parse_keys
 from activations.lock import run_lock
-from activations.manifest import (Manifest, ShardRecord, add_norm_stats, file_sha256, load_manifest, merge_manifests,
-                                  relpath, save_manifest, software_versions)
+from activations.manifest import (
+    Manifest,
+    ShardRecord,
+    add_norm_stats,
+    file_sha256,
+    load_manifest,
+    merge_manifests,
+    relpath,
+    save_manifest,
+    software_versions,
+)
 from activations.model import load_model
 from activations.shards import ActivationShardWriter, to_storage, write_tokens
 from activations.tokens import CorpusPosition, pack_contexts, wants_bos
+
 
 # ---------------------------------------------------------------- processes (single, or torchrun ranks)
 class World:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from activations.config import HarvestConfig  # noqa: E402
 from activations.corpus import builtin_documents  # noqa: E402
 from activations.harvest import harvest  # noqa: E402
-from activations.hooks import capture, parse_keys  # noqa: E402
+from activations.hooks import capture  # noqa: E402
 from activations.manifest import file_sha256, load_manifest, save_manifest  # noqa: E402
 from activations.model import load_model  # noqa: E402
 from activations.reader import ActivationReader, open_run  # noqa: E402

@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from conftest import harvest_tiny
 
 from activations.manifest import load_manifest, save_manifest
 from activations.verify import verify_run
-from conftest import harvest_tiny
 from strata.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_harvest_safety import flip_chunk_byte
 
 from activations.errors import StrataError
 from activations.manifest import file_sha256, load_manifest, save_manifest
 from activations.reader import ActivationReader, open_run
-from test_harvest_safety import flip_chunk_byte
 
 
 def test_each_token_once_per_epoch_in_a_seeded_order(tiny_run):
