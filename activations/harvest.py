@@ -4,10 +4,17 @@ Three threads keep memory bounded whatever the corpus size: a packer turns docum
 the main thread runs the model (stopping after the deepest requested block), and a writer streams rows into
 the current shard's files. Bounded queues sit between them, so writing overlaps the next forward.
 
-Crash safety: shard files are written under temporary names and renamed when complete; the manifest is then
-replaced atomically with the new shard's record (checksums, and the corpus position after it). `--resume`
-drops anything not in the manifest and continues from the last complete shard, so a killed run loses at most
-the shard in flight, and its files end up byte-identical to an uninterrupted run's.
+Crash safety: the manifest is written (atomically) before the first shard file, so shard files never exist
+without a manifest that explains them. Shard files are written under temporary names and renamed when complete;
+the manifest is then replaced atomically with the new shard's record (checksums, and the corpus position after
+it). `--resume` drops anything not in the manifest, re-creates listed shard files that are missing or fail their
+checksum (from the corpus position their shard started at), and continues from the last complete shard, so a
+run killed at any point loses at most the shard in flight, and its files end up byte-identical to an
+uninterrupted run's (tests/test_crash_safety_harvest.py). On a finished run, `--resume` only does the repair.
+
+One harvest at a time: the whole harvest holds the run's lock exclusively (activations/lock.py), and the folder
+rules (what a harvest may write into, and what --overwrite may delete) are in activations/harvest_dir.py.
+Before each shard the free disk space is checked, because HDF5 does not survive a failed write.
 
 Under `torchrun --nproc-per-node N` shard g belongs to rank g % N. Every rank reads the same token stream
 (tokenizing is cheap next to the forward pass) but runs the model only on its own shards, and keeps its own
@@ -16,11 +23,14 @@ the same as in a single-process run, so the files are too.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import os
 import queue
 import shutil
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,14 +43,29 @@ from activations.atomic import atomic_path
 from activations.config import HarvestConfig
 from activations.corpus import describe, documents
 from activations.errors import StrataError
+from activations.harvest_dir import (
+    check_target,
+    clear_harvest,
+    clear_leftovers,
+    part_manifests,
+    resume_command,
+)
 from activations.hooks import capture, key_depth, parse_keys
-from activations.manifest import (Manifest, ShardRecord, add_norm_stats, file_sha256, load_manifest, merge_manifests,
-                                  relpath, save_manifest, software_versions)
+from activations.lock import run_lock
+from activations.manifest import (
+    Manifest,
+    ShardRecord,
+    add_norm_stats,
+    file_sha256,
+    load_manifest,
+    merge_manifests,
+    relpath,
+    save_manifest,
+    software_versions,
+)
 from activations.model import load_model
 from activations.shards import ActivationShardWriter, to_storage, write_tokens
 from activations.tokens import CorpusPosition, pack_contexts, wants_bos
-
-_RUN_ITEMS = ("manifest.json", "parts", "tokens", "acts", "train", "index", "share")
 
 
 # ---------------------------------------------------------------- processes (single, or torchrun ranks)
@@ -89,84 +114,185 @@ def _check_config(cfg: HarvestConfig) -> None:
         raise StrataError("--resume and --overwrite contradict each other; pick one")
 
 
-def _remove_run_items(run: Path) -> None:
-    for item in _RUN_ITEMS:
-        p = run / item
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+def _created_root(run: Path) -> Path | None:
+    """The outermost folder that `run.mkdir(parents=True)` would create, or None when `run` exists."""
+    if run.exists():
+        return None
+    top = run
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
 
 
-def _prepare_run_dir(cfg: HarvestConfig, world: World) -> None:
-    """Rank 0 only: refuse to mix runs, apply --overwrite, clear leftovers of a run that never finished a shard."""
+def _claim_run_dir(cfg: HarvestConfig, world: World, held: contextlib.ExitStack) -> Path | None:
+    """Rank 0 only: refuse a folder a harvest may not use, create the folder, take the run lock (held for the whole
+    harvest), apply --overwrite, and check an existing run against this config. Returns the outermost folder this
+    call created (None if the run folder existed)."""
     run = Path(cfg.run_dir)
-    if run.exists() and not run.is_dir():
-        raise StrataError(f"{run} is a file, not a directory; choose another run directory")
-    if cfg.overwrite and run.exists():
-        _remove_run_items(run)
-    has_manifest = layout.manifest_path(run).is_file()
-    has_parts = (run / "parts").is_dir() and any((run / "parts").iterdir())
-    if not has_manifest and not has_parts and run.is_dir() and {p.name for p in run.iterdir()} <= set(_RUN_ITEMS):
-        _remove_run_items(run)  # leftovers of a run killed before its first shard: nothing finished to keep
-    if has_parts and world.size == 1 or has_manifest and world.size > 1 and not load_manifest(run).complete:
+    check_target(cfg)  # before anything is created: a refused folder stays untouched
+    created = _created_root(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StrataError(f"cannot create the run directory {run} ({e.strerror}); choose a writable location") from None
+    try:
+        held.enter_context(run_lock(run, "strata harvest"))
+    except StrataError:
+        _remove_created(run, created)
+        raise
+    try:
+        _check_claimed(cfg, world, run)
+    except BaseException:
+        if created is not None:  # a folder this call made holds nothing but the lock
+            _forget_unfinished(run, created)
+        raise
+    return created
+
+
+def _check_claimed(cfg: HarvestConfig, world: World, run: Path) -> None:
+    """Under the lock: the folder may have changed since the first look."""
+    if check_target(cfg) and cfg.overwrite:
+        clear_harvest(run)
+    clear_leftovers(run)
+    has_main = layout.manifest_path(run).is_file()
+    parts = part_manifests(run)
+    if has_main and (load_manifest(run).complete or world.size == 1) and parts:
+        shutil.rmtree(layout.parts_dir(run))  # left by a kill after the merged manifest was saved
+        parts = []
+    if parts and world.size == 1 or has_main and world.size > 1 and not load_manifest(run).complete:
         raise StrataError(f"{run} was started with a different number of processes; resume it the way it was started")
-    if has_manifest or has_parts:
-        old = load_manifest(run, layout.manifest_path(run) if has_manifest else next((run / "parts").iterdir()))
-        if not cfg.resume:
-            same = old.config == cfg.identity()
-            raise StrataError(f"{run} already holds {'this' if same else 'a different'} run ({old.n_tokens} tokens of "
-                              f"{old.model['id']}); pass --resume to continue it or --overwrite to replace it")
-        diffs = [f"{k}: {old.config.get(k)!r} -> {v!r}" for k, v in cfg.identity().items() if old.config.get(k) != v]
-        if diffs:
-            raise StrataError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); use the original flags or --overwrite")
-    elif cfg.resume and run.exists() and any(run.iterdir()):
-        raise StrataError(f"{run} holds no manifest to resume from; remove the folder or pass --overwrite")
-    elif run.exists() and any(run.iterdir()):
-        raise StrataError(f"{run} is not empty and holds no Strata run; choose an empty folder or pass --overwrite")
+    if not (has_main or parts):
+        return
+    old = load_manifest(run, layout.manifest_path(run) if has_main else parts[0])
+    if not cfg.resume:
+        same = old.config == cfg.identity()
+        raise StrataError(f"{run} already holds {'this' if same else 'a different'} run ({old.n_tokens} tokens of "
+                          f"{old.model['id']}); pass --resume to continue it or --overwrite to replace it")
+    diffs = [f"{k}: {old.config.get(k)!r} -> {v!r}" for k, v in cfg.identity().items() if old.config.get(k) != v]
+    if diffs:
+        raise StrataError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); "
+                          f"continue it with `{resume_command(run, old.config)}`, or pass --overwrite")
+
+
+def _remove_created(run: Path, created: Path | None) -> None:
+    """Remove the folders this harvest created (run up to `created`) while they are empty."""
+    if created is None:
+        return
+    folder = run
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == created:
+            return
+        folder = folder.parent
+
+
+def _forget_unfinished(run: Path, created: Path | None) -> None:
+    """After a harvest that finished no shard: remove what it wrote, so the folder is as it was (lock held)."""
+    if _has_shards(run):
+        return
+    clear_harvest(run)
+    if run.is_dir() and {p.name for p in run.iterdir()} <= {layout.LOCK}:
+        layout.lock_path(run).unlink(missing_ok=True)  # still held through our descriptor; others are refused
+        _remove_created(run, created)
+
+
+def _has_shards(run: Path) -> bool:
+    """Whether any manifest in `run` (main or per-process) lists a complete shard."""
+    for path in [layout.manifest_path(run), *part_manifests(run)]:
+        if path.is_file():
+            try:
+                if load_manifest(run, path).shards:
+                    return True
+            except StrataError:
+                return True  # unreadable: not ours to judge, keep it
+    return False
 
 
 def _drop_unlisted(run: Path, manifest: Manifest, world: World) -> None:
-    """Remove this process's partial files and shards written after its manifest's last update."""
+    """Remove this process's partial files and shards written after its manifest's last update (shard files only:
+    anything else a user keeps in these folders stays)."""
     listed = {run / f["path"] for s in manifest.shards for f in s.files.values()}
     for folder in [layout.tokens_dir(run)] + [layout.acts_dir(run, k) for k in manifest.keys]:
         if folder.is_dir():
             for p in folder.iterdir():
                 i = layout.shard_index(p)
-                if p not in listed and (i is None or world.owns(i)):
+                if p not in listed and i is not None and world.owns(i):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 # ---------------------------------------------------------------- the writer thread
 class _ShardWriterThread(threading.Thread):
-    """Consumes ("rows", shard, contexts, {key: rows}, stats), ("commit", shard, ...) and ("stop", ...) messages."""
+    """Consumes ("rows", shard, contexts, {key: rows}, stats), ("commit", shard, ...) and ("stop", ...) messages.
 
-    def __init__(self, run: Path, manifest: Manifest, manifest_path: Path, shard_rows: int, dtype: str, inbox_size: int):
+    Normally each committed shard is appended to the manifest. With `recreate` ({shard: names of its files}) it
+    re-writes only those files of shards the manifest already lists (their originals are missing or damaged)."""
+
+    def __init__(self, run: Path, manifest: Manifest, manifest_path: Path, shard_rows: int, dtype: str, inbox_size: int,
+                 recreate: dict | None = None):
         super().__init__(daemon=True)
         self.run_dir, self.manifest, self.manifest_path = run, manifest, manifest_path
         self.shard_rows, self.dtype = shard_rows, dtype
+        self.recreate = recreate
         self.inbox: queue.Queue = queue.Queue(maxsize=inbox_size)
         self.error: BaseException | None = None
+        self.changed: list[str] = []  # re-created files whose bytes differ from the manifest's record
+        self._shard: int | None = None  # the shard being written
         self._open: dict = {}
         self._ctx: dict = {}
 
+    def _names(self, i: int) -> list[str]:
+        return ["tokens", *self.manifest.keys] if self.recreate is None else sorted(self.recreate[i])
+
+    def _check_space(self, i: int) -> None:
+        """Stop before a shard that cannot fit: HDF5 does not recover from a failed write (it crashes at exit)."""
+        names = self._names(i)
+        need = self.shard_rows * (16 * ("tokens" in names) + sum(2 * self.manifest.dims[k] for k in names if k != "tokens"))
+        need = int(need * 1.05) + len(names) * (64 << 10)  # HDF5 metadata and chunk index per file
+        free = shutil.disk_usage(self.run_dir).free
+        if free < need:
+            raise StrataError(f"disk full: {self.run_dir} has {free / 2**20:.0f} MiB free but shard {i} needs about "
+                              f"{need / 2**20:.0f} MiB; the {len(self.manifest.shards)} complete shards are intact: "
+                              f"free space, then `{resume_command(self.run_dir, self.manifest.config)}`")
+
     def _start_shard(self, i: int):
+        self._check_space(i)
+        self._shard = i
         self.tokens: list = []
         self.stats = {k: np.zeros(3) for k in self.manifest.keys}  # sum norm, sum sq norm, max norm
-        for key in self.manifest.keys:
+        for key in self._names(i):
+            if key == "tokens":
+                continue
             ctx = atomic_path(layout.acts_shard_path(self.run_dir, key, i))
             self._ctx[key] = ctx
             self._open[key] = ActivationShardWriter(ctx.__enter__(), self.manifest.dims[key], self.dtype, self.shard_rows)
 
     def _commit(self, i: int):
         m = self.manifest
+        names = self._names(i)
+        self._shard = None
         rows = sum(len(c.token_ids) for c in self.tokens)
-        tok_path = layout.tokens_shard_path(self.run_dir, i)
-        with atomic_path(tok_path) as tmp:
-            write_tokens(tmp, *(np.concatenate([getattr(c, f) for c in self.tokens]) for f in ("token_ids", "doc_ids", "positions")))
-        files = {"tokens": {"path": relpath(self.run_dir, tok_path), "sha256": file_sha256(tok_path)}}
-        for key in m.keys:
+        files = {}
+        if "tokens" in names:
+            tok_path = layout.tokens_shard_path(self.run_dir, i)
+            with atomic_path(tok_path) as tmp:
+                write_tokens(tmp, *(np.concatenate([getattr(c, f) for c in self.tokens]) for f in ("token_ids", "doc_ids", "positions")))
+            files["tokens"] = {"path": relpath(self.run_dir, tok_path), "sha256": file_sha256(tok_path)}
+        for key in [k for k in names if k != "tokens"]:
             self._open.pop(key).close()
             self._ctx.pop(key).__exit__(None, None, None)
             path = layout.acts_shard_path(self.run_dir, key, i)
             files[key] = {"path": relpath(self.run_dir, path), "sha256": file_sha256(path)}
+        if self.recreate is not None:
+            record = next(s for s in m.shards if s.index == i)
+            differ = [name for name, f in files.items() if record.files.get(name) != f]
+            if differ:  # e.g. a model that is not deterministic on this device: the new file is sound, record it
+                record.files.update({name: files[name] for name in differ})
+                self.changed += [files[name]["path"] for name in differ]
+                save_manifest(self.run_dir, m, self.manifest_path)
+            return
         for key, (s, sq, mx) in self.stats.items():
             add_norm_stats(m.norm_stats, key, rows, s, sq, mx)
         end = self.tokens[-1].end
@@ -195,11 +321,12 @@ class _ShardWriterThread(threading.Thread):
                 if kind == "commit":
                     self._commit(shard)
                     continue
-                if not self._open:
+                if self._shard != shard:
                     self._start_shard(shard)
                 self.tokens.extend(contexts)
                 for key, block in rows.items():
-                    self._open[key].append(block)
+                    if key in self._open:
+                        self._open[key].append(block)
                 for key, (s, sq, mx) in stats.items():
                     acc = self.stats[key]
                     acc[0] += s
@@ -224,20 +351,16 @@ class _ShardWriterThread(threading.Thread):
 
 
 def _batches(docs, tokenizer, cfg: HarvestConfig, start: CorpusPosition, limit: int | None, out: queue.Queue, stop: threading.Event):
-    """Packer thread: put lists of up to batch_contexts contexts, then None."""
+    """Packer thread: put lists of up to batch_contexts contexts (at most `limit` contexts in all), then None."""
     try:
         batch = []
-        n = 0
-        for ctx in pack_contexts(docs, tokenizer, cfg.context, start):
+        for ctx in itertools.islice(pack_contexts(docs, tokenizer, cfg.context, start), limit):
             if stop.is_set():
                 return
             batch.append(ctx)
-            n += 1
             if len(batch) == cfg.batch_contexts:
                 out.put(batch)
                 batch = []
-            if limit is not None and n >= limit:
-                break
         if batch:
             out.put(batch)
         out.put(None)
@@ -271,25 +394,43 @@ def _activation_rows(acts: dict, keys, d: int, dtype: str, where: str):
     return rows, stats
 
 
+@dataclass
+class _Plan:
+    """What one pass of the pipeline produces: contexts [first_context, first_context + limit) of the corpus,
+    starting at corpus position `start`, cut into shards of `shard_contexts` contexts."""
+    start: CorpusPosition
+    first_context: int
+    limit: int | None
+    shard_contexts: int
+
+
 def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
     """Run the harvest described by `cfg`. `lm` is an already loaded model (a LoadedModel for cfg.model) to reuse."""
     _check_config(cfg)
     world = World()
     run = Path(cfg.run_dir)
-    error = None
-    if world.rank == 0:
+    with contextlib.ExitStack() as held:  # rank 0 holds the run lock until the harvest has ended, however it ends
+        error, created = None, None
+        if world.rank == 0:
+            try:
+                created = _claim_run_dir(cfg, world, held)
+            except StrataError as e:
+                error = str(e)
+        error = world.from_rank0(error)
+        if error:
+            raise StrataError(error)
         try:
-            _prepare_run_dir(cfg, world)
-        except StrataError as e:
-            error = str(e)
-    error = world.from_rank0(error)
-    if error:
-        raise StrataError(error)
-    if layout.manifest_path(run).is_file() and load_manifest(run).complete:
-        m = load_manifest(run)
-        print(f"{run}: already complete ({m.n_tokens} tokens); nothing to do")
-        return m
+            return _harvest_claimed(cfg, world, run, lm)
+        except BaseException:
+            if world.size == 1:
+                with contextlib.suppress(OSError):  # e.g. a read-only folder: the original error matters
+                    _forget_unfinished(run, created)
+            raise
 
+
+def _harvest_claimed(cfg: HarvestConfig, world: World, run: Path, lm) -> Manifest:
+    if layout.manifest_path(run).is_file() and load_manifest(run).complete:
+        return _repair_complete(cfg, world, run, lm)
     lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
     keys = sorted(parse_keys(cfg.sites, cfg.layers, lm.info["n_layers"]), key=key_depth)
     d = lm.info["d_model"]
@@ -304,28 +445,116 @@ def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
                                                       "bos_token_id": lm.tokenizer.bos_token_id},
                             keys=keys, dims={k: d for k in keys}, dtype=cfg.dtype, context_length=cfg.context,
                             config=cfg.identity(), corpus=describe(cfg), versions=software_versions())
-        run.mkdir(parents=True, exist_ok=True)  # the manifest is first written with the first complete shard
+        # Written before the first shard file: shard files never exist without a manifest that explains them.
+        _save_or_stop(run, manifest, mpath)
 
-    shard_contexts = max(1, round(cfg.shard_tokens / (cfg.context * cfg.batch_contexts))) * cfg.batch_contexts
+    shard_contexts = _shard_contexts(cfg)
+    if world.size == 1:
+        _recreate(cfg, lm, run, manifest, mpath, shard_contexts)
     total_contexts = cfg.max_tokens // cfg.context if cfg.max_tokens else None
     # Continue after this process's last complete shard: the stream position and the global context index there.
     last = manifest.shards[-1] if manifest.shards else None
-    start = CorpusPosition(**last.resume) if last else CorpusPosition()
     first_context = (last.index + 1) * shard_contexts if last else 0
-    remaining = None if total_contexts is None else max(0, total_contexts - first_context)
+    plan = _Plan(start=CorpusPosition(**last.resume) if last else CorpusPosition(), first_context=first_context,
+                 limit=None if total_contexts is None else max(0, total_contexts - first_context),
+                 shard_contexts=shard_contexts)
+    writer = _ShardWriterThread(run, manifest, mpath, shard_contexts * cfg.context, cfg.dtype, cfg.queue_batches)
+    total = None if total_contexts is None else total_contexts * cfg.context // world.size
+    _produce(cfg, lm, keys, world, run, plan, writer, manifest, progress=(total, manifest.n_tokens))
+    return _finish(run, manifest, world, cfg)
 
+
+def _shard_contexts(cfg: HarvestConfig) -> int:
+    return max(1, round(cfg.shard_tokens / (cfg.context * cfg.batch_contexts))) * cfg.batch_contexts
+
+
+def _save_or_stop(run: Path, manifest: Manifest, path: Path) -> None:
+    try:
+        save_manifest(run, manifest, path)
+    except OSError as e:
+        raise _write_error(run, manifest, e) from None
+
+
+def _write_error(run: Path, manifest: Manifest, e: OSError) -> StrataError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StrataError(f"disk full while writing {run}; the {len(manifest.shards)} complete shards are intact: "
+                           f"free space, then `{resume_command(run, manifest.config)}`")
+    return StrataError(f"cannot write to {run} ({e.strerror or e}); check that it is writable, then "
+                       f"`{resume_command(run, manifest.config)}`")
+
+
+def _damaged(run: Path, manifest: Manifest) -> dict[int, set[str]]:
+    """{shard index: names of its files} for every listed file that is missing or fails its sha256."""
+    bad: dict[int, set[str]] = {}
+    for s in manifest.shards:
+        for name in ["tokens", *manifest.keys]:
+            rec = s.files.get(name)
+            path = run / rec["path"] if rec else None
+            if path is None or not path.is_file() or file_sha256(path) != rec["sha256"]:
+                bad.setdefault(s.index, set()).add(name)
+    return bad
+
+
+def _recreate(cfg: HarvestConfig, lm, run: Path, manifest: Manifest, mpath: Path, shard_contexts: int) -> None:
+    """Re-create the listed shard files that are missing or damaged, each from the corpus position its shard
+    started at, with the same forward batches: byte-identical to the originals (on a deterministic device)."""
+    bad = _damaged(run, manifest)
+    if not bad:
+        return
+    keys = list(manifest.keys)
+    by_index = {s.index: pos for pos, s in enumerate(manifest.shards)}
+    n_files = sum(len(v) for v in bad.values())
+    print(f"{run}: re-creating {n_files} missing or damaged file(s) in {len(bad)} shard(s)")
+    changed = []
+    for i in sorted(bad):
+        pos = by_index[i]
+        if manifest.shards[pos].token_start != i * shard_contexts * cfg.context or pos and manifest.shards[pos - 1].index != i - 1:
+            raise StrataError(f"shard {i} of {run} cannot be re-created: its neighbours are not in the manifest; "
+                              f"re-harvest with --overwrite")
+        start = CorpusPosition(**manifest.shards[pos - 1].resume) if pos else CorpusPosition()
+        plan = _Plan(start=start, first_context=i * shard_contexts,
+                     limit=manifest.shards[pos].rows // cfg.context, shard_contexts=shard_contexts)
+        writer = _ShardWriterThread(run, manifest, mpath, shard_contexts * cfg.context, cfg.dtype, cfg.queue_batches,
+                                    recreate={i: bad[i]})
+        _produce(cfg, lm, keys, World(), run, plan, writer, manifest, progress=(plan.limit * cfg.context, 0))
+        changed += writer.changed
+    if changed:
+        print(f"{run}: {len(changed)} re-created file(s) differ from the original bytes (is the model deterministic on "
+              f"this device?); the manifest now records them: {', '.join(changed[:3])}")
+
+
+def _repair_complete(cfg: HarvestConfig, world: World, run: Path, lm) -> Manifest:
+    """`--resume` on a finished run: re-create whatever the manifest lists but is missing or damaged."""
+    m = load_manifest(run)
+    if world.size > 1:
+        if world.rank == 0:
+            print(f"{run}: already complete ({m.n_tokens} tokens); to re-create damaged shards run "
+                  f"`{resume_command(run, m.config)}` in one process")
+        return m
+    if not _damaged(run, m):
+        print(f"{run}: already complete ({m.n_tokens} tokens) and every shard matches the manifest; nothing to do")
+        return m
+    lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
+    _recreate(cfg, lm, run, m, layout.manifest_path(run), _shard_contexts(cfg))
+    print(f"{run}: every shard matches the manifest again")
+    return m
+
+
+def _produce(cfg: HarvestConfig, lm, keys, world: World, run: Path, plan: _Plan, writer: _ShardWriterThread,
+             manifest: Manifest, progress: tuple) -> None:
+    """Run the packer -> model -> writer pipeline over `plan` until the writer has committed its last shard."""
+    d = lm.info["d_model"]
     stop = threading.Event()
     batch_q: queue.Queue = queue.Queue(maxsize=cfg.queue_batches)
     packer = threading.Thread(target=_batches, daemon=True,
-                              args=(documents(cfg, start.doc), lm.tokenizer, cfg, start, remaining, batch_q, stop))
-    writer = _ShardWriterThread(run, manifest, mpath, shard_contexts * cfg.context, cfg.dtype, cfg.queue_batches)
+                              args=(documents(cfg, plan.start.doc), lm.tokenizer, cfg, plan.start, plan.limit, batch_q, stop))
     packer.start()
     writer.start()
     device = next(lm.model.parameters()).device
-    bar = tqdm(total=None if total_contexts is None else total_contexts * cfg.context // world.size,
-               initial=manifest.n_tokens, unit="tok", unit_scale=True, desc=f"harvest {run.name}",
+    total, initial = progress
+    bar = tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc=f"harvest {run.name}",
                disable=not cfg.progress or world.rank != 0, dynamic_ncols=True)
-    context_index = first_context
+    context_index = plan.first_context
     open_shard = None
     try:
         while True:
@@ -334,7 +563,7 @@ def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
                 raise item
             if item is None:
                 break
-            shard = context_index // shard_contexts
+            shard = context_index // plan.shard_contexts
             context_index += len(item)
             if not world.owns(shard):
                 continue
@@ -359,19 +588,13 @@ def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
             writer.inbox.put(("stop", None, None, None, None))
             writer.join()
         writer.abort()
-        full = [x for x in (e, writer.error) if isinstance(x, OSError) and x.errno == errno.ENOSPC]
-        if full:
-            raise StrataError(f"disk full while writing {run}; the {len(manifest.shards)} complete shards are intact: "
-                              f"free space and rerun with --resume") from None
+        failed = next((x for x in (e, writer.error) if isinstance(x, OSError) and x.errno is not None), None)
+        if failed is not None:
+            raise _write_error(run, manifest, failed) from None
         raise
     finally:
         bar.close()
         _drain(batch_q)
-        if not manifest.shards and world.size == 1:  # nothing finished: leave no trace of a run that never produced a shard
-            _remove_run_items(run)
-            if run.is_dir() and not any(run.iterdir()):
-                run.rmdir()
-    return _finish(run, manifest, world, cfg)
 
 
 def _finish(run: Path, manifest: Manifest, world: World, cfg: HarvestConfig) -> Manifest:
@@ -386,8 +609,8 @@ def _finish(run: Path, manifest: Manifest, world: World, cfg: HarvestConfig) -> 
         if manifest.n_tokens == 0:
             raise StrataError(f"the corpus gave no complete context of {cfg.context} tokens; add text or lower --context")
         manifest.complete = True
-        save_manifest(run, manifest)
+        _save_or_stop(run, manifest, layout.manifest_path(run))
         if world.size > 1:
-            shutil.rmtree(run / "parts")
+            shutil.rmtree(layout.parts_dir(run))
     world.barrier()
     return load_manifest(run) if world.rank != 0 else manifest

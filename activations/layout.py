@@ -30,9 +30,14 @@ def manifest_path(run) -> Path:
     return Path(run) / MANIFEST
 
 
+def parts_dir(run) -> Path:
+    """Per-process manifests of a `torchrun` harvest in progress."""
+    return Path(run) / "parts"
+
+
 def part_manifest_path(run, rank: int) -> Path:
     """Per-process manifest of a `torchrun` harvest; merged into manifest.json by rank 0 at the end."""
-    return Path(run) / "parts" / f"rank-{rank:05d}.json"
+    return parts_dir(run) / f"rank-{rank:05d}.json"
 
 
 def shard_index(path) -> int | None:
@@ -52,8 +57,12 @@ def tokens_shard_path(run, i: int) -> Path:
     return tokens_dir(run) / f"shard-{i:05d}.h5"
 
 
+def acts_root(run) -> Path:
+    return Path(run) / "acts"
+
+
 def acts_dir(run, key: str) -> Path:
-    return Path(run) / "acts" / key
+    return acts_root(run) / key
 
 
 def acts_shard_path(run, key: str, i: int) -> Path:
@@ -84,8 +93,12 @@ def sweep_dir(run, sweep: str) -> Path:
     return sweeps_root(run) / check_name(sweep, "sweep name")
 
 
+def index_root(run) -> Path:
+    return Path(run) / "index"
+
+
 def index_path(run, name: str) -> Path:
-    return Path(run) / "index" / f"{check_name(name)}.h5"
+    return index_root(run) / f"{check_name(name)}.h5"
 
 
 def share_dir(run) -> Path:

@@ -86,6 +86,9 @@ def merge_manifests(parts: list[Manifest]) -> Manifest:
 def load_manifest(run, path=None) -> Manifest:
     path = Path(path) if path is not None else layout.manifest_path(run)
     if not path.is_file():
+        if layout.acts_root(run).is_dir() or layout.tokens_dir(run).is_dir():
+            raise StrataError(f"{run} holds shards but no {layout.MANIFEST}, the only description of them: if it was "
+                              f"moved, put it back; otherwise harvest into a new folder")
         raise StrataError(f"{run} is not a harvest run (no {layout.MANIFEST}); create one with `strata harvest {run}`")
     try:
         return Manifest.from_dict(json.loads(path.read_text()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,28 +20,43 @@ import h5py
 import numpy as np
 import torch
 
-from activations import layout
 from activations.errors import StrataError
-from activations.manifest import Manifest, load_manifest
-from activations.shards import ACTS, chunk_rows, read_tokens as read_token_file
+from activations.harvest_dir import resume_command
+from activations.manifest import Manifest, file_sha256, load_manifest
+from activations.shards import (
+    ACTS,
+    CHUNK_SUMS,
+    TOKEN_FIELDS,
+    chunk_rows,
+    has_checksums,
+    rows_hash,
+)
 
 
 class RunStore:
     """A harvest run opened for reading. HDF5 handles are opened lazily and are not pickled, so a store can be
-    passed to worker processes."""
+    passed to worker processes.
 
-    def __init__(self, run):
+    Damaged data is never returned: each chunk of an activation file is checked against its xxh3 hash
+    (activations/shards.py) the first time this store reads it (hashing the rows just read, so a chunk-aligned
+    read costs no extra I/O), token files carry HDF5's fletcher32, and a file written without checksums is
+    checked against the manifest's sha256 when first opened (unless `check_unfiltered` is False). Any failure is
+    a StrataError naming the file and how to re-create it."""
+
+    def __init__(self, run, check_unfiltered: bool = True):
         self.path = Path(run)
+        self.check_unfiltered = check_unfiltered
         self.manifest: Manifest = load_manifest(self.path)
         if not self.manifest.shards:
             raise StrataError(f"{run} has no complete shard yet; finish it with `strata harvest {run} --resume`")
         self.starts = np.array([s.token_start for s in self.manifest.shards] + [self.manifest.n_tokens], dtype=np.int64)
         self._files: dict = {}
+        self._sums: dict = {}  # (key, shard) -> (stored chunk hashes, chunk rows, bool array: chunk checked)
         self._lock = threading.Lock()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"], state["_lock"] = {}, None
+        state["_files"], state["_sums"], state["_lock"] = {}, {}, None
         return state
 
     def __setstate__(self, state):
@@ -82,34 +98,79 @@ class RunStore:
         return int(self.manifest.shards[i].rows)
 
     # ---- raw access
+    def _damaged(self, path: Path, detail) -> StrataError:
+        first = (str(detail).strip().splitlines() or ["unreadable"])[0][:160]
+        return StrataError(f"shard file {path} is damaged ({first}); list every damaged shard with `strata verify "
+                           f"{self.path}`, then re-create them with `{resume_command(self.path, self.manifest.config)}`")
+
+    def _path(self, name: str, i: int) -> Path:
+        rec = self.manifest.shards[i].files.get(name)
+        if rec is None:
+            raise StrataError(f"shard {i} of {self.path} has no {name} file in its manifest; re-harvest with --overwrite")
+        return self.path / rec["path"]
+
     def _file(self, name: str, i: int) -> h5py.File:
         with self._lock:
             f = self._files.get((name, i))
             if f is None:
-                rec = self.manifest.shards[i].files.get(name)
-                if rec is None:
-                    raise StrataError(f"shard {i} of {self.path} has no file for {name}; re-harvest it")
-                path = self.path / rec["path"]
+                path = self._path(name, i)
                 try:
                     f = h5py.File(path, "r")
-                except OSError as e:
-                    raise StrataError(f"shard file {path} cannot be read ({e}); run `strata verify {self.path}`") from None
+                    checked = has_checksums(f)
+                except (OSError, KeyError) as e:
+                    raise self._damaged(path, e) from None
+                # written without checksums: the whole file against the manifest's sha256
+                if not checked and self.check_unfiltered and file_sha256(path) != self.manifest.shards[i].files[name]["sha256"]:
+                    f.close()
+                    raise self._damaged(path, "its sha256 differs from the manifest's")
+                if checked and name != "tokens":
+                    sums = f[CHUNK_SUMS][:]
+                    self._sums[(name, i)] = (sums, f[ACTS].chunks[0], np.zeros(len(sums), dtype=bool))
                 self._files[(name, i)] = f
             return f
 
+    def _read(self, key: str, i: int, read):
+        try:
+            return read(self._file(key, i)[ACTS])
+        except (OSError, KeyError) as e:  # a broken file
+            raise self._damaged(self._path(key, i), e) from None
+
+    def check_chunks(self, key: str, i: int, start: int, stop: int, rows: np.ndarray | None = None) -> None:
+        """Check every chunk that rows [start, stop) touch and this store has not checked yet; `rows` holds those
+        rows when they were just read (whole chunks inside them are hashed there, the others are read whole)."""
+        if (key, i) not in self._sums:
+            return  # a file without chunk hashes: checked whole when opened
+        sums, step, done = self._sums[(key, i)]
+        n = self.shard_rows(i)
+        for c in range(start // step, (max(start, stop) - 1) // step + 1):
+            if done[c]:
+                continue
+            a, b = c * step, min(c * step + step, n)
+            block = rows[a - start:b - start] if rows is not None and start <= a and b <= stop \
+                else self._read(key, i, lambda ds, a=a, b=b: ds[a:b])
+            if rows_hash(block) != int(sums[c]):
+                raise self._damaged(self._path(key, i), f"rows {a}-{b - 1} differ from their checksum")
+            done[c] = True
+
+    def _check_rows(self, key: str, i: int, rows: np.ndarray) -> None:
+        """Check the chunks holding rows `rows` of shard i (each read whole, once)."""
+        if (key, i) in self._sums:
+            step = self._sums[(key, i)][1]
+            for c in np.unique(rows // step):
+                self.check_chunks(key, i, int(c) * step, int(c) * step + 1)
+
     def read_block(self, key: str, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Stored rows [start, stop) of shard i, in the storage dtype (float16, or uint16 for bfloat16)."""
-        try:
-            return self._file(key, i)[ACTS][start:stop]
-        except (OSError, KeyError) as e:
-            raise StrataError(f"shard {i} of {key} in {self.path} is corrupt ({e}); run `strata verify {self.path}`") from None
+        block = self._read(key, i, lambda ds: ds[start:stop])
+        self.check_chunks(key, i, start, start + len(block), block)
+        return block
 
-    def read_into(self, key: str, i: int, start: int, stop: int, out: np.ndarray) -> None:
-        """Stored rows [start, stop) of shard i written straight into `out` (no intermediate copy)."""
-        try:
-            self._file(key, i)[ACTS].read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
-        except (OSError, KeyError) as e:
-            raise StrataError(f"shard {i} of {key} in {self.path} is corrupt ({e}); run `strata verify {self.path}`") from None
+    def read_into(self, key: str, i: int, start: int, stop: int, out: np.ndarray, check: bool = True) -> None:
+        """Stored rows [start, stop) of shard i written straight into `out` (no intermediate copy). With
+        check=False the caller must call `check_chunks(key, i, start, stop, out)` before using the rows."""
+        self._read(key, i, lambda ds: ds.read_direct(out, np.s_[start:stop], np.s_[0:stop - start]))
+        if check:
+            self.check_chunks(key, i, start, stop, out)
 
     def storage_tensor(self, a: np.ndarray) -> torch.Tensor:
         """A torch view of stored rows: float16, or bfloat16 (stored as uint16)."""
@@ -142,7 +203,8 @@ class RunStore:
             if hi - lo <= 4 * len(uniq) + 1024:  # nearby rows: one contiguous read beats fancy indexing
                 block = self.read_block(key, int(i), lo, hi)[uniq - lo]
             else:
-                block = self._file(key, int(i))[ACTS][uniq]
+                block = self._read(key, int(i), lambda ds, wanted=uniq: ds[wanted])
+                self._check_rows(key, int(i), uniq)
             out[sel] = self.to_float(block).numpy()[inverse]
         return out
 
@@ -153,8 +215,12 @@ class RunStore:
         for i in range(len(self.manifest.shards)):
             a, b = max(start, self.starts[i]), min(stop, self.starts[i + 1])
             if a < b:
-                rec = self.manifest.shards[i].files["tokens"]
-                parts.append(read_token_file(self.path / rec["path"], int(a - self.starts[i]), int(b - self.starts[i])))
+                lo, hi = int(a - self.starts[i]), int(b - self.starts[i])
+                f = self._file("tokens", i)
+                try:
+                    parts.append({name: f[name][lo:hi] for name in TOKEN_FIELDS})
+                except (OSError, KeyError) as e:
+                    raise self._damaged(self._path("tokens", i), e) from None
         if not parts:
             return {"token_ids": np.zeros(0, np.int32), "doc_ids": np.zeros(0, np.int64), "positions": np.zeros(0, np.int32)}
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -164,10 +230,11 @@ class RunStore:
             for f in self._files.values():
                 f.close()
             self._files.clear()
+            self._sums.clear()
 
 
-def open_run(run) -> RunStore:
-    return RunStore(run)
+def open_run(run, check_unfiltered: bool = True) -> RunStore:
+    return RunStore(run, check_unfiltered)
 
 
 @dataclass
@@ -218,7 +285,7 @@ class ActivationReader:
     def __len__(self) -> int:
         return self.batches_per_epoch * self.epochs
 
-    def _epoch_batches(self, epoch: int, skip: int):
+    def _epoch_batches(self, epoch: int, skip: int, checker: ThreadPoolExecutor):
         """Yield (index arrays into windows) batches of one epoch, skipping the first `skip` batches."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.blocks)) if self.shuffle else np.arange(len(self.blocks))
@@ -235,7 +302,7 @@ class ActivationReader:
             if skip_rows >= n:
                 skip_rows -= n
                 continue
-            data = {k: self._read_window(k, blocks, len(tok)) for k in self.keys}
+            data = {k: self._read_window(k, blocks, len(tok), checker) for k in self.keys}
             pos = skip_rows
             skip_rows = 0
             while pos < n:
@@ -249,13 +316,19 @@ class ActivationReader:
         if carry and not self.drop_last:
             yield carry
 
-    def _read_window(self, key: str, blocks, rows: int) -> torch.Tensor:
-        """The window's rows of `key`, read block by block into one buffer, as a storage-dtype tensor."""
+    def _read_window(self, key: str, blocks, rows: int, checker: ThreadPoolExecutor) -> torch.Tensor:
+        """The window's rows of `key`, read block by block into one buffer, as a storage-dtype tensor. Each block's
+        checksums are checked on `checker`'s thread while the next block is read; all pass before it is returned."""
         buf = np.empty((rows, self.store.d(key)), dtype=np.uint16 if self.store.manifest.dtype == "bfloat16" else np.float16)
         at = 0
+        checks = []
         for s, a, b in blocks:
-            self.store.read_into(key, s, a, b, buf[at:at + b - a])
+            part = buf[at:at + b - a]
+            self.store.read_into(key, s, a, b, part, check=False)
+            checks.append(checker.submit(self.store.check_chunks, key, s, a, b, part))
             at += b - a
+        for c in checks:
+            c.result()  # raises the StrataError of a damaged block
         return self.store.storage_tensor(buf)
 
     def _assemble(self, pieces) -> ActivationBatch:
@@ -269,9 +342,10 @@ class ActivationReader:
 
     def _generate(self):
         first_epoch, skip = divmod(self.start_batch, self.batches_per_epoch)
-        for epoch in range(first_epoch, self.epochs):
-            for pieces in self._epoch_batches(epoch, skip if epoch == first_epoch else 0):
-                yield self._assemble(pieces)
+        with ThreadPoolExecutor(1, thread_name_prefix="strata-check") as checker:
+            for epoch in range(first_epoch, self.epochs):
+                for pieces in self._epoch_batches(epoch, skip if epoch == first_epoch else 0, checker):
+                    yield self._assemble(pieces)
 
     def __iter__(self):
         if self.prefetch <= 0:

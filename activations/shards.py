@@ -4,14 +4,24 @@ Activations are rows [tokens, d], stored float16 by default; bfloat16 has no HDF
 uint16 with the attribute dtype="bfloat16". Chunks span whole rows, ~256-512 KiB each, so a reader that
 takes chunk-aligned blocks touches each chunk once. Datasets are written with track_times=False so the
 same content gives byte-identical files (a resumed run equals an uninterrupted one).
+
+Damaged data must fail to read rather than give wrong numbers, so training and analysis cannot silently use a
+damaged shard. The files use HDF5's latest format, whose metadata is checksummed. Activation files also hold
+"chunk_xxh3": the xxh3-64 hash of each chunk's rows, which readers check when they first read a chunk
+(activations/reader.py). Hashing rows the reader has just read costs a few percent of its throughput, where
+HDF5's fletcher32 filter would cost about a third (scripts/bench_harvest.py). Token files are small and use
+fletcher32. `has_checksums` tells these files from older ones written without checksums, which readers check
+against the manifest's sha256 instead.
 """
 from __future__ import annotations
 
 import h5py
 import numpy as np
 import torch
+import xxhash
 
 ACTS = "acts"
+CHUNK_SUMS = "chunk_xxh3"  # uint64 [n_chunks]: xxh3-64 of the stored bytes of each chunk's rows
 TOKEN_FIELDS = ("token_ids", "doc_ids", "positions")
 CHUNK_BYTES = 1 << 19
 
@@ -56,13 +66,28 @@ class ActivationShardWriter:
     def close(self) -> None:
         if self.rows != self.ds.shape[0]:
             self.ds.resize(self.rows, axis=0)
+        step = self.ds.chunks[0]
+        sums = [rows_hash(self.ds[a:a + step]) for a in range(0, self.rows, step)]
+        self.file.create_dataset(CHUNK_SUMS, data=np.array(sums, dtype=np.uint64), track_times=False)
         self.file.close()
+
+
+def rows_hash(rows: np.ndarray) -> int:
+    """xxh3-64 of a block of stored rows (C order), as kept per chunk in CHUNK_SUMS."""
+    return xxhash.xxh3_64_intdigest(np.ascontiguousarray(rows).data)
 
 
 def write_tokens(path, token_ids: np.ndarray, doc_ids: np.ndarray, positions: np.ndarray) -> None:
     with h5py.File(path, "w", libver="latest") as f:
         for name, arr in zip(TOKEN_FIELDS, (token_ids, doc_ids, positions)):
-            f.create_dataset(name, data=arr, chunks=(min(len(arr), 1 << 16),), track_times=False)
+            f.create_dataset(name, data=arr, chunks=(min(len(arr), 1 << 16),), track_times=False, fletcher32=True)
+
+
+def has_checksums(f: h5py.File) -> bool:
+    """Whether an open shard file carries checksums readers check on read (older shards do not)."""
+    if ACTS in f:
+        return CHUNK_SUMS in f
+    return all(name in f and f[name].fletcher32 for name in TOKEN_FIELDS)
 
 
 def read_tokens(path, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:

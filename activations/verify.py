@@ -6,6 +6,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from activations.harvest_dir import resume_command
 from activations.manifest import file_sha256, load_manifest
 from activations.shards import ACTS, TOKEN_FIELDS, from_storage
 
@@ -55,6 +56,11 @@ def verify_run(run) -> list[str]:
     return problems
 
 
+def repair_command(run) -> str:
+    """The command that re-creates every shard file the manifest lists but that is missing or damaged."""
+    return resume_command(run, load_manifest(run).config)
+
+
 def run_summary(run) -> str:
     m = load_manifest(run)
     lines = [
@@ -62,7 +68,7 @@ def run_summary(run) -> str:
         f"model      {m.model['id']} ({m.model['architecture']}, {m.n_layers} layers, d_model {m.d_model})",
         f"corpus     {m.corpus.get('name') or m.corpus.get('path')} ({m.corpus.get('kind')})",
         f"tokens     {m.n_tokens:,} in {len(m.shards)} shards, context {m.context_length}, stored as {m.dtype}"
-        + ("" if m.complete else "  [incomplete: strata harvest --resume]"),
+        + ("" if m.complete else f"  [incomplete: {resume_command(run, m.config)}]"),
         f"keys       {len(m.keys)}: {', '.join(m.keys)}",
         "mean norm  " + ", ".join(f"{k} {v['mean_norm']:.3g}" for k, v in m.norm_stats.items()),
     ]

@@ -5,13 +5,18 @@ Prints:
   2. early-exit speed-up: full-depth forward time / half-depth forward time
   3. shuffled reader throughput / raw sequential read of the same bytes  (target >= 0.8)
   4. peak RSS of a harvest for two corpus sizes                          (must not grow with the corpus)
+  5. the cost of never reading damaged data: shuffled reader over shards whose chunks it checks against their
+     xxh3 hashes / the same reader over the same rows unchecked            (target >= 0.9), and the same for
+     HDF5's fletcher32 filter (the alternative), and for shards written without checksums (older runs: sha256
+     of the whole file on first open)
 
-Usage: python scripts/bench_harvest.py [--model smollm2-135m] [--tokens 4096]
+Usage: python scripts/bench_harvest.py [--model smollm2-135m] [--tokens 4096] [--only 1,2,3,4,5]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from activations.config import HarvestConfig  # noqa: E402
 from activations.corpus import builtin_documents  # noqa: E402
 from activations.harvest import harvest  # noqa: E402
-from activations.hooks import capture, parse_keys  # noqa: E402
+from activations.hooks import capture  # noqa: E402
+from activations.manifest import file_sha256, load_manifest, save_manifest  # noqa: E402
 from activations.model import load_model  # noqa: E402
 from activations.reader import ActivationReader, open_run  # noqa: E402
 from activations.tokens import pack_contexts  # noqa: E402
@@ -99,6 +105,54 @@ def reader_vs_raw(run_dir: Path, rounds: int = 2) -> None:
           f"{nbytes / raw / 2**20:,.0f} MiB/s, shuffled batches {nbytes / shuf / 2**20:,.0f} MiB/s -> ratio {raw / shuf:.2f} (target >= 0.8)")
 
 
+def rewritten(run_dir: Path, dest: Path, fletcher32: bool) -> Path:
+    """A copy of a run whose activation shards hold only the rows: as older harvests wrote them (no checksums),
+    or with HDF5's fletcher32 filter instead of chunk hashes."""
+    import h5py
+
+    shutil.copytree(run_dir, dest)
+    m = load_manifest(dest)
+    for s in m.shards:
+        for key in m.keys:
+            path = dest / s.files[key]["path"]
+            with h5py.File(path, "r") as f:
+                data, chunks, attrs = f["acts"][:], f["acts"].chunks, dict(f["acts"].attrs)
+            with h5py.File(path, "w", libver="latest") as f:
+                f.create_dataset("acts", data=data, chunks=chunks, maxshape=(None, data.shape[1]), track_times=False,
+                                 fletcher32=fletcher32)
+                f["acts"].attrs.update(attrs)
+            s.files[key]["sha256"] = file_sha256(path)
+    save_manifest(dest, m)
+    return dest
+
+
+def checksum_cost(run_dir: Path, tmp: Path, rounds: int = 4) -> None:
+    """Best of interleaved rounds of one shuffled epoch: checked vs the same rows unchecked."""
+    plain = rewritten(run_dir, tmp / "plain", fletcher32=False)
+    f32 = rewritten(run_dir, tmp / "f32", fletcher32=True)
+    os.sync()
+    ways = {"xxh3": lambda: open_run(run_dir), "unchecked": lambda: open_run(plain, check_unfiltered=False),
+            "fletcher32": lambda: open_run(f32, check_unfiltered=False), "sha256 on open": lambda: open_run(plain)}
+    best = dict.fromkeys(ways, float("inf"))
+    names = list(ways)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each way takes each place in the order
+            run = ways[name]()
+            t = time.perf_counter()
+            n = sum(len(b.rows) for b in ActivationReader(run, [run.keys[-1]], 4096, shuffle=True, seed=0))
+            best[name] = min(best[name], time.perf_counter() - t)
+            assert n == run.n_tokens
+            run.close()
+    run = open_run(run_dir)
+    mib = run.n_tokens * run.d(run.keys[-1]) * 2 / 2**20
+    rate = {k: mib / v for k, v in best.items()}
+    ratio = {k: v / rate["unchecked"] for k, v in rate.items()}
+    print(f"[5] never reading damaged data, shuffled reader over {mib:.0f} MiB: chunk hashes checked {rate['xxh3']:,.0f} MiB/s, "
+          f"unchecked {rate['unchecked']:,.0f} MiB/s -> ratio {ratio['xxh3']:.2f} (target >= 0.9); fletcher32 instead "
+          f"{rate['fletcher32']:,.0f} MiB/s -> {ratio['fletcher32']:.2f}; older shards, sha256 on first open "
+          f"{rate['sha256 on open']:,.0f} MiB/s -> {ratio['sha256 on open']:.2f}")
+
+
 def peak_rss(model_dir: Path, tokens: int, tmp: Path) -> float:
     code = (f"import resource,sys; sys.path.insert(0, {str(ROOT)!r});"
             "from activations.config import HarvestConfig; from activations.harvest import harvest;"
@@ -113,18 +167,26 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--reader-tokens", type=int, default=262144)
+    ap.add_argument("--only", default="1,2,3,4,5", help="comma list of the measurements to run")
     args = ap.parse_args()
+    only = {int(x) for x in args.only.split(",")}
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        harvest_vs_forward(args.model, args.tokens, tmp)
+        if only & {1, 2}:
+            harvest_vs_forward(args.model, args.tokens, tmp)
         wide = tiny_wide_model(tmp / "wide")
-        harvest(HarvestConfig(run_dir=str(tmp / "r"), model=str(wide), layers="2", max_tokens=args.reader_tokens,
-                              shard_tokens=65536, batch_contexts=32, progress=False))
-        reader_vs_raw(tmp / "r")
-        small, big = args.reader_tokens // 8, args.reader_tokens // 2
-        a, b = peak_rss(wide, small, tmp), peak_rss(wide, big, tmp)
-        print(f"[4] peak RSS: {small:,} tokens {a:,.0f} MiB, {big:,} tokens {b:,.0f} MiB -> ratio {b / a:.2f} (bounded if ~1.0)")
+        if only & {3, 5}:
+            harvest(HarvestConfig(run_dir=str(tmp / "r"), model=str(wide), layers="2", max_tokens=args.reader_tokens,
+                                  shard_tokens=65536, batch_contexts=32, progress=False))
+        if 3 in only:
+            reader_vs_raw(tmp / "r")
+        if 4 in only:
+            small, big = args.reader_tokens // 8, args.reader_tokens // 2
+            a, b = peak_rss(wide, small, tmp), peak_rss(wide, big, tmp)
+            print(f"[4] peak RSS: {small:,} tokens {a:,.0f} MiB, {big:,} tokens {b:,.0f} MiB -> ratio {b / a:.2f} (bounded if ~1.0)")
+        if 5 in only:
+            checksum_cost(tmp / "r", tmp)
 
 
 if __name__ == "__main__":

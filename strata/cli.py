@@ -74,13 +74,14 @@ def add_verify(sub):
     p.add_argument("run_dir")
 
     def run(args):
-        from activations.verify import verify_run
+        from activations.verify import repair_command, verify_run
 
         problems = verify_run(args.run_dir)
         if problems:
             for line in problems:
                 print(line)
-            raise StrataError(f"{len(problems)} problem(s) in {args.run_dir}: re-harvest the named shards (strata harvest --resume after deleting them)")
+            raise StrataError(f"{len(problems)} problem(s) in {args.run_dir}: `{repair_command(args.run_dir)}` re-creates "
+                              f"the missing and damaged shard files")
         print(f"{args.run_dir}: all shards match the manifest")
 
     p.set_defaults(run=run)

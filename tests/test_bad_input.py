@@ -152,7 +152,83 @@ DATA_LOSS_CASES: list[Case] = [
 
 
 # ---------------------------------------------------------------- harvest, verify, corpus and model files
+HARVEST = ["--layers", "1", "--context", "32", "--max-tokens", "256", "--progress", "false"]
+
+
+def _harvest_into(folder: str, *extra):
+    """`strata harvest` into ws.root/cases/<folder> (a case's private folder) with the tiny Llama."""
+    return lambda w: ["harvest", w.root / "cases" / folder, "--model", w.model, *HARVEST, *extra]
+
+
+def _shards_without_manifest(*extra_dirs):
+    """Setup: tmp/R holds a run's tokens/ and acts/resid.1/ (and `extra_dirs`, each with a file) but no manifest."""
+    def setup(w, tmp):
+        shutil.copytree(w.run / "tokens", tmp / "R" / "tokens")
+        shutil.copytree(w.run / "acts" / "resid.1", tmp / "R" / "acts" / "resid.1")
+        for d in extra_dirs:
+            (tmp / "R" / d).mkdir(parents=True)
+            (tmp / "R" / d / "kept.bin").write_bytes(b"a week of training")
+    return setup
+
+
+def _run_copy_with(*extra_dirs, manifest: bytes | None = None):
+    """Setup: tmp/R is a complete run (manifest and shards, no trainings) plus `extra_dirs`, each with a file."""
+    def setup(w, tmp):
+        shutil.copytree(w.run, tmp / "R", ignore=shutil.ignore_patterns("train", ".locks", ".strata.lock"))
+        if manifest is not None:
+            (tmp / "R" / "manifest.json").write_bytes(manifest)
+        for d in extra_dirs:
+            (tmp / "R" / d).mkdir(parents=True)
+            (tmp / "R" / d / "kept.bin").write_bytes(b"made from these activations")
+    return setup
+
+
+def _user_folder(*dirs):
+    """Setup: tmp/U is a user's own folder: data.csv, plus `dirs` (names Strata also uses) holding their files."""
+    def setup(w, tmp):
+        (tmp / "U").mkdir()
+        (tmp / "U" / "data.csv").write_text("a,b\n1,2\n")
+        for d in dirs:
+            (tmp / "U" / d).mkdir()
+            (tmp / "U" / d / "notes.txt").write_text("mine\n")
+    return setup
+
+
 HARVEST_CASES: list[Case] = [
+    # a run whose manifest.json is gone: shards and trainings are kept, whatever the flags
+    Case("harvest-no-manifest-bad-layers", _harvest_into("harvest-no-manifest-bad-layers/R", "--layers", "99"),
+         "no manifest.json", setup=_shards_without_manifest("train/mine")),
+    Case("harvest-no-manifest-resume", _harvest_into("harvest-no-manifest-resume/R", "--resume"), "put it back",
+         setup=_shards_without_manifest("train/mine")),
+    Case("harvest-no-manifest-overwrite", _harvest_into("harvest-no-manifest-overwrite/R", "--overwrite"),
+         "no manifest.json", setup=_shards_without_manifest("train/mine")),
+    Case("harvest-no-manifest-plain", _harvest_into("harvest-no-manifest-plain/R"), "acts/, tokens/",
+         setup=_shards_without_manifest()),
+    Case("harvest-index-left-without-run", _harvest_into("harvest-index-left-without-run/R"), "index/",
+         setup=lambda w, tmp: (tmp / "R" / "index").mkdir(parents=True) or (tmp / "R" / "index" / "t1.h5").write_bytes(b"i")),
+    Case("harvest-share-left-without-run", _harvest_into("harvest-share-left-without-run/R", "--overwrite"), "share/",
+         setup=lambda w, tmp: (tmp / "R" / "share").mkdir(parents=True) or (tmp / "R" / "share" / "index.html").write_text("x")),
+    Case("verify-shards-without-manifest", lambda w: ["verify", w.root / "cases" / "verify-shards-without-manifest" / "R"],
+         "put it back", setup=_shards_without_manifest()),
+    # --overwrite replaces only what a harvest wrote, and never while trainings, indexes, bundles or sweeps use it
+    Case("harvest-overwrite-run-with-training", lambda w: ["harvest", w.run, "--model", w.model, *HARVEST, "--overwrite"],
+         "train/t1"),
+    Case("harvest-overwrite-analyzed-run", lambda w: ["harvest", w.analyzed, "--model", w.model, *HARVEST, "--overwrite"],
+         "move or delete those yourself"),
+    Case("harvest-overwrite-run-with-sweeps", _harvest_into("harvest-overwrite-run-with-sweeps/R", "--overwrite"),
+         "sweeps/s1", setup=_run_copy_with("sweeps/s1")),
+    Case("harvest-overwrite-run-with-share", _harvest_into("harvest-overwrite-run-with-share/R", "--overwrite"),
+         "share", setup=_run_copy_with("share")),
+    Case("harvest-overwrite-broken-manifest-with-training",
+         _harvest_into("harvest-overwrite-broken-manifest-with-training/R", "--overwrite"), "train/t",
+         setup=_run_copy_with("train/t", manifest=b"{ not json")),
+    # a user's folder given as the run: never written into or cleared
+    Case("harvest-overwrite-user-folder-with-acts", _harvest_into("harvest-overwrite-user-folder-with-acts/U", "--overwrite"),
+         "no manifest.json", setup=_user_folder("acts")),
+    Case("harvest-user-folder-named-train", _harvest_into("harvest-user-folder-named-train/U"), "no manifest.json",
+         setup=lambda w, tmp: (tmp / "U" / "train").mkdir(parents=True) or (tmp / "U" / "train" / "notes.txt").write_text("x")),
+    Case("harvest-overwrite-user-folder", lambda w: ["harvest", w.user, "--model", w.model, *HARVEST, "--overwrite"],
+         "new or empty folder"),
 ]
 
 

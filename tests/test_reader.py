@@ -1,11 +1,17 @@
-"""A trainer streams shuffled batches; the dashboard reads rows by token index."""
+"""A trainer streams shuffled batches; the dashboard reads rows by token index; neither ever returns damaged data."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import h5py
 import numpy as np
 import pytest
 import torch
+from test_harvest_safety import flip_chunk_byte
 
 from activations.errors import StrataError
+from activations.manifest import file_sha256, load_manifest, save_manifest
 from activations.reader import ActivationReader, open_run
 
 
@@ -80,3 +86,48 @@ def test_exclude_first_positions_of_every_context(tiny_run):
     rest = torch.cat([b.rows for b in ActivationReader(run, ["resid.1"], 100, seed=2, exclude_first=1, block_rows=256,
                                                         buffer_bytes=50_000, start_batch=17)]).numpy()
     np.testing.assert_array_equal(rest, rows[1700:])
+
+
+@pytest.fixture
+def own_run(tmp_path, tiny_run):
+    """A private copy of the shared tiny run, to damage."""
+    dest = tmp_path / "run"
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("train", "index", "share", ".locks", ".strata.lock"))
+    return dest
+
+
+def test_a_damaged_chunk_is_an_error_naming_the_file_never_wrong_numbers(own_run):
+    flip_chunk_byte(own_run / "acts/resid.1/shard-00002.h5")
+    flip_chunk_byte(own_run / "tokens/shard-00004.h5", "token_ids")
+    run = open_run(own_run)
+    with pytest.raises(StrataError, match=r"acts/resid.1/shard-00002.h5 is damaged .*strata harvest .*--resume"):
+        list(ActivationReader(run, ["resid.1"], 256, seed=0))
+    with pytest.raises(StrataError, match="resid.1/shard-00002.h5"):
+        run.read_rows("resid.1", [2 * 1024 + 5])
+    assert run.read_rows("resid.1", [5, 3 * 1024]).shape == (2, 32), "undamaged shards still read"
+    assert len(list(ActivationReader(run, ["resid.2"], 256, seed=0))) == 24, "other keys still read"
+    with pytest.raises(StrataError, match="tokens/shard-00004.h5 is damaged"):
+        run.read_tokens(4 * 1024, 4 * 1024 + 10)
+
+
+def _strip_checksums(path: Path) -> None:
+    """Rewrite an activation shard as older harvests wrote it: the rows only, no chunk hashes."""
+    with h5py.File(path, "r") as f:
+        data, attrs = f["acts"][:], dict(f["acts"].attrs)
+    path.unlink()
+    with h5py.File(path, "w", libver="latest") as f:
+        ds = f.create_dataset("acts", data=data, chunks=(len(data), data.shape[1]), track_times=False)
+        ds.attrs.update(attrs)
+
+
+def test_shards_written_without_checksums_are_checked_against_the_manifest(own_run):
+    expected = open_run(own_run).read_rows("resid.1", [1024 + 7])
+    shard = own_run / "acts/resid.1/shard-00001.h5"
+    _strip_checksums(shard)
+    m = load_manifest(own_run)
+    m.shards[1].files["resid.1"]["sha256"] = file_sha256(shard)
+    save_manifest(own_run, m)
+    np.testing.assert_array_equal(open_run(own_run).read_rows("resid.1", [1024 + 7]), expected)
+    flip_chunk_byte(shard)
+    with pytest.raises(StrataError, match="shard-00001.h5 is damaged \\(its sha256 differs"):
+        open_run(own_run).read_rows("resid.1", [1024 + 7])

@@ -160,9 +160,15 @@ def _corrupt_shard(run, key, shard=2):
 
 
 def _nan_shard(run, key, shard=2):
+    """NaN rows behind valid chunk checksums (as if a harvest had stored them), so the trainer's own check speaks."""
     import h5py
+    import numpy as np
+
+    from activations.shards import CHUNK_SUMS, rows_hash
     with h5py.File(layout.acts_shard_path(run, key, shard), "r+") as f:
         f["acts"][:] = float("nan")
+        step = f["acts"].chunks[0]
+        f[CHUNK_SUMS][:] = np.array([rows_hash(f["acts"][a:a + step]) for a in range(0, len(f["acts"]), step)], np.uint64)
 
 
 @pytest.mark.parametrize("case,args,expect", [
