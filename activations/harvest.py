@@ -87,6 +87,11 @@ class World:
         if self.size > 1:
             self.dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group once every rank is done (gloo can abort a process that exits with it open)."""
+        if self.size > 1 and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
     def from_rank0(self, value):
         if self.size == 1:
             return value
@@ -613,4 +618,6 @@ def _finish(run: Path, manifest: Manifest, world: World, cfg: HarvestConfig) -> 
         if world.size > 1:
             shutil.rmtree(layout.parts_dir(run))
     world.barrier()
-    return load_manifest(run) if world.rank != 0 else manifest
+    result = load_manifest(run) if world.rank != 0 else manifest
+    world.close()
+    return result

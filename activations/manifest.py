@@ -53,7 +53,7 @@ class Manifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict) -> Manifest:
         d = dict(d)
         d["shards"] = [ShardRecord(**s) for s in d.get("shards", [])]
         names = {f.name for f in dataclasses.fields(cls)}

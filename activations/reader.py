@@ -257,7 +257,8 @@ class ActivationReader:
         self.shards = list(self.store.shard_ids if shards is None else shards)
         bad = [s for s in self.shards if s not in self.store.shard_ids]
         if bad or not self.shards:
-            raise StrataError(f"shard {bad[0] if bad else '(none)'} is not in {self.store.path}; it has shards 0-{len(self.store.shard_ids) - 1}")
+            raise StrataError(f"shard {bad[0] if bad else '(none)'} is not in {self.store.path}; "
+                              f"it has shards 0-{len(self.store.shard_ids) - 1}")
         self.batch_size, self.shuffle, self.seed, self.epochs = batch_size, shuffle, seed, epochs
         self.drop_last, self.start_batch, self.prefetch, self.dtype = drop_last, start_batch, prefetch, dtype
         d_sum = sum(self.store.d(k) for k in self.keys)

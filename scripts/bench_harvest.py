@@ -102,7 +102,8 @@ def reader_vs_raw(run_dir: Path, rounds: int = 2) -> None:
         shuf = min(shuf, time.perf_counter() - t)
         assert n == run.n_tokens
     print(f"[3] reader over {run.n_tokens:,} tokens x {run.d(key)} ({nbytes / 2**20:.0f} MiB): raw sequential "
-          f"{nbytes / raw / 2**20:,.0f} MiB/s, shuffled batches {nbytes / shuf / 2**20:,.0f} MiB/s -> ratio {raw / shuf:.2f} (target >= 0.8)")
+          f"{nbytes / raw / 2**20:,.0f} MiB/s, shuffled batches {nbytes / shuf / 2**20:,.0f} MiB/s "
+          f"-> ratio {raw / shuf:.2f} (target >= 0.8)")
 
 
 def rewritten(run_dir: Path, dest: Path, fletcher32: bool) -> Path:

@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -63,7 +63,7 @@ def ws(tmp_path_factory, tiny_run, tiny_llama, analyzed_run) -> Workspace:
 def tree_state(root: Path) -> dict:
     """Every file's bytes (as a hash) and every folder under root; lock files Strata keeps are not content."""
     state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         rel = Path(dirpath).relative_to(root)
         state[str(rel) + "/"] = "dir"
         for f in filenames:

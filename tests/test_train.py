@@ -74,7 +74,7 @@ def test_each_mode_trains_evaluates_and_loads(run, mode, extra, ids, capsys):
     for sid in ids:
         r = result["saes"][sid]
         assert 0 < r["overall"]["fvu"] < 1
-        for key, m in r["per_key"].items():
+        for m in r["per_key"].values():
             assert m["ce_zero"] is not None and m["kl_sae"] >= 0 and "ce_loss_recovered" in m
 
     saes = load_saes(run, name)
