@@ -1,7 +1,7 @@
 """Reading a harvest run back: random access by token index (`RunStore`) and shuffled batch streams for
 training (`ActivationReader`).
 
-Shuffling follows the HDF5 notes in ANCHORS: never per-row fancy indexing on disk. Each shard is cut into
+Shuffling never reads rows one by one (fancy indexing on disk is slow in HDF5). Each shard is cut into
 chunk-aligned blocks; every epoch visits the blocks in a seeded random order, loads a window of blocks into a
 RAM mixing buffer (bounded by `buffer_bytes`), permutes the rows of the window, and emits batches. Each token
 appears exactly once per epoch, the order depends only on (seed, epoch), and batch n can be reached without

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sae.analysis.histogram import RunningHistogram
-from sae.analysis.topk import RunningTopK
+from sae.analysis.running_top import RunningTopK
 
 
 @dataclass
