@@ -65,7 +65,7 @@ def embedded_gguf(name: str) -> Path:
     return Path(dist.locate_file(files[0]))
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     return Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
 
 
@@ -99,7 +99,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
     check_gguf(path)
     sha = file_sha256(path)
-    cache = _cache_root() / "gguf" / sha[:16]
+    cache = cache_root() / "gguf" / sha[:16]
     if not (cache / "done").is_file():
         try:
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
