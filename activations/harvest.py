@@ -63,7 +63,8 @@ from activations.manifest import (
     save_manifest,
     software_versions,
 )
-from activations.model import load_model
+from activations.model import forward_matmul_shapes, load_model, resolve_device, resolve_dtype
+from activations.precision import DTYPES, Precision, bf16_supported, resolve
 from activations.shards import ActivationShardWriter, to_storage, write_tokens
 from activations.tokens import CorpusPosition, pack_contexts, wants_bos
 
@@ -117,6 +118,8 @@ def _check_config(cfg: HarvestConfig) -> None:
         raise StrataError(f"--dtype {cfg.dtype} is not supported for storage; use float16 or bfloat16")
     if cfg.resume and cfg.overwrite:
         raise StrataError("--resume and --overwrite contradict each other; pick one")
+    if cfg.precision == "bf16" and cfg.model_dtype == "auto" and not bf16_supported(resolve_device(cfg.device)):
+        raise StrataError(f"--precision bf16: device {cfg.device} has no bf16 support; use --precision fp32 or auto")
 
 
 def _created_root(run: Path) -> Path | None:
@@ -436,10 +439,10 @@ def harvest(cfg: HarvestConfig, lm=None) -> Manifest:
 def _harvest_claimed(cfg: HarvestConfig, world: World, run: Path, lm) -> Manifest:
     if layout.manifest_path(run).is_file() and load_manifest(run).complete:
         return _repair_complete(cfg, world, run, lm)
-    lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
+    mpath = world.manifest_path(run)
+    lm, precision = _load_model(cfg, lm, load_manifest(run, mpath).precision if mpath.is_file() else {})
     keys = sorted(parse_keys(cfg.sites, cfg.layers, lm.info["n_layers"]), key=key_depth)
     d = lm.info["d_model"]
-    mpath = world.manifest_path(run)
     if mpath.is_file():
         manifest = load_manifest(run, mpath)
         _drop_unlisted(run, manifest, world)
@@ -449,7 +452,8 @@ def _harvest_claimed(cfg: HarvestConfig, world: World, run: Path, lm) -> Manifes
                                                       "eos_token_id": lm.tokenizer.eos_token_id,
                                                       "bos_token_id": lm.tokenizer.bos_token_id},
                             keys=keys, dims={k: d for k in keys}, dtype=cfg.dtype, context_length=cfg.context,
-                            config=cfg.identity(), corpus=describe(cfg), versions=software_versions())
+                            config=cfg.identity(), corpus=describe(cfg), versions=software_versions(),
+                            precision=precision)
         # Written before the first shard file: shard files never exist without a manifest that explains them.
         _save_or_stop(run, manifest, mpath)
 
@@ -539,10 +543,40 @@ def _repair_complete(cfg: HarvestConfig, world: World, run: Path, lm) -> Manifes
     if not _damaged(run, m):
         print(f"{run}: already complete ({m.n_tokens} tokens) and every shard matches the manifest; nothing to do")
         return m
-    lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
+    lm, _ = _load_model(cfg, lm, m.precision)
     _recreate(cfg, lm, run, m, layout.manifest_path(run), _shard_contexts(cfg))
     print(f"{run}: every shard matches the manifest again")
     return m
+
+
+def _load_model(cfg: HarvestConfig, lm, recorded: dict):
+    """(the model in the dtype it runs in, {"precision", "reason"} for the manifest). An explicit --model-dtype
+    wins over --precision; a model passed in runs as it was loaded; `--precision auto` on a run that `recorded`
+    a precision keeps it (its shards stay comparable)."""
+    if lm is not None:
+        dt = next(lm.model.parameters()).dtype
+        record = {"precision": _PRECISION_OF.get(dt, str(dt).removeprefix("torch.")), "reason": "the model passed in"}
+    elif cfg.model_dtype != "auto":
+        lm = load_model(cfg.model, cfg.device, cfg.model_dtype)
+        record = {"precision": _PRECISION_OF.get(resolve_dtype(cfg.model_dtype), cfg.model_dtype),
+                  "reason": f"--model-dtype {cfg.model_dtype}"}
+    else:
+        device = resolve_device(cfg.device)
+        lm = load_model(cfg.model, device, "float32")
+        if cfg.precision == "auto" and recorded.get("precision") in DTYPES:  # a resume continues as the run began
+            prec = Precision(recorded["precision"], "as this run was harvested so far")
+        else:
+            prec = resolve(cfg.precision, device, forward_matmul_shapes(lm, cfg.batch_contexts * cfg.context))
+        if prec.name != "fp32":
+            lm.model.to(prec.dtype)
+        record = prec.record()
+    print(f"precision: {record['precision']} ({record['reason']})")
+    if recorded.get("precision", record["precision"]) != record["precision"]:
+        print(f"note: this run was harvested in {recorded['precision']} so far; it continues in {record['precision']}")
+    return lm, record
+
+
+_PRECISION_OF = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def _produce(cfg: HarvestConfig, lm, keys, world: World, run: Path, plan: _Plan, writer: _ShardWriterThread,

@@ -39,6 +39,7 @@ class Manifest:
     n_tokens: int = 0
     complete: bool = False
     versions: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)  # {"precision": "fp32"|"bf16", "reason": ...}: what the model ran in
     format_version: int = FORMAT_VERSION
 
     @property

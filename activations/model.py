@@ -51,6 +51,14 @@ def resolve_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+def forward_matmul_shapes(lm: LoadedModel, rows: int) -> list[tuple[int, int, int]]:
+    """The [rows, k] x [k, n] matmul shapes of one forward pass (attention projection, MLP up), for the
+    precision probe."""
+    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+    d = lm.info["d_model"]
+    return [(rows, d, d), (rows, d, int(getattr(cfg, "intermediate_size", None) or 4 * d))]
+
+
 def embedded_gguf(name: str) -> Path:
     dist_name, suffix = _EMBEDDED[name]
     try:

@@ -16,6 +16,7 @@ from activations.atomic import existing_dir
 from activations.errors import StrataError
 from activations.lock import run_lock
 from activations.model import resolve_device
+from activations.precision import Precision, resolve
 from activations.reader import ActivationReader, open_run
 from sae import train_folder
 from sae.checkpoint import (
@@ -106,12 +107,15 @@ def train(cfg: TrainConfig) -> Path:
     train_shards, _ = run.split(cfg.heldout_fraction)
     if not train_shards:
         raise StrataError(f"no training shards left after holding out {cfg.heldout_fraction:.0%}; lower --heldout-fraction")
+    prec = train_precision(cfg, configs)
+    if par.writes:
+        print(prec.line())
     lock = run_lock(cfg.run_dir, f"strata train --name {name}", scope=f"train-{name}") if par.writes else contextlib.nullcontext()
     with lock:
         tdir = layout.train_dir(cfg.run_dir, name)
-        ckpt, made = _open_folder(cfg, par, tdir)
+        ckpt, made = _open_folder(cfg, par, tdir, prec)
         try:
-            _fit(cfg, par, run, name, configs, train_shards, ckpt)
+            _fit(cfg, par, run, name, configs, train_shards, ckpt, prec)
         except Exception:
             if made and existing_dir(layout.checkpoint_dir(cfg.run_dir, name)) is None:
                 train_folder.remove_created(made)  # failed before any checkpoint: leave nothing behind
@@ -120,7 +124,16 @@ def train(cfg: TrainConfig) -> Path:
     return tdir
 
 
-def _open_folder(cfg: TrainConfig, par: Parallel, tdir: Path):
+def train_precision(cfg: TrainConfig, configs: dict) -> Precision:
+    """The encoder matmul's dtype: --precision (auto probes the [batch, d_in] x [d_in, n_latents] shapes)."""
+    if cfg.bf16 and cfg.precision == "fp32":
+        raise StrataError("--bf16 and --precision fp32 contradict each other; drop --bf16 (it means --precision bf16)")
+    requested = "bf16" if cfg.bf16 else cfg.precision
+    shapes = {(cfg.batch_size, c.d_in, c.n_latents) for c in configs.values()}
+    return resolve(requested, resolve_device(cfg.device), shapes)
+
+
+def _open_folder(cfg: TrainConfig, par: Parallel, tdir: Path, prec: Precision):
     """Check train/<name> for this --resume / --overwrite / fresh start, then (rank 0) replace or create it.
     Returns (checkpoint to resume or None, folders created for train_folder.remove_created)."""
     ckpt = None
@@ -136,6 +149,10 @@ def _open_folder(cfg: TrainConfig, par: Parallel, tdir: Path):
                 raise StrataError("the config differs from the run being resumed (" + "; ".join(diffs) + "); "
                                   "resume with the original flags or train under a new --name")
             ckpt = read_checkpoint(cfg.run_dir, cfg.resolved_name())
+            before = saved.get("precision", {}).get("precision", "fp32")
+            if before != prec.name and par.writes:
+                print(f"note: {tdir.name} was trained in {before} so far; it continues in {prec.name} "
+                      f"(weights and Adam state are fp32 either way)")
     elif tdir.exists() or tdir.is_symlink():
         if not cfg.overwrite:
             raise StrataError(f"{tdir} exists; pass --resume to continue it, --overwrite to replace it, or a new --name")
@@ -149,13 +166,15 @@ def _open_folder(cfg: TrainConfig, par: Parallel, tdir: Path):
             drop_stale_old(layout.checkpoint_dir(cfg.run_dir, cfg.resolved_name()))  # a kill mid-cleanup left it
         if train_folder.read_config(tdir) is None:
             invocation = ("resume", "overwrite")  # how this process was started, not what the run is
-            record = {"identity": cfg.identity(), "config": {k: v for k, v in vars(cfg).items() if k not in invocation}}
+            record = {"identity": cfg.identity(), "config": {k: v for k, v in vars(cfg).items() if k not in invocation},
+                      "precision": prec.record()}
             made = train_folder.create(tdir, record)
     par.barrier()
     return ckpt, made
 
 
-def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_shards: list[int], ckpt) -> None:
+def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_shards: list[int], ckpt,
+         prec: Precision) -> None:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if ckpt is not None:
@@ -186,7 +205,7 @@ def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_s
     units = [Unit(sid, sae) for sid, sae in saes.items()]
     steppers = {}
     for u in units:
-        u.sae.compute_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        u.sae.compute_dtype = prec.dtype
         if isinstance(u.sae, ReLUSAE):
             u.sae.l1_warmup_steps = cfg.l1_warmup_steps or max(1, total_steps // 20)
         steppers[u.sae_id] = SAEStepper(u.sae, cfg.lr or default_lr(u.sae.cfg.n_latents), total_steps, warmup,
