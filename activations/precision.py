@@ -24,7 +24,7 @@ from activations.model import cache_root
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BF16_MIN_SPEEDUP = 1.5
-PROBE_FLOP = 4e8  # per timed matmul: rows are cut so one matmul stays this small (the probe takes well under 1 s)
+PROBE_FLOP = 4e8  # per timing of one shape and dtype (the whole probe takes well under a second)
 PROBE_REPS = 3
 
 
@@ -109,10 +109,13 @@ def probe(device: torch.device, shapes) -> dict:
 
 
 def _time_matmul(device: torch.device, shape: tuple, dtype: torch.dtype) -> float:
+    """Seconds per [m, k] x [k, n] matmul: rows are cut so one matmul is at most PROBE_FLOP, and small ones are
+    repeated up to PROBE_FLOP per timing (a single microsecond matmul is all timer noise)."""
     m, k, n = shape
-    m = max(1, min(m, int(PROBE_FLOP // (2 * k * n)) or 1))
+    rows = max(1, min(m, int(PROBE_FLOP // (2 * k * n))))
+    repeat = max(1, min(200, int(PROBE_FLOP // (2 * rows * k * n))))
     gen = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    a = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype).t()  # W_enc / nn.Linear layout
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up (allocations, kernel selection)
@@ -120,10 +123,11 @@ def _time_matmul(device: torch.device, shape: tuple, dtype: torch.dtype) -> floa
     best = float("inf")
     for _ in range(PROBE_REPS):
         t = time.perf_counter()
-        a @ b
+        for _ in range(repeat):
+            a @ b
         sync()
-        best = min(best, time.perf_counter() - t)
-    return best * (shape[0] / m)  # per full-size matmul
+        best = min(best, (time.perf_counter() - t) / repeat)
+    return best * (m / rows)
 
 
 def machine_id(device: torch.device) -> str:

@@ -1,0 +1,179 @@
+"""`--precision auto|fp32|bf16`: the probe's choice, its cache, and what harvest and train record and compute."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_sae_models import cfg_for, sample, true_dictionary
+
+from activations import layout
+from activations.manifest import load_manifest
+from activations.precision import cache_path, choose, probe, resolve
+from activations.reader import open_run
+from sae.models import build_sae
+from sae.optim import SAEStepper
+from strata.cli import main
+
+CPU = torch.device("cpu")
+SHAPES = [(256, 32, 128)]
+FAST = ["--batch-size", "256", "--expansion", "4", "--k", "8", "--layers", "1", "--progress", "false",
+        "--device", "cpu"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch) -> Path:
+    """Each test probes into its own cache folder (never the user's ~/.cache/strata)."""
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def run(tmp_path, tiny_run) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("train", "index", "share"))
+    return dest
+
+
+def strata(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.mark.parametrize("fp32,bf16,chosen,says", [
+    (3.0, 1.0, "bf16", "3.0x faster"),           # a CPU with AVX-512-BF16 / AMX, a GPU with bf16 units
+    (1.5, 1.0, "bf16", "1.5x faster"),           # exactly the threshold
+    (1.4, 1.0, "fp32", "only 1.4x faster"),      # faster, but not worth the precision
+    (1.0, 8.0, "fp32", "8.0x slower"),           # bf16 emulated in software
+    (1.0, None, "fp32", "unavailable"),
+])
+def test_the_choice_is_decided_by_the_timings_alone(fp32, bf16, chosen, says):
+    for _ in range(2):
+        name, reason = choose(CPU, SHAPES, {"fp32": fp32, "bf16": bf16})
+        assert name == chosen and says in reason and "this CPU" in reason
+
+
+def test_explicit_precision_needs_no_probe(private_cache):
+    p = resolve("bf16", CPU, SHAPES)
+    assert (p.name, p.dtype, p.reason) == ("bf16", torch.bfloat16, "asked for with --precision")
+    assert resolve("fp32", CPU, SHAPES).dtype == torch.float32
+    assert not private_cache.exists()
+
+
+def test_the_real_probe_gives_a_valid_choice_and_is_cached(private_cache):
+    p = resolve("auto", CPU, SHAPES)
+    assert p.name in ("fp32", "bf16") and str(cache_path()) in p.line() and p.line().startswith("precision: ")
+    cached = json.loads((private_cache / "precision.json").read_text())
+    (key, timings), = cached.items()
+    assert "torch " + torch.__version__ in key and "256x32x128" in key and timings["fp32"] > 0 and timings["bf16"] > 0
+    # the second command reads the cache instead of timing again: make the cached timings say the opposite
+    flipped = {"fp32": 1.0, "bf16": 0.1} if p.name == "fp32" else {"fp32": 0.1, "bf16": 1.0}
+    (private_cache / "precision.json").write_text(json.dumps({key: flipped}))
+    assert probe(CPU, SHAPES) == flipped
+    assert resolve("auto", CPU, SHAPES).name != p.name
+
+
+def test_a_damaged_cache_is_measured_again(private_cache):
+    private_cache.mkdir()
+    (private_cache / "precision.json").write_text("{not json")
+    assert resolve("auto", CPU, SHAPES).name in ("fp32", "bf16")
+    assert len(json.loads((private_cache / "precision.json").read_text())) == 1
+
+
+def _train_topk(dtype, steps=300, batch=512):
+    torch.manual_seed(0)
+    true, g = true_dictionary()
+    sae = build_sae(cfg_for("topk"))
+    sae.compute_dtype = dtype
+    x0 = sample(true, g, 4096)
+    sae.init_from_sample(x0, x0)
+    stepper = SAEStepper(sae, 3e-3, total_steps=steps, warmup_steps=10)
+    for s in range(steps):
+        x = sample(true, g, batch)
+        out = stepper.step(x, x, s)
+    return sae, true, float(out.loss.detach())
+
+
+def test_bf16_training_recovers_the_true_features_like_fp32():
+    sae32, true, loss32 = _train_topk(torch.float32)
+    sae16, _, loss16 = _train_topk(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in sae16.parameters())  # master weights stay fp32
+    for sae in (sae32, sae16):
+        w = (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)).detach()
+        assert float((w @ true.T).max(0).values.mean()) >= 0.9  # the fp32 recovery test's bar
+    assert abs(loss16 - loss32) <= 0.1 * loss32 + 1e-3, (loss32, loss16)
+
+
+def test_train_records_the_precision_and_both_reach_the_same_loss(run, capsys):
+    losses = {}
+    for prec in ("fp32", "bf16"):
+        assert strata("train", run, "--name", prec, "--precision", prec, *FAST) == 0
+        assert f"precision: {prec} (asked for with --precision)" in capsys.readouterr().out
+        saved = json.loads((layout.train_dir(run, prec) / "config.json").read_text())
+        assert saved["precision"] == {"precision": prec, "reason": "asked for with --precision"}
+        assert saved["config"]["precision"] == prec and "precision" not in saved["identity"]
+        losses[prec] = json.loads(layout.metrics_path(run, prec).read_text().splitlines()[-1])["saes"]["resid.1"]
+    fvu32, fvu16 = losses["fp32"]["fvu"], losses["bf16"]["fvu"]
+    assert abs(fvu16 - fvu32) < 0.05, (fvu32, fvu16)
+
+
+def test_train_auto_probes_and_records_why(run, capsys, private_cache):
+    assert strata("train", run, "--name", "a", *FAST) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((layout.train_dir(run, "a") / "config.json").read_text())["precision"]
+    assert saved["precision"] in ("fp32", "bf16") and "than fp32 on this CPU" in saved["reason"]
+    assert f"precision: {saved['precision']} ({saved['reason']})" in out
+    assert (private_cache / "precision.json").is_file()
+
+
+def test_the_old_bf16_flag_means_precision_bf16(run, capsys):
+    assert strata("train", run, "--name", "old", "--bf16", *FAST) == 0
+    saved = json.loads((layout.train_dir(run, "old") / "config.json").read_text())
+    assert saved["precision"]["precision"] == "bf16"
+    assert strata("train", run, "--name", "both", "--bf16", "--precision", "fp32", *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--bf16 and --precision fp32 contradict" in err
+    assert not layout.train_dir(run, "both").exists()
+
+
+@pytest.mark.parametrize("verb", ["train", "harvest"])
+def test_a_bad_precision_value_gives_one_line(run, verb, capsys):
+    args = ["train", run, "--name", "x", *FAST] if verb == "train" else ["harvest", run.parent / "h"]
+    assert strata(*args, "--precision", "fp16") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("strata: error:") and "precision" in err and "bf16" in err
+    assert not (run.parent / "h").exists() and not layout.train_dir(run, "x").exists()
+
+
+def test_harvest_records_the_precision_in_the_manifest(tmp_path, tiny_llama, capsys):
+    from conftest import harvest_tiny
+
+    harvest_tiny(tmp_path / "b", tiny_llama, precision="bf16", max_tokens=2048)
+    harvest_tiny(tmp_path / "f", tiny_llama, precision="fp32", max_tokens=2048)
+    harvest_tiny(tmp_path / "m", tiny_llama, precision="bf16", model_dtype="float32", max_tokens=2048)
+    out = capsys.readouterr().out
+    assert "precision: bf16 (asked for with --precision)" in out
+    b, f, m = (load_manifest(tmp_path / n) for n in "bfm")
+    assert b.precision == {"precision": "bf16", "reason": "asked for with --precision"}
+    assert f.precision["precision"] == "fp32"
+    assert m.precision == {"precision": "fp32", "reason": "--model-dtype float32"}  # --model-dtype wins
+    assert "precision" not in b.config and "model_dtype" not in b.config and m.config["model_dtype"] == "float32"
+    # the activations agree to bf16's precision, and the model really ran in bf16
+    rb, rf = (torch.from_numpy(np.asarray(open_run(tmp_path / n).read_rows("resid.1", np.arange(1024)), np.float32))
+              for n in "bf")
+    assert not torch.equal(rb, rf)
+    assert float((rb - rf).norm() / rf.norm()) < 0.05
+
+
+def test_harvest_auto_probes_the_model_shapes(tmp_path, tiny_llama, private_cache):
+    from conftest import harvest_tiny
+
+    harvest_tiny(tmp_path / "a", tiny_llama, max_tokens=2048)
+    rec = load_manifest(tmp_path / "a").precision
+    assert rec["precision"] in ("fp32", "bf16") and "than fp32 on this CPU" in rec["reason"]
+    key, = json.loads((private_cache / "precision.json").read_text())
+    assert key.endswith("128x32x32,128x32x64")  # 4 contexts x 32 tokens; attention and MLP widths of the tiny Llama
