@@ -26,6 +26,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BF16_MIN_SPEEDUP = 1.5
 PROBE_FLOP = 4e8  # per timing of one shape and dtype (the whole probe takes well under a second)
 PROBE_REPS = 3
+PROBE_VERSION = 2  # part of the cache key: a changed probe measures again
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def machine_id(device: torch.device) -> str:
 
 def cache_key(device: torch.device, shapes) -> str:
     shape_text = ",".join("x".join(str(v) for v in s) for s in shapes)
-    return f"{machine_id(device)} | torch {torch.__version__} | {device.type} | {shape_text}"
+    return f"{machine_id(device)} | torch {torch.__version__} | {device.type} | {shape_text} | probe {PROBE_VERSION}"
 
 
 def cache_path() -> Path:

@@ -78,11 +78,22 @@ def features_firing_on(run, name: str, sid: str, text: str) -> np.ndarray:
     return np.nonzero(np.isin(peaks, ids).any(1))[0] if ids else np.zeros(0, dtype=int)
 
 
-@st.cache_resource(max_entries=2, show_spinner="loading the model…")
-def load_lm(model_id: str):
-    from activations.model import load_model
+PROMPT_ROWS = 128  # tokens the prompt explorer runs at most
 
-    return load_model(model_id, device="auto")
+
+@st.cache_resource(max_entries=2, show_spinner="loading the model…")
+def load_lm(model_id: str, precision: str = "fp32"):
+    """(the model, the Precision it runs in): `precision` auto probes the model's matmul shapes on this machine
+    (PROMPT_ROWS tokens, the prompt explorer's limit)."""
+    from activations.model import forward_matmul_shapes, load_model, resolve_device
+    from activations.precision import resolve
+
+    device = resolve_device("auto")
+    lm = load_model(model_id, device=device)
+    prec = resolve(precision, device, forward_matmul_shapes(lm, PROMPT_ROWS))
+    if prec.name != "fp32":
+        lm.model.to(prec.dtype)
+    return lm, prec
 
 
 @st.cache_resource(max_entries=4, show_spinner="loading SAEs…")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from activations.atomic import atomic_write_json, existing_dir
 from activations.config import option as _f
 from activations.errors import StrataError
 from activations.lock import run_lock
+from activations.precision import resolve
 from activations.reader import ActivationReader, open_run
 from sae import train_folder
 from sae.checkpoint import load_saes
@@ -41,6 +42,9 @@ class EvalConfig:
     device: str = _f("auto", "auto, cpu, cuda")
     exclude_first: Annotated[int, Ge(-1)] = _f(-1, "leave out the first N tokens of every context "
                                                    "(-1 = as the SAEs were trained)")
+    precision: Literal["auto", "fp32", "bf16"] = _f(
+        "auto", "dtype of the SAE encoder matmul and the model forward: auto (bf16 where a one-off probe finds it "
+                ">= 1.5x faster than fp32 on this machine), fp32, bf16")
 
 
 def _resolve_name(cfg: EvalConfig) -> str:
@@ -105,11 +109,12 @@ def _ce_kl(logits: torch.Tensor, ids: torch.Tensor, clean_logp: torch.Tensor) ->
 
 
 @torch.no_grad()
-def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, device) -> dict:
+def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, device,
+                       dtype: torch.dtype = torch.float32) -> dict:
     from activations.hooks import capture, splice
     from activations.model import load_model
 
-    lm = load_model(run.manifest.model["id"], device)
+    lm = load_model(run.manifest.model["id"], device, dtype)
     model = lm.model
     ids = _contexts(run, heldout, cfg.ce_contexts).to(device)
     if ids.numel() == 0:
@@ -186,12 +191,17 @@ def _evaluate(cfg: EvalConfig, run, name: str) -> dict:
         check_exclude_first(cfg.exclude_first, run.manifest.context_length)
     device = resolve_device(cfg.device)
     saes = load_saes(cfg.run_dir, name, device)
+    prec = resolve(cfg.precision, device, {(cfg.batch_size, s.cfg.d_in, s.cfg.n_latents) for s in saes.values()})
+    print(prec.line())
+    for sae in saes.values():
+        sae.compute_dtype = prec.dtype
     _, heldout = run.split(identity.get("heldout_fraction", 0.1))
     if not heldout:
         raise StrataError(f"{cfg.run_dir} has no held-out shard (it needs at least two shards); harvest more tokens")
-    result = {"name": name, "heldout_shards": heldout, "saes": reconstruction_metrics(run, saes, heldout, cfg, device)}
+    result = {"name": name, "heldout_shards": heldout, "precision": prec.record(),
+              "saes": reconstruction_metrics(run, saes, heldout, cfg, device)}
     if cfg.ce_contexts > 0:
-        for sid, per_key in downstream_metrics(run, saes, heldout, cfg, device).items():
+        for sid, per_key in downstream_metrics(run, saes, heldout, cfg, device, prec.dtype).items():
             result["saes"][sid]["downstream"] = per_key
             for key, m in per_key.items():
                 result["saes"][sid]["per_key"].setdefault(key, {}).update(m)

@@ -176,4 +176,22 @@ def test_harvest_auto_probes_the_model_shapes(tmp_path, tiny_llama, private_cach
     rec = load_manifest(tmp_path / "a").precision
     assert rec["precision"] in ("fp32", "bf16") and "than fp32 on this CPU" in rec["reason"]
     key, = json.loads((private_cache / "precision.json").read_text())
-    assert key.endswith("128x32x32,128x32x64")  # 4 contexts x 32 tokens; attention and MLP widths of the tiny Llama
+    assert "| 128x32x32,128x32x64 |" in key  # 4 contexts x 32 tokens; attention and MLP widths of the tiny Llama
+
+
+def test_eval_and_analyze_compute_in_the_precision_and_record_it(run, capsys):
+    from sae.analysis.index_file import FeatureIndex
+
+    assert strata("train", run, "--name", "t", "--precision", "fp32", *FAST) == 0
+    results = {}
+    for prec in ("fp32", "bf16"):
+        assert strata("eval", run, "--name", "t", "--batch-size", "256", "--ce-contexts", "2", "--device", "cpu",
+                      "--precision", prec) == 0
+        assert f"precision: {prec} (asked for with --precision)" in capsys.readouterr().out
+        results[prec] = json.loads((layout.train_dir(run, "t") / "eval.json").read_text())
+        assert results[prec]["precision"]["precision"] == prec
+    m32, m16 = (results[p]["saes"]["resid.1"]["overall"] for p in ("fp32", "bf16"))
+    assert m32["fvu"] != m16["fvu"] and abs(m32["fvu"] - m16["fvu"]) < 0.02  # computed in bf16, to bf16's precision
+    assert abs(m32["ce_loss_recovered"] - m16["ce_loss_recovered"]) < 0.1
+    assert strata("analyze", run, "--name", "t", "--precision", "bf16", "--explainer", "none", "--device", "cpu") == 0
+    assert FeatureIndex(layout.index_path(run, "t")).meta["precision"] == {"precision": "bf16", "reason": "asked for with --precision"}

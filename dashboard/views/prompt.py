@@ -17,7 +17,7 @@ DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. In Python, a list i
 
 
 @torch.no_grad()
-def prompt_features(lm, saes: dict, text: str, top: int = 3, max_tokens: int = 128) -> dict:
+def prompt_features(lm, saes: dict, text: str, top: int = 3, max_tokens: int = cache.PROMPT_ROWS) -> dict:
     """{"tokens": [str], "columns": [{sae, label, idx [t, top], val [t, top]}]} ordered by depth."""
     tok = lm.tokenizer
     device = next(lm.model.parameters()).device
@@ -65,7 +65,7 @@ def render(ctx: Ctx) -> None:
         return
     model_id = data.manifest(ctx.run)["model"]["id"]
     ckpt = data.inside(ctx.run, layout.checkpoint_dir(ctx.run, ctx.train))
-    lm = cache.load_lm(model_id)
+    lm, precision = cache.load_lm(model_id, "auto")
     saes = cache.load_run_saes(str(ctx.run), ctx.train, ckpt.stat().st_mtime)
     key = (text, top, ctx.train)
     if st.session_state.get("prompt_key") != key:
@@ -73,7 +73,7 @@ def render(ctx: Ctx) -> None:
         st.session_state.prompt_key = key
     result = st.session_state.prompt_result
     st.caption(f"{len(result['tokens'])} tokens × {len(result['columns'])} SAE layers; a cell lists the strongest "
-               "features there (click one to open its page)")
+               f"features there (click one to open its page); model {precision.line()}")
     html(grid_html(result, ctx.train))
     pick = st.selectbox("features at token", range(len(result["tokens"])), key="prompt_tok",
                         format_func=lambda t: f"{t}: {result['tokens'][t]!r}")
