@@ -1,8 +1,9 @@
 """Training throughput next to this machine's matmul roofline, measured side by side in one run.
 
-Prints: matmul GFLOP/s (the encoder's own [B, d] x [d, n] shape) in fp32 and bf16; TopK training tokens/s at
-d=576, 4608 latents, k=32, batch 4096 (Adam, AuxK on, decoder unit-norm, grad clip: the real training step) in
-fp32 and bf16, and its ratio to the roofline-implied tokens/s; then the per-layer bank's tokens/s per SAE as
+Prints: what `--precision auto` picks on this machine and what resolving it cost; matmul GFLOP/s (the encoder's
+own [B, d] x [d, n] shape) in fp32, bf16 and the auto choice; TopK training tokens/s at d=576, 4608 latents,
+k=32, batch 4096 (Adam, AuxK on, decoder unit-norm, grad clip: the real training step) in each, and its ratio
+to the roofline-implied tokens/s; then the per-layer bank's tokens/s per SAE as
 the number of layers grows (each SAE steps on its own layer's batch, as `strata train --mode layer` does).
 
 roofline-implied tokens/s = matmul FLOP/s / FLOP per token, FLOP per token = 2*d*n (dense encoder forward)
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from activations.precision import resolve
 from sae.config import SAEConfig
 from sae.models import build_sae
 from sae.optim import SAEStepper, default_lr
@@ -71,7 +73,11 @@ def main():
     d, n, k, B = (64, 512, 8, 256) if a.quick else (576, 4608, 32, 4096)
     flop_per_token = 2 * d * n + 10 * k * d
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={d} n_latents={n} k={k} batch={B}")
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    t = time.perf_counter()
+    auto = resolve("auto", torch.device("cpu"), [(B, d, n)])
+    print(f"--precision auto: {auto.line()}; resolving took {time.perf_counter() - t:.3f} s "
+          f"(a cached probe costs ~0)")
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), (f"auto={auto.name}", auto.dtype)):
         gf = matmul_gflops(B, d, n, dt, reps=5)
         implied = gf * 1e9 / flop_per_token
         best, mean = train_tokens_per_s(d, n, k, B, dt, a.steps)
