@@ -195,3 +195,29 @@ def test_eval_and_analyze_compute_in_the_precision_and_record_it(run, capsys):
     assert abs(m32["ce_loss_recovered"] - m16["ce_loss_recovered"]) < 0.1
     assert strata("analyze", run, "--name", "t", "--precision", "bf16", "--explainer", "none", "--device", "cpu") == 0
     assert FeatureIndex(layout.index_path(run, "t")).meta["precision"] == {"precision": "bf16", "reason": "asked for with --precision"}
+
+
+def test_a_resumed_harvest_keeps_the_precision_it_began_with(tmp_path, tiny_llama, capsys):
+    run = tmp_path / "r"
+    argv = ["harvest", run, "--model", tiny_llama, "--layers", "1", "--context", "32", "--max-tokens", "2048",
+            "--shard-tokens", "1024", "--progress", "false"]
+    assert strata(*argv, "--precision", "bf16") == 0
+    shard = layout.acts_shard_path(run, "resid.1", 1)
+    original = shard.read_bytes()
+    shard.unlink()
+    capsys.readouterr()
+    assert strata(*argv, "--resume") == 0  # auto: re-created in bf16, as the run was harvested
+    out = capsys.readouterr().out
+    assert "precision: bf16 (as this run was harvested so far)" in out and "differ" not in out
+    assert shard.read_bytes() == original and load_manifest(run).precision["precision"] == "bf16"
+    shard.unlink()
+    assert strata(*argv, "--resume", "--precision", "fp32") == 0  # asked for: done, and said
+    assert "note: this run was harvested in bf16 so far; it continues in fp32" in capsys.readouterr().out
+
+
+def test_a_resumed_training_may_continue_in_another_precision(run, capsys):
+    assert strata("train", run, "--name", "r", "--precision", "fp32", *FAST) == 0
+    capsys.readouterr()
+    assert strata("train", run, "--name", "r", "--precision", "bf16", "--resume", *FAST) == 0
+    assert "note: r was trained in fp32 so far; it continues in bf16" in capsys.readouterr().out
+    assert json.loads((layout.train_dir(run, "r") / "config.json").read_text())["precision"]["precision"] == "fp32"
