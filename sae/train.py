@@ -107,7 +107,7 @@ def train(cfg: TrainConfig) -> Path:
     train_shards, _ = run.split(cfg.heldout_fraction)
     if not train_shards:
         raise StrataError(f"no training shards left after holding out {cfg.heldout_fraction:.0%}; lower --heldout-fraction")
-    prec = train_precision(cfg, configs)
+    prec = train_precision(cfg, configs, par)
     if par.writes:
         print(prec.line())
     lock = run_lock(cfg.run_dir, f"strata train --name {name}", scope=f"train-{name}") if par.writes else contextlib.nullcontext()
@@ -124,13 +124,19 @@ def train(cfg: TrainConfig) -> Path:
     return tdir
 
 
-def train_precision(cfg: TrainConfig, configs: dict) -> Precision:
+def train_precision(cfg: TrainConfig, configs: dict, par: Parallel) -> Precision:
     """The encoder matmul's dtype: --precision (auto probes the [batch, d_in] x [d_in, n_latents] shapes)."""
     if cfg.bf16 and cfg.precision == "fp32":
         raise StrataError("--bf16 and --precision fp32 contradict each other; drop --bf16 (it means --precision bf16)")
     requested = "bf16" if cfg.bf16 else cfg.precision
     shapes = {(cfg.batch_size, c.d_in, c.n_latents) for c in configs.values()}
-    return resolve(requested, resolve_device(cfg.device), shapes)
+    device = resolve_device(cfg.device)
+    prec = resolve(requested, device, shapes)
+    if par.size > 1:  # under torchrun every process computes alike: bf16 only where each one found it faster
+        votes = par.sum_(torch.tensor([float(prec.name == "bf16")], device=device))
+        if prec.name == "bf16" and int(votes.item()) < par.size:
+            prec = Precision("fp32", "not every process found bf16 faster")
+    return prec
 
 
 def _open_folder(cfg: TrainConfig, par: Parallel, tdir: Path, prec: Precision):
