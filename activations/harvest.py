@@ -344,6 +344,16 @@ class _ShardWriterThread(threading.Thread):
             self.error = e
             self.abort()
 
+    def stop(self) -> None:
+        """Ask the writer to stop and wait for it; never blocks on a full inbox if the writer has died meanwhile."""
+        while self.is_alive():
+            try:
+                self.inbox.put(("stop", None, None, None, None), timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.join()
+
     def put(self, *msg) -> None:
         """Put with the writer's health checked, so a dead writer surfaces its error instead of a hang."""
         while True:
@@ -622,10 +632,8 @@ def _produce(cfg: HarvestConfig, lm, keys, world: World, run: Path, plan: _Plan,
             raise writer.error
     except BaseException as e:
         stop.set()
-        if writer.is_alive():
-            _drain(batch_q)
-            writer.inbox.put(("stop", None, None, None, None))
-            writer.join()
+        _drain(batch_q)
+        writer.stop()
         writer.abort()
         failed = next((x for x in (e, writer.error) if isinstance(x, OSError) and x.errno is not None), None)
         if failed is not None:
