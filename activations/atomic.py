@@ -61,6 +61,28 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+@contextlib.contextmanager
+def staged_dir(final_dir, kind: str):
+    """Yield a fresh folder `<final>.partial`, marked as Strata's `kind` from the start (so a leftover of a kill
+    is recognised and replaced next time); when the block ends it is swapped in with replace_dir, and on any
+    error it is removed. A `.partial` that is not Strata's is refused, never cleared."""
+    from activations.ownership import check_replaceable, mark
+
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(final_dir.name + TMP_SUFFIX)
+    check_replaceable(tmp, kind)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        mark(tmp, kind)
+        yield tmp
+        replace_dir(tmp, final_dir, kind)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_dir(tmp_dir, final_dir, kind: str) -> None:
     """Swap a fully written folder into place as Strata's `kind` output. `final_dir` may only be missing,
     empty, or an earlier folder of the same kind (activations/ownership.py); anything else is refused before

@@ -69,6 +69,14 @@ def check_replaceable(path, kind: str, hint: str = "choose another output path")
                       f"nothing was changed: {hint}, or remove that folder yourself")
 
 
+def check_swap_target(final, kind: str, hint: str) -> None:
+    """Refuse (StrataError) unless `final` and the `.partial` / `.old` folders a swap uses beside it
+    (activations/atomic.py) may all be replaced by Strata's `kind` output."""
+    final = Path(final)
+    for path in (final, final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")):
+        check_replaceable(path, kind, hint)
+
+
 def remove_owned(folder) -> None:
     """Delete a folder Strata recognised as its own, its marker last: a kill half-way leaves a folder that is
     still recognisably Strata's (and is removed next time), never an unmarked one that would block a rerun."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from activations import layout
-from activations.atomic import replace_dir
+from activations.atomic import staged_dir
 from activations.errors import StrataError
 from activations.lock import run_lock
-from activations.ownership import check_replaceable, mark
+from activations.ownership import check_swap_target
 from dashboard import charts, data
 from dashboard.render import CSS, contexts_html, visible_token
 from sae.analysis.index_file import FeatureIndex
@@ -163,8 +162,7 @@ def check_output(final: Path) -> None:
     hint = "pass --out a new or empty folder (or an earlier bundle) to write the bundle there"
     if final.parent.exists() and not final.parent.is_dir():
         raise StrataError(f"{final.parent} is a file, so {final} cannot be a folder: {hint}")
-    for path in (final, final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")):
-        check_replaceable(path, KIND, hint)
+    check_swap_target(final, KIND, hint)
 
 
 def _inside(run: Path, path: Path) -> bool:
@@ -199,26 +197,17 @@ def write_share(run, features: str = "top:100", train: str | None = None, out=No
 def _write_bundle(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_name: str, final: Path) -> None:
     from plotly.offline import get_plotlyjs
 
-    tmp = final.with_name(final.name + ".partial")
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a bundle an interrupted share left (check_output recognised it)
-        tmp.mkdir(parents=True)
-        mark(tmp, KIND)  # from the start, so a leftover is recognised as Strata's next time
-        (tmp / "assets").mkdir()
-        (tmp / "assets" / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
-        shared = {s: set(v) for s, v in chosen.items()}
-        for sid, feats in chosen.items():
-            folder = tmp / safe_name(sid)
-            folder.mkdir()
-            for f in feats:
-                (folder / f"{f}.html").write_text(feature_page(idx, sid, f, shared, train), encoding="utf-8")
-        (tmp / "index.html").write_text(index_page(idx, chosen, train, run_name), encoding="utf-8")
-        replace_dir(tmp, final, KIND)
+        with staged_dir(final, KIND) as tmp:
+            (tmp / "assets").mkdir()
+            (tmp / "assets" / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
+            shared = {s: set(v) for s, v in chosen.items()}
+            for sid, feats in chosen.items():
+                folder = tmp / safe_name(sid)
+                folder.mkdir()
+                for f in feats:
+                    (folder / f"{f}.html").write_text(feature_page(idx, sid, f, shared, train), encoding="utf-8")
+            (tmp / "index.html").write_text(index_page(idx, chosen, train, run_name), encoding="utf-8")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise StrataError(f"could not write the bundle to {final} ({e.strerror or e}); check that the folder "
                           "is writable and has space, then rerun") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from activations import layout
-from activations.atomic import replace_dir
+from activations.atomic import staged_dir
 from activations.errors import StrataError
 from activations.lock import run_lock
 from activations.manifest import load_manifest
-from activations.ownership import check_replaceable, mark
+from activations.ownership import check_swap_target
 from sae import train_folder
 from sae.checkpoint import load_saes, write_checkpoint
 from sae.config import SAEConfig
@@ -62,23 +61,13 @@ def _key_from_hook(hook: str) -> str | None:
 def _write_folder(folder: Path, cfg: dict, tensors: dict, sparsity: torch.Tensor) -> None:
     """Write one SAELens folder beside its final place (<folder>.partial, marked as Strata's from the start so
     a leftover from a kill is recognisably ours) and swap it in (replace_dir)."""
-    tmp = folder.with_name(folder.name + ".partial")
-    check_replaceable(tmp, KIND, _HINT)
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        mark(tmp, KIND)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        save_file({"sparsity": sparsity.float().contiguous()}, str(tmp / SPARSITY))
-        (tmp / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
-        replace_dir(tmp, folder, KIND)
+        with staged_dir(folder, KIND) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+            save_file({"sparsity": sparsity.float().contiguous()}, str(tmp / SPARSITY))
+            (tmp / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise StrataError(f"cannot write {folder} ({e.strerror or e}); choose an --out folder you can write to") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _check_out(out: Path, folders: list[Path]) -> None:
@@ -88,8 +77,7 @@ def _check_out(out: Path, folders: list[Path]) -> None:
         if p.exists() and not p.is_dir():
             raise StrataError(f"--out {out}: {p} is a file, not a folder; nothing was written: {_HINT}")
     for folder in folders:
-        for path in (folder, folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")):
-            check_replaceable(path, KIND, _HINT)
+        check_swap_target(folder, KIND, _HINT)
 
 
 @torch.no_grad()
