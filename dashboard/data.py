@@ -33,7 +33,8 @@ def manifest(run) -> dict:
     return json.loads(inside(run, layout.manifest_path(run)).read_text())
 
 
-def _within(run, path) -> bool:
+def within(run, path) -> bool:
+    """Whether `path` resolves inside the run directory (see `inside`)."""
     try:
         inside(run, path)
         return True
@@ -48,7 +49,7 @@ def train_names(run) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.endswith((".partial", ".old"))
-                  and layout.valid_name(p.name) and _within(run, p))
+                  and layout.valid_name(p.name) and within(run, p))
 
 
 def index_names(run) -> list[str]:
@@ -143,7 +144,7 @@ def sweep_summaries(run) -> dict[str, list[dict]]:
         return out
     for folder in sorted(root.iterdir()):
         path = folder / "summary.json"
-        if not (folder.is_dir() and _within(run, path) and path.is_file()):
+        if not (folder.is_dir() and within(run, path) and path.is_file()):
             continue
         try:
             members = json.loads(path.read_text()).get("members", [])

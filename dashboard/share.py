@@ -165,11 +165,6 @@ def check_output(final: Path) -> None:
     check_swap_target(final, KIND, hint)
 
 
-def _inside(run: Path, path: Path) -> bool:
-    run, path = run.resolve(), path.resolve()
-    return path == run or run in path.parents
-
-
 def write_share(run, features: str = "top:100", train: str | None = None, out=None) -> Path:
     """Write the bundle; returns the folder (RUN/share by default)."""
     run = data.check_run(run)
@@ -182,7 +177,7 @@ def write_share(run, features: str = "top:100", train: str | None = None, out=No
     if train not in names:
         raise StrataError(f"no index for training run {train!r}; choose one of {', '.join(names)}")
     # a bundle written into the run holds it like every other writer, so no harvest replaces it meanwhile
-    lock = run_lock(run, "strata share", scope="share") if _inside(run, final) else contextlib.nullcontext()
+    lock = run_lock(run, "strata share", scope="share") if data.within(run, final) else contextlib.nullcontext()
     with lock:
         check_output(final)  # again, now that no other share can be writing there
         idx = FeatureIndex(layout.index_path(run, train))
