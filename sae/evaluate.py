@@ -24,11 +24,11 @@ from activations.atomic import atomic_write_json, existing_dir
 from activations.config import option as _f
 from activations.errors import StrataError
 from activations.lock import run_lock
-from activations.precision import resolve
 from activations.reader import ActivationReader, open_run
 from sae import train_folder
 from sae.checkpoint import load_saes
 from sae.metrics import LatentStats, ReconStats
+from sae.models import use_precision
 from sae.modes import Unit, check_exclude_first
 
 
@@ -191,10 +191,8 @@ def _evaluate(cfg: EvalConfig, run, name: str) -> dict:
         check_exclude_first(cfg.exclude_first, run.manifest.context_length)
     device = resolve_device(cfg.device)
     saes = load_saes(cfg.run_dir, name, device)
-    prec = resolve(cfg.precision, device, {(cfg.batch_size, s.cfg.d_in, s.cfg.n_latents) for s in saes.values()})
+    prec = use_precision(saes, cfg.precision, cfg.batch_size, device)
     print(prec.line())
-    for sae in saes.values():
-        sae.compute_dtype = prec.dtype
     _, heldout = run.split(identity.get("heldout_fraction", 0.1))
     if not heldout:
         raise StrataError(f"{cfg.run_dir} has no held-out shard (it needs at least two shards); harvest more tokens")

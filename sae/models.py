@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from activations.errors import StrataError
+from activations.precision import Precision, resolve
 from sae.base import SAE
 from sae.config import ARCHS, SAEConfig
 from sae.jumprelu import JumpReLUSAE
@@ -22,3 +23,12 @@ def build_sae(cfg: SAEConfig) -> SAE:
         if not p or p != sorted(p) or p[-1] != cfg.n_latents or p[0] <= 0:
             raise StrataError(f"matryoshka prefixes {p} must increase and end at n_latents={cfg.n_latents}")
     return SAE_CLASSES[cfg.arch](cfg)
+
+
+def use_precision(saes: dict, requested: str, batch_size: int, device) -> Precision:
+    """Resolve --precision for the encoder matmuls of `saes` ([batch, d_in] x [d_in, n_latents]) and have every
+    SAE compute in it (weights stay fp32). Eval and analyze use this; training resolves across processes."""
+    prec = resolve(requested, device, {(batch_size, s.cfg.d_in, s.cfg.n_latents) for s in saes.values()})
+    for sae in saes.values():
+        sae.compute_dtype = prec.dtype
+    return prec

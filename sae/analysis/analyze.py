@@ -23,7 +23,6 @@ from activations import layout
 from activations.config import option as _f
 from activations.errors import StrataError
 from activations.lock import run_lock
-from activations.precision import resolve
 from sae.analysis.explain import ExplainerError, TokenExplainer, make_explainer
 from sae.analysis.explain_index import (
     FALLBACK,
@@ -36,6 +35,7 @@ from sae.analysis.index_file import FeatureIndex, write_index
 from sae.analysis.indexer import IndexerSettings
 from sae.analysis.source import run_blocks
 from sae.analysis.stream import index_saes, keys_needed, slots_of
+from sae.models import use_precision
 from sae.train_folder import read_config
 
 LOGIT_SITES = ("resid", "mlp_out", "attn_out")  # sites that add into the residual stream
@@ -195,10 +195,8 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
         saes = {sid: sae.eval() for sid, sae in load_saes(cfg.run_dir, name, device).items()}
         if not saes:
             raise StrataError(f"training run {name!r} has no SAEs in its checkpoint; rerun `strata train`")
-        prec = resolve(cfg.precision, device, {(cfg.batch_size, s.cfg.d_in, s.cfg.n_latents) for s in saes.values()})
+        prec = use_precision(saes, cfg.precision, cfg.batch_size, device)
         _log(cfg, f"{name}: {prec.line()}")
-        for sae in saes.values():
-            sae.compute_dtype = prec.dtype
         keys = keys_needed(saes)
         missing = [k for k in keys if k not in run.keys]
         if missing:
