@@ -502,8 +502,16 @@ DASHBOARD_CASES: list[Case] = [
          "not an address of this machine"),
 ]
 
+# `strata eval --suite`
+EVAL_SUITE_CASES = [
+    Case("eval-unknown-suite", lambda w: ["eval", w.run, "--name", "t1", "--suite", "core,nope", "--device", "cpu"],
+         "unknown eval suite 'nope'; pick from: core"),
+    Case("eval-empty-suite", lambda w: ["eval", w.run, "--name", "t1", "--suite", " , ", "--device", "cpu"],
+         "--suite is empty"),
+]
 
-ALL_CASES = CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES + DASHBOARD_CASES
+
+ALL_CASES = CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES + DASHBOARD_CASES + EVAL_SUITE_CASES
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])
