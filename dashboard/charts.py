@@ -125,7 +125,7 @@ def flow_figure(flow, hrefs: list[str] | None = None) -> go.Figure:
                   for u, i, d, j, w, n in zip(links["up"], links["i"], links["down"], links["j"], links["weight"],
                                               n_agree)]
     fig = go.Figure(go.Sankey(
-        arrangement="snap",
+        arrangement="fixed",  # nodes stay where depth puts them (and a click is a click, not a drag)
         node={"label": labels, "x": x, "y": y.tolist(), "pad": 6, "thickness": 12, "color": "#7c3aed",
               "customdata": [[h, t] for h, t in zip(hrefs or [""] * len(nodes), hover)],
               "hovertemplate": "%{customdata[1]}<extra></extra>"},
