@@ -157,6 +157,8 @@ def test_starting_feature_shows_its_chain(causal, monkeypatch):
     assert at.text_input(key="flow_start").value == f"resid.0:{i}"
     nodes = node_names(sankey(at))
     assert ("resid.0", i) in nodes and ("resid.1", int(a["best_idx"][i])) in nodes
+    at.text_input(key="flow_start").input(f"resid.1 #{int(a['best_idx'][i])}").run()  # typed: kept in the link
+    assert at.query_params["start"] == f"resid.1 #{int(a['best_idx'][i])}" and ("resid.0", i) in node_names(sankey(at))
     at.text_input(key="flow_start").input("resid.9:1").run()
     assert [e.value for e in at.error] == ["No feature ` resid.9:1 ` to start from: write SAE:feature, e.g. "
                                            "resid.0:0 (SAEs with links: resid.0, resid.1, resid.2)."]

@@ -34,13 +34,20 @@ def render_flow(ctx: Ctx, idx) -> None:
     if not causal:
         st.caption("links are a per-layer bank's activation-correlation matches (width = correlation); re-run "
                    "`strata analyze` for causal matches")
-    if "flow_start" not in st.session_state:
-        st.session_state.flow_start = ctx.query.get("start") or ""
+    asked = ctx.query.get("start") or ""
+    if st.session_state.get("flow_start_asked") != asked:  # a link (?start=sae:f) names the starting feature
+        st.session_state.flow_start = st.session_state.flow_start_asked = asked
     c = st.columns([3, 3, 2])
     text = c[0].text_input("explanation contains", key="flow_text", help="plain text, not a pattern")
     start_text = c[1].text_input("start at feature", key="flow_start", placeholder="resid.2:17",
                                  help="SAE:feature; shows every feature linked to it, up and down")
     max_nodes = c[2].slider("most nodes", 10, 200, 60, 10, key="flow_nodes")
+    if start_text != asked:  # the typed starting feature goes into the link
+        st.session_state.flow_start_asked = start_text
+        if start_text:
+            ctx.query["start"] = start_text
+        else:
+            del ctx.query["start"]
     start = None
     if start_text.strip():
         start = parse_start(start_text, idx)
