@@ -20,7 +20,7 @@ from sae.analysis.index_file import FeatureIndex
 
 METHOD_BITS = {1: "cosine", 2: "correlation", 4: "causal", 8: "saematch"}
 SITE_OFFSET = {"resid": 0.0, "attn_out": 0.25, "mlp_in": 0.5, "mlp_out": 0.75}
-LINK_COLUMNS = ["up", "i", "down", "j", "weight", "effect", "corr", "cos", "agree", "kind"]
+LINK_COLUMNS = ["up", "i", "down", "j", "weight", "effect", "corr", "cos", "agree", "kind"]  # + ukey, dkey
 
 
 def methods_of(agree: int) -> list[str]:
@@ -62,8 +62,10 @@ def all_links(idx: FeatureIndex) -> tuple[pd.DataFrame, bool]:
                 "up": sid, "i": rows, "down": nxt, "j": best[rows], "weight": corr, "effect": np.nan, "corr": corr,
                 "cos": idx.column(sid, "best_next_cos")[rows], "agree": 2, "kind": "bank"}))
     links = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=LINK_COLUMNS)
-    links = links[links["weight"] > 0].sort_values("weight", ascending=False, kind="stable")
-    return links.reset_index(drop=True), causal
+    links = links[links["weight"] > 0].sort_values("weight", ascending=False, kind="stable").reset_index(drop=True)
+    links["ukey"] = node_keys(links["up"], links["i"], idx.sae_ids)
+    links["dkey"] = node_keys(links["down"], links["j"], idx.sae_ids)
+    return links, causal
 
 
 def matched_saes(idx: FeatureIndex) -> set[str]:
@@ -79,19 +81,27 @@ def can_show_depth(idx: FeatureIndex) -> bool:
                                         for s in idx.sae_ids)
 
 
-def _reach(links: pd.DataFrame, seeds: set[tuple[str, int]]) -> np.ndarray:
-    """Hops from the seed nodes to each link, following links up and down (inf: not reached)."""
-    a = list(zip(links["up"], links["i"].astype(int)))
-    b = list(zip(links["down"], links["j"].astype(int)))
+def node_keys(sids, features, order: list[str]) -> np.ndarray:
+    """One integer per (sae, feature) node: the SAE's position in `order` in the high bits."""
+    code = pd.Categorical(np.asarray(sids, dtype=object), categories=order).codes.astype(np.int64)
+    return (code << 32) | np.asarray(features, dtype=np.int64)
+
+
+def _reach(links: pd.DataFrame, seeds: np.ndarray, enough: int) -> np.ndarray:
+    """Hops from the seed nodes (node_keys) to each link, following links up and down (inf: not reached);
+    stops once more than `enough` nodes are reached (the graph could not show more)."""
     hops = np.full(len(links), np.inf)
-    reached, h = set(seeds), 0
+    up, down = links["ukey"].to_numpy(), links["dkey"].to_numpy()
+    reached, h = np.unique(seeds), 0
     while True:
-        touch = np.array([(x in reached or y in reached) for x, y in zip(a, b)], dtype=bool) & ~np.isfinite(hops)
+        touch = (np.isin(up, reached) | np.isin(down, reached)) & ~np.isfinite(hops)
         if not touch.any():
             return hops
         hops[touch] = h
-        reached |= {a[k] for k in np.nonzero(touch)[0]} | {b[k] for k in np.nonzero(touch)[0]}
+        reached = np.union1d(reached, np.concatenate([up[touch], down[touch]]))
         h += 1
+        if len(reached) > enough:
+            return hops
 
 
 def matching(texts: pd.Series, text: str) -> pd.Series:
@@ -112,28 +122,32 @@ def flow(idx: FeatureIndex, links: pd.DataFrame, causal: bool, explanations: dic
     """The subgraph the Flow view draws. `explanations` / `densities`: {sid: per-feature array} (explanations may
     be None for an SAE without them)."""
     if start is not None:
-        hops = _reach(links, {(start[0], int(start[1]))})
+        hops = _reach(links, node_keys([start[0]], [start[1]], idx.sae_ids), max_nodes)
     elif text.strip():
-        seeds = set()
-        for sid in set(links["up"]) | set(links["down"]):
+        seeds = []
+        for sid in sorted(set(links["up"]) | set(links["down"])):
             expl = explanations.get(sid)
             if expl is not None:
-                seeds |= {(sid, int(f)) for f in np.nonzero(matching(pd.Series(expl), text.strip()).to_numpy())[0]}
-        hops = _reach(links, seeds)
+                hit = np.nonzero(matching(pd.Series(expl), text.strip()).to_numpy())[0]
+                seeds.append(node_keys([sid] * len(hit), hit, idx.sae_ids))
+        hops = _reach(links, np.concatenate(seeds) if seeds else np.zeros(0, np.int64), max_nodes)
     else:
-        hops = np.zeros(len(links))
-    keep = np.isfinite(hops)
-    ranked = links[keep].assign(_hop=hops[keep]).sort_values(["_hop", "weight"], ascending=[True, False],
-                                                               kind="stable")
+        hops = None  # every link, strongest first (all_links' order)
+    if hops is None:
+        ranked = links
+    else:
+        keep = np.isfinite(hops)
+        ranked = links[keep].assign(_hop=hops[keep]).sort_values(["_hop", "weight"], ascending=[True, False],
+                                                                   kind="stable").drop(columns="_hop")
     chosen, nodes = [], {}
     for row in ranked.itertuples(index=False):
         new = [n for n in ((row.up, int(row.i)), (row.down, int(row.j))) if n not in nodes]
         if len(nodes) + len(new) > max_nodes:
-            continue
+            break  # the strongest links (nearest first) that fit; the next one would not
         for n in new:
             nodes[n] = len(nodes)
         chosen.append(row)
-    sel = pd.DataFrame(chosen, columns=[*ranked.columns]).drop(columns="_hop")
+    sel = pd.DataFrame(chosen, columns=[*ranked.columns])
     columns = sorted({s for s, _ in nodes}, key=lambda s: (sae_depth(idx, s), s))
     node_df = pd.DataFrame([{"sae": s, "feature": f, "column": columns.index(s),
                              "explanation": str(explanations[s][f]) if explanations.get(s) is not None else "",
