@@ -115,7 +115,7 @@ def flow_figure(flow, hrefs: list[str] | None = None) -> go.Figure:
     for c in range(len(flow.columns)):
         rows = np.nonzero(nodes["column"].to_numpy() == c)[0]
         y[rows] = 0.01 + 0.98 * (np.arange(len(rows)) + 0.5) / max(len(rows), 1)
-    labels = [f"#{f} {short(e) if e else ''} · {d:.1e}" for f, e, d in
+    labels = [" ".join([f"#{f}", *([short(e)] if e else []), f"· {d:.1e}"]) for f, e, d in
               zip(nodes["feature"], nodes["explanation"], nodes["density"])]
     hover = [f"{s} #{f}<br>{short(e, 80)}<br>density {d:.2e}" for s, f, e, d in
              zip(nodes["sae"], nodes["feature"], nodes["explanation"], nodes["density"])]
