@@ -154,7 +154,7 @@ def test_flow_graph_opens_feature_pages_and_lineage_leads_back(served, page):
     page.get_by_text(f"{query['sae']} · feature {query['f']}").wait_for()
     page.locator(".strata-ctx .tok").first.wait_for()
     page.get_by_text("Lineage", exact=True).wait_for()
-    assert page.locator("table.strata-grid th", has_text="causal effect").count() >= 1
+    page.locator("table.strata-grid th", has_text="causal effect").first.wait_for()  # its matches, as a table
     page.get_by_text("show this feature's links in the Flow view").click()
     page.locator(".js-plotly-plot .sankey-node").first.wait_for()
     expect(page.get_by_role("textbox", name="start at feature")).to_have_value(f"{query['sae']}:{query['f']}")
