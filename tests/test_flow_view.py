@@ -252,3 +252,13 @@ def test_flow_selection_respects_the_cap_and_keeps_links_whole(causal):
         assert set(fl.links["src"]) | set(fl.links["dst"]) == set(range(len(fl.nodes)))  # no orphan node
     fl = flow_graph.flow(idx, links, True, expl, dens, max_nodes=500)
     assert len(fl.links) == len(links) and fl.columns == ["resid.0", "resid.1", "resid.2"]
+
+
+def test_share_of_a_one_sae_run_has_no_flow_page(single, tmp_path):
+    from strata.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["share", str(single), "--features", "resid.1:0-3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".strata-owned", "assets", "index.html", "resid.1"]
+    assert "flow.html" not in (out / "index.html").read_text()
+    assert "<h2>Lineage</h2>" not in (out / "resid.1" / "0.html").read_text()
