@@ -20,11 +20,11 @@ import streamlit as st  # noqa: E402
 from activations.errors import StrataError  # noqa: E402
 from dashboard import data  # noqa: E402
 from dashboard.render import CSS  # noqa: E402
-from dashboard.views import depth, features, overview, prompt  # noqa: E402
+from dashboard.views import features, flow, overview, prompt  # noqa: E402
 from dashboard.views.common import Ctx  # noqa: E402
 
 PAGES = {"overview": ("Overview", overview.render), "features": ("Features", features.render),
-         "depth": ("Depth", depth.render), "prompt": ("Prompt explorer", prompt.render)}
+         "flow": ("Flow", flow.render), "prompt": ("Prompt explorer", prompt.render)}
 
 
 def settings() -> tuple[str | None, bool]:
@@ -52,7 +52,8 @@ def main() -> None:
 
     qp = st.query_params
     if "page" not in st.session_state:
-        st.session_state.page = qp.get("page") if qp.get("page") in PAGES else "overview"
+        asked = {"depth": "flow"}.get(qp.get("page"), qp.get("page"))  # ?page=depth: the Flow page's old name
+        st.session_state.page = asked if asked in PAGES else "overview"
     st.sidebar.title("Strata")
     st.sidebar.caption(str(run))
     st.sidebar.radio("Page", list(PAGES), key="page", format_func=lambda p: PAGES[p][0])

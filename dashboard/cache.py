@@ -101,3 +101,15 @@ def load_run_saes(run: str, name: str, mtime: float):
     from sae.checkpoint import load_saes
 
     return {sid: s.eval() for sid, s in load_saes(run, name).items()}
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _flow_links(path: str, mtime: float):
+    from dashboard.flow_graph import all_links
+
+    return all_links(_open_index(path, mtime))
+
+
+def flow_links(run, name: str):
+    """(every link between features of the index, whether they are causal matches): dashboard.flow_graph."""
+    return _flow_links(*index_version(run, name))

@@ -1,6 +1,8 @@
 """Plotly figures, built from index arrays and run files only (shared by the app and the static bundle)."""
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import plotly.graph_objects as go
 
@@ -91,15 +93,53 @@ def residual_similarity(rows: list[dict]) -> go.Figure:
     return fig
 
 
-def paths_figure(paths: np.ndarray, scores: np.ndarray, sae_names: list[str], limit: int = 40) -> go.Figure:
-    fig = go.Figure()
-    for p, s in zip(paths[:limit], scores[:limit]):
-        xs = [sae_names[i] for i in range(len(p)) if p[i] >= 0]
-        ys = [int(p[i]) for i in range(len(p)) if p[i] >= 0]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"{ys[0]} (r={s:.2f})",
-                                 hovertemplate="feature %{y}<extra></extra>"))
-    fig.update_layout(title="paths of matched features through depth", yaxis_title="feature index",
-                      showlegend=False, **{**LAYOUT, "height": 420})
+AGREE_COLOURS = ["rgba(148, 163, 184, 0.45)", "rgba(148, 163, 184, 0.55)", "rgba(96, 165, 250, 0.6)",
+                 "rgba(37, 99, 235, 0.65)", "rgba(30, 58, 138, 0.75)"]  # by how many methods agree: 0 .. 4
+
+
+def short(text: str, n: int = 32) -> str:
+    """Corpus text for a plotly label: one line, at most n characters, escaped (plotly reads a few HTML tags in
+    labels and hover text and shows entities as their characters, so the text stays text)."""
+    text = " ".join(str(text).split())
+    return html.escape(text if len(text) <= n else text[:n - 1] + "…")
+
+
+def flow_figure(flow, hrefs: list[str] | None = None) -> go.Figure:
+    """A layered Sankey of a dashboard.flow_graph.Flow: one column per SAE in depth order, nodes labelled with
+    their explanation and density, link width = causal effect (activation correlation for older indexes),
+    link colour = how many methods agree. `hrefs` (one per node) go into the nodes' customdata."""
+    nodes, links = flow.nodes, flow.links
+    n_cols = max(len(flow.columns), 2)
+    x = [0.01 + 0.98 * c / (n_cols - 1) for c in nodes["column"]]
+    y = np.zeros(len(nodes))
+    for c in range(len(flow.columns)):
+        rows = np.nonzero(nodes["column"].to_numpy() == c)[0]
+        y[rows] = 0.01 + 0.98 * (np.arange(len(rows)) + 0.5) / max(len(rows), 1)
+    labels = [" ".join([f"#{f}", *([short(e)] if e else []), f"· {d:.1e}"]) for f, e, d in
+              zip(nodes["feature"], nodes["explanation"], nodes["density"])]
+    hover = [f"{s} #{f}<br>{short(e, 80)}<br>density {d:.2e}" for s, f, e, d in
+             zip(nodes["sae"], nodes["feature"], nodes["explanation"], nodes["density"])]
+    n_agree = [bin(int(a)).count("1") for a in links["agree"]]
+    what = "causal effect" if flow.causal else "act. corr"
+    link_hover = [f"{u} #{int(i)} → {d} #{int(j)}<br>{what} {w:.3f}<br>methods agreeing: {n}"
+                  for u, i, d, j, w, n in zip(links["up"], links["i"], links["down"], links["j"], links["weight"],
+                                              n_agree)]
+    fig = go.Figure(go.Sankey(
+        arrangement="fixed",  # nodes stay where depth puts them (and a click is a click, not a drag)
+        node={"label": labels, "x": x, "y": y.tolist(), "pad": 6, "thickness": 12, "color": "#7c3aed",
+              "customdata": [[h, t] for h, t in zip(hrefs or [""] * len(nodes), hover)],
+              "hovertemplate": "%{customdata[1]}<extra></extra>"},
+        link={"source": links["src"].tolist(), "target": links["dst"].tolist(),
+              "value": np.maximum(links["weight"].to_numpy(dtype=float), 1e-3).tolist(),
+              "color": [AGREE_COLOURS[min(n, 4)] for n in n_agree], "customdata": link_hover,
+              "hovertemplate": "%{customdata}<extra></extra>"}))
+    for c, sid in enumerate(flow.columns):
+        fig.add_annotation(x=0.01 + 0.98 * c / (n_cols - 1), y=1.06, xref="paper", yref="paper", text=sid,
+                           showarrow=False, font={"size": 12})
+    fig.update_layout(title=f"flow of features through depth (width = {what}, colour = methods agreeing)",
+                      **{**LAYOUT, "height": max(420, 16 * int(np.bincount(nodes["column"]).max()
+                                                              if len(nodes) else 0)),
+                         "margin": {"l": 10, "r": 10, "t": 70, "b": 10}})
     return fig
 
 

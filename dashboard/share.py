@@ -1,6 +1,7 @@
 """`strata share RUN --features SPEC`: a static HTML bundle of chosen feature pages that opens with no Python
-and no network: RUN/share/index.html, one page per feature (<sae>/<feature>.html), and plotly.js copied from
-the installed plotly package into assets/ (no CDN). Written to a temporary folder and swapped in whole; the
+and no network: RUN/share/index.html, one page per feature (<sae>/<feature>.html) with its lineage, flow.html
+(the flow graph of matched features, when the index has any), and plotly.js copied from the installed plotly
+package into assets/ (no CDN). Written to a temporary folder and swapped in whole; the
 output folder may only be missing, empty, or an earlier bundle (activations/ownership.py).
 
 The pages are Jinja2 templates (dashboard/templates/) rendered with autoescape on: every value is escaped
@@ -25,12 +26,13 @@ from activations.atomic import staged_dir
 from activations.errors import StrataError
 from activations.lock import run_lock
 from activations.ownership import check_swap_target
-from dashboard import charts, data
+from dashboard import charts, data, flow_graph
 from dashboard.render import CSS, contexts_html, visible_token
 from sae.analysis.index_file import FeatureIndex
 
 KIND = "share"
 SPEC_HELP = "use all, top:N, 1,2,5-9 or sae:1,2;sae2:3"
+FLOW_NODES = 60  # the flow page's graph: as many nodes as the app's Flow page opens with
 TEMPLATES = Environment(loader=PackageLoader("dashboard", "templates"), autoescape=True, undefined=StrictUndefined,
                         trim_blocks=True, lstrip_blocks=True)
 
@@ -83,9 +85,17 @@ def select_features(idx: FeatureIndex, spec: str) -> dict[str, list[int]]:
     return {s: _indices(spec, s, idx.n_latents(s)) for s in idx.sae_ids}
 
 
-def fig_html(fig) -> Markup:
+def fig_html(fig, post_script: str | None = None) -> Markup:
     """plotly's HTML for a figure (it serialises the data as escaped JSON)."""
-    return Markup(fig.to_html(include_plotlyjs=False, full_html=False, config={"displaylogo": False}))
+    return Markup(fig.to_html(include_plotlyjs=False, full_html=False, config={"displaylogo": False},
+                              post_script=post_script))
+
+
+# a click on a flow node opens its page: the node's customdata is [href, hover text] (href "" when not shared)
+OPEN_NODE = """document.getElementById('{plot_id}').on('plotly_click', function (e) {
+  var p = e.points && e.points[0];
+  if (p && Array.isArray(p.customdata) && p.customdata[0]) { window.location.href = p.customdata[0]; }
+});"""
 
 
 def _target(sid: str, j: int, shared: dict[str, set], text: str | None = None) -> dict:
@@ -94,7 +104,10 @@ def _target(sid: str, j: int, shared: dict[str, set], text: str | None = None) -
     return {"href": href, "text": text if text is not None else f"{sid} #{int(j)}"}
 
 
-def feature_page(idx: FeatureIndex, sid: str, f: int, shared: dict[str, set], train: str) -> str:
+def feature_page(idx: FeatureIndex, sid: str, f: int, shared: dict[str, set], train: str,
+                 explanations: dict | None = None) -> str:
+    """One feature's page; `explanations` ({sid: column}, read once per bundle) name the lineage's features."""
+    explanations = explanations if explanations is not None else all_explanations(idx)
     rec = idx.feature(sid, f)
     info = idx.info(sid)
     layers = info["cfg"].get("layers") or [int(k.rsplit(".", 1)[1]) for k in info["cfg"].get("in_keys", [])]
@@ -128,10 +141,13 @@ def feature_page(idx: FeatureIndex, sid: str, f: int, shared: dict[str, set], tr
     if "decoder_layer_norm" in rec:
         out_layers = [int(k.rsplit(".", 1)[1]) for k in info["cfg"]["out_keys"]]
         depth_figures.append(fig_html(charts.layer_profile(out_layers, rec["decoder_layer_norm"], "decoder norm per layer")))
-    matches = []
-    if info.get("match_next"):
-        matches = [{"target": _target(info["match_next"], j, shared), "cos": float(c), "corr": float(r)}
-                   for j, c, r in zip(rec["match_idx"], rec["match_cos"], rec["match_corr"])]
+    cycle = flow_graph.life_cycle(layers, rec["layer_mass"]) if "layer_mass" in rec else None
+    lin, causal = flow_graph.lineage(idx, sid, f)
+    lineage = {direction: [{**e, "target": _target(e["sae"], e["feature"], shared),
+                            "methods": ", ".join(flow_graph.methods_of(e["agree"])) or "—",
+                            "explanation": str(explanations[e["sae"]][e["feature"]])
+                            if explanations.get(e["sae"]) is not None else ""} for e in entries]
+               for direction, entries in lin.items()}
     return TEMPLATES.get_template("feature.html").render(
         css=CSS, root="../", sid=sid, feature=int(f), train=train,
         explanation=rec.get("explanation"), explanation_score=float(rec.get("explanation_score", float("nan"))),
@@ -139,10 +155,34 @@ def feature_page(idx: FeatureIndex, sid: str, f: int, shared: dict[str, set], tr
         max_act=float(rec["max_act"]), top_contexts=top, intervals=intervals, figures=figures, logits=logits,
         neighbours=[{"target": _target(sid, j, shared, f"#{int(j)}"), "cos": float(c)}
                     for j, c in zip(rec["neighbour_idx"], rec["neighbour_cos"])],
-        depth_figures=depth_figures, matches=matches)
+        depth_figures=depth_figures, cycle=cycle, lineage=lineage, causal=causal)
 
 
-def index_page(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_name: str) -> str:
+def all_explanations(idx: FeatureIndex) -> dict:
+    return {s: idx.column(s, "explanation") for s in idx.sae_ids}
+
+
+def flow_page(idx: FeatureIndex, shared: dict[str, set], train: str, explanations: dict) -> str | None:
+    """The flow graph of the index's strongest links (as the app's Flow page opens) with a link per node; None
+    when the index has no links."""
+    links, causal = flow_graph.all_links(idx)
+    if not len(links):
+        return None
+    densities = {s: idx.column(s, "frequency") for s in idx.sae_ids}
+    fl = flow_graph.flow(idx, links, causal, explanations, densities, FLOW_NODES)
+    targets = [_target(s, f, shared) for s, f in zip(fl.nodes["sae"], fl.nodes["feature"])]
+    for t in targets:  # flow.html sits at the bundle's root, beside the SAE folders
+        t["href"] = t["href"][len("../"):] if t["href"] else None
+    hrefs = [t["href"] or "" for t in targets]
+    nodes = [{"sae": s, "target": t, "explanation": e, "density": float(d)}
+             for s, t, e, d in zip(fl.nodes["sae"], targets, fl.nodes["explanation"], fl.nodes["density"])]
+    order = sorted(range(len(nodes)), key=lambda k: (int(fl.nodes["column"][k]), int(fl.nodes["feature"][k])))
+    return TEMPLATES.get_template("flow.html").render(
+        css=CSS, root="", train=train, causal=causal, n_links=len(links), n_shown=len(fl.links),
+        figure=fig_html(charts.flow_figure(fl, hrefs), OPEN_NODE), nodes=[nodes[k] for k in order])
+
+
+def index_page(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_name: str, flow: bool) -> str:
     saes = []
     for sid, feats in chosen.items():
         expl = idx.column(sid, "explanation")
@@ -153,7 +193,7 @@ def index_page(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_
     residual = fig_html(charts.residual_similarity(idx.residual_similarity)) if idx.residual_similarity else ""
     return TEMPLATES.get_template("index.html").render(
         css=CSS, root="", run_name=run_name, train=train, tokens=int(idx.meta.get("tokens", 0)),
-        model=str(idx.meta.get("model", {}).get("id", "?")), residual_figure=residual, saes=saes)
+        model=str(idx.meta.get("model", {}).get("id", "?")), residual_figure=residual, saes=saes, flow=flow)
 
 
 def check_output(final: Path) -> None:
@@ -197,12 +237,17 @@ def _write_bundle(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, r
             (tmp / "assets").mkdir()
             (tmp / "assets" / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
             shared = {s: set(v) for s, v in chosen.items()}
+            explanations = all_explanations(idx)
             for sid, feats in chosen.items():
                 folder = tmp / safe_name(sid)
                 folder.mkdir()
                 for f in feats:
-                    (folder / f"{f}.html").write_text(feature_page(idx, sid, f, shared, train), encoding="utf-8")
-            (tmp / "index.html").write_text(index_page(idx, chosen, train, run_name), encoding="utf-8")
+                    (folder / f"{f}.html").write_text(feature_page(idx, sid, f, shared, train, explanations), encoding="utf-8")
+            flow = flow_page(idx, shared, train, explanations)
+            if flow is not None:
+                (tmp / "flow.html").write_text(flow, encoding="utf-8")
+            (tmp / "index.html").write_text(index_page(idx, chosen, train, run_name, flow is not None),
+                                            encoding="utf-8")
     except OSError as e:
         raise StrataError(f"could not write the bundle to {final} ({e.strerror or e}); check that the folder "
                           "is writable and has space, then rerun") from None

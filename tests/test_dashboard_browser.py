@@ -5,8 +5,10 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
+from playwright.sync_api import expect
 from test_dashboard_support import (
     XSS_PAYLOADS,
+    add_matches,
     chromium_launch_args,
     free_port,
     needs_chromium,
@@ -28,6 +30,7 @@ def served(tmp_path_factory):
 
     vocab = [f"word{i}" for i in range(30)] + XSS_PAYLOADS
     run = synthetic_run(tmp_path_factory.mktemp("browser") / "run", vocab)
+    add_matches(run / "index" / "synth.h5")  # causal matches, for the Flow page and lineage panels
     port = free_port()
     proc = serve_dashboard(run, read_only=True, port=port, host="127.0.0.1", block=False)
     try:
@@ -135,3 +138,38 @@ def test_a_bad_feature_link_is_named_as_typed(served, page):
     assert f"feature f={bad}, which resid.1 does not have: its features are 0-31" in alert.inner_text()
     assert page.locator("a[href*='evil.example']").count() == 0
     assert page.locator(".strata-ctx").count() == 0  # and no other feature is shown in its place
+
+
+def test_flow_graph_opens_feature_pages_and_lineage_leads_back(served, page):
+    """A researcher opens the Flow page, clicks a feature under the graph, reads its lineage, and follows the
+    lineage's link back to the flow of that one feature."""
+    _, url = served
+    page.set_default_timeout(LOAD_MS)
+    page.goto(f"{url}/?page=flow&train=synth")
+    page.locator(".js-plotly-plot .sankey-node").first.wait_for()
+    assert 10 <= page.locator(".js-plotly-plot .sankey-node").count() <= 60
+    link = page.locator("table.strata-grid a").nth(3)
+    query = dict(p.split("=") for p in link.get_attribute("href").lstrip("?").split("&"))
+    link.click()
+    page.get_by_text(f"{query['sae']} · feature {query['f']}").wait_for()
+    page.locator(".strata-ctx .tok").first.wait_for()
+    page.get_by_text("Lineage", exact=True).wait_for()
+    page.locator("table.strata-grid th", has_text="causal effect").first.wait_for()  # its matches, as a table
+    page.get_by_text("show this feature's links in the Flow view").click()
+    page.locator(".js-plotly-plot .sankey-node").first.wait_for()
+    expect(page.get_by_role("textbox", name="start at feature")).to_have_value(f"{query['sae']}:{query['f']}")
+    labels = page.locator(".js-plotly-plot .sankey-node .node-label").evaluate_all("ns => ns.map(n => n.textContent)")
+    assert any(t.startswith(f"#{query['f']} ") for t in labels)
+
+
+def test_flow_filter_with_regex_characters_is_plain_text(served, page):
+    _, url = served
+    page.set_default_timeout(LOAD_MS)
+    page.goto(f"{url}/?page=flow&train=synth")
+    page.locator(".js-plotly-plot .sankey-node").first.wait_for()
+    box = page.get_by_role("textbox", name="explanation contains")
+    box.fill("(*")
+    box.press("Enter")
+    page.get_by_text("No links touch explanations containing").wait_for()
+    expect(page.locator(".js-plotly-plot .sankey-node")).to_have_count(0)  # once the rerun has finished
+    assert page.locator("[data-testid='stException']").count() == 0

@@ -91,7 +91,7 @@ def test_feature_page_renders_every_index_item(synth, monkeypatch):
     assert page.count('class="tok') > 20  # highlighted tokens of top and interval examples
     assert re.search(r'title="activation [0-9.e+-]+"', page)  # the value on hover
     assert "Nearest features" in page and "?page=features&amp;train=synth&amp;sae=resid.1&amp;f=" in page
-    assert "Matches in adjacent layers" in page and "sae=resid.2" in page and "sae=resid.0" in page
+    assert "**Lineage**" in page and "sae=resid.2" in page and "sae=resid.0" in page  # matches up and down
     assert any("Explanation (tokens): fires on" in t.value for t in at.text)
     assert any("interval 1" in c.value for c in at.caption)
     specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
@@ -123,11 +123,11 @@ def test_multilayer_and_crosscoder_feature_pages(synth, monkeypatch):
     assert "decoder norm per layer" in " ".join(c.proto.spec for c in at.get("plotly_chart"))
 
 
-def test_depth_page(synth, monkeypatch):
-    at = app(synth, monkeypatch, page="depth")
+def test_flow_page(synth, monkeypatch):
+    at = app(synth, monkeypatch, page="flow")
     specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
-    assert "features x layers" in specs and "paths of matched features" in specs and "residual stream" in specs
-    assert "sae=resid.2" in all_html(at)  # path table links into the deepest SAE
+    assert "features x layers" in specs and "flow of features through depth" in specs and "residual stream" in specs
+    assert "sae=resid.2" in all_html(at)  # the node table links into the deepest SAE
 
 
 def test_prompt_explorer_off_when_read_only(synth, monkeypatch):
@@ -237,9 +237,9 @@ def test_every_page_on_a_real_analysed_run(analyzed_run, monkeypatch):
     assert table["L0 (index)"].iloc[0] == pytest.approx(4.0, abs=0.5)
     at = app(analyzed_run, monkeypatch, page="features", train="topk-layer", sae="resid.2", f=0)
     assert all_html(at).count('class="tok') > 10
-    at = app(analyzed_run, monkeypatch, page="depth", train="topk-layer")
-    assert "paths of matched features" in " ".join(c.proto.spec for c in at.get("plotly_chart"))
-    at = app(analyzed_run, monkeypatch, page="depth", train="topk-multilayer")
+    at = app(analyzed_run, monkeypatch, page="flow", train="topk-layer")
+    assert '"type":"sankey"' in " ".join(c.proto.spec for c in at.get("plotly_chart"))
+    at = app(analyzed_run, monkeypatch, page="flow", train="topk-multilayer")
     assert "features x layers" in " ".join(c.proto.spec for c in at.get("plotly_chart"))
 
 

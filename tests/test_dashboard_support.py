@@ -143,3 +143,50 @@ def build_analyzed_run(dest: Path, harvested: Path) -> Path:
                           device="cpu"))
     analyze(AnalyzeConfig(run_dir=str(run), progress=False, device="cpu"))
     return run
+
+
+def add_matches(index_path: Path, user_pair: tuple[str, str] | None = None) -> None:
+    """Write matches/<j> groups (the shared schema sae/analysis/index_file.py reads) into an index that has a
+    per-layer bank's correlation matches, standing in for `strata analyze`'s causal matching: candidates and
+    cosines/correlations are the bank's own; the causal effect is a deterministic function of them; SAE Match
+    picks each row's cosine-best candidate. `user_pair` adds a pair of non-adjacent SAEs (kind "user")."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(index_path, "r+") as f:
+        infos = {sid: json.loads(g.attrs["info"]) for sid, g in f["saes"].items()}
+        pairs = [(sid, i["match_next"], "bank") for sid, i in infos.items() if i.get("match_next")]
+        if user_pair:
+            pairs.append((*user_pair, "user"))
+        for j, (up, down, kind) in enumerate(pairs):
+            g = f["saes"][up]
+            n = int(infos[up]["n_latents"])
+            if kind == "bank":
+                cand, cos, corr = g["match_idx"][()], g["match_cos"][()], g["match_corr"][()]
+            else:
+                cand = np.stack([(np.arange(n) + s) % int(infos[down]["n_latents"]) for s in range(4)], 1)
+                cos = np.tile(np.linspace(0.9, 0.3, 4, dtype=np.float32), (n, 1))
+                corr = cos * 0.3
+            rng = np.random.default_rng(j)
+            effect = (np.clip(corr, 0, None) * 0.9 + rng.uniform(0, 0.2, corr.shape)).astype(np.float32)
+            effect[cand < 0] = np.nan
+            rows = np.arange(n)
+            col = np.nanargmax(np.where(cand >= 0, effect, -np.inf), 1)
+            best = np.where(effect[rows, col] > 0.2, cand[rows, col], -1).astype(np.int32)
+
+            by_cos, by_corr = (cand[rows, np.argmax(np.where(cand >= 0, s, -np.inf), 1)] for s in (cos, corr))
+            saematch = by_cos.astype(np.int32)
+            agree = ((by_cos == best) * 1 + (by_corr == best) * 2 + (best >= 0) * 4
+                     + (saematch == best) * 8) * (best >= 0)
+            m = f.create_group(f"matches/{j}")
+            m.attrs.update({"up": up, "down": down, "up_key": infos[up]["cfg"]["in_keys"][0],
+                            "down_key": infos[down]["cfg"]["in_keys"][0], "kind": kind,
+                            "methods": json.dumps(["cosine", "correlation", "causal", "saematch"])})
+            for name, arr in {"cand_idx": cand.astype(np.int32), "cand_cos": cos.astype(np.float32),
+                              "cand_corr": corr.astype(np.float32), "cand_effect": effect, "best_idx": best,
+                              "best_effect": np.where(best >= 0, effect[rows, col], np.nan).astype(np.float32),
+                              "best_corr": corr[rows, col].astype(np.float32),
+                              "best_cos": cos[rows, col].astype(np.float32), "saematch_idx": saematch,
+                              "saematch_score": cos[rows, 0].astype(np.float32),
+                              "agree": agree.astype(np.uint8)}.items():
+                m.create_dataset(name, data=arr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from markupsafe import escape
 from test_dashboard_pages import assert_no_active_markup
@@ -39,7 +40,7 @@ def pages(folder) -> list[str]:
 def test_bundle_layout_and_no_network(shared):
     out = shared / "share"
     assert "index.html" in pages(out) and "resid.0/31.html" in pages(out) and "multi/1.html" in pages(out)
-    assert len(pages(out)) == 1 + 32 + 2 + 1 + 1
+    assert len(pages(out)) == 1 + 32 + 2 + 1 + 1 + 1  # index, features, flow.html
     for p in out.rglob("*.html"):
         text = p.read_text()
         srcs = re.findall(r'<script[^>]*src="([^"]*)"', text)
@@ -48,7 +49,7 @@ def test_bundle_layout_and_no_network(shared):
         assert_no_active_markup(re.sub(r"<script.*?</script>", "", text, flags=re.DOTALL))
     assert (out / "assets" / "plotly.min.js").stat().st_size > 1_000_000  # the real library, inlined locally
     # links between shared pages are relative, and only to pages that exist
-    for page in ("index.html", "resid.0/0.html"):
+    for page in ("index.html", "resid.0/0.html", "flow.html"):
         hrefs = re.findall(r'href="([^"]+)"', (out / page).read_text())
         assert hrefs
         for href in hrefs:
@@ -77,11 +78,16 @@ def test_templates_escape_by_default():
     assert TEMPLATES.autoescape is True
     out = TEMPLATES.get_template("index.html").render(
         css="", root="", run_name="<b>run</b>", train="t", tokens=1, model="<img src=x onerror=alert(1)>",
-        residual_figure="<script>alert(1)</script>",
+        residual_figure="<script>alert(1)</script>", flow=True,
         saes=[{"id": "<svg/onload=alert(1)>", "n_latents": 1,
                "rows": [{"feature": 0, "href": "x\" onclick=\"alert(1)", "frequency": 0.5, "max_act": 1.0,
                          "explanation": "</table><script>alert(2)</script>"}]}])
     assert_no_active_markup(out.split("</head>")[1])  # <head> holds only the plotly script tag
+    out = TEMPLATES.get_template("flow.html").render(
+        css="", root="", train="<b>t</b>", causal=True, n_links=1, n_shown=1, figure="",
+        nodes=[{"sae": "<svg/onload=alert(1)>", "target": {"href": None, "text": "<img src=x onerror=alert(1)>"},
+                "explanation": "</table><script>alert(2)</script>", "density": 0.5}])
+    assert_no_active_markup(out.split("</head>")[1])
 
 
 def test_bad_feature_specs_are_one_line_errors(shared, capsys):
@@ -98,14 +104,14 @@ def test_bad_feature_specs_are_one_line_errors(shared, capsys):
 def test_rerunning_share_replaces_its_own_bundle(shared, tmp_path):
     out = tmp_path / "bundle"
     assert main(["share", str(shared), "--features", "resid.0:1,2", "--out", str(out)]) == 0
-    assert pages(out) == ["index.html", "resid.0/1.html", "resid.0/2.html"]
+    assert pages(out) == ["flow.html", "index.html", "resid.0/1.html", "resid.0/2.html"]
     assert main(["share", str(shared), "--features", "resid.1:7", "--out", str(out)]) == 0
-    assert pages(out) == ["index.html", "resid.1/7.html"]  # the new bundle, whole; nothing of the old one
+    assert pages(out) == ["flow.html", "index.html", "resid.1/7.html"]  # the new bundle, whole; nothing of the old one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .partial or .old left beside it
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["share", str(shared), "--features", "resid.1:7", "--out", str(empty)]) == 0  # an empty folder is fine
-    assert pages(empty) == ["index.html", "resid.1/7.html"]
+    assert pages(empty) == ["flow.html", "index.html", "resid.1/7.html"]
 
 
 def test_share_into_a_users_folder_is_refused(shared, tmp_path, capsys):
@@ -174,3 +180,87 @@ def test_payload_pages_stay_inert_in_chromium(shared, page):
     page.locator("table.strata-grid").first.wait_for()
     assert page.locator("table.strata-grid").locator("img, svg, script, b").count() == 0
     assert alerts == [] and not page.title().startswith("pwned")
+
+
+# ---------------------------------------------------------------- the flow graph and lineage in the bundle
+FLOW_SPEC = "resid.0:0-31;resid.1:0-31;resid.2:0-15;multi:0-3"
+
+
+@pytest.fixture(scope="module")
+def shared_causal(tmp_path_factory):
+    """A run whose index holds causal matches (matches/<j>), shared with part of resid.2 left out."""
+    from test_dashboard_support import add_matches
+
+    run = synthetic_run(tmp_path_factory.mktemp("share-flow") / "run", [f"tok{i}" for i in range(10)] + XSS_PAYLOADS)
+    add_matches(run / "index" / "synth.h5")
+    assert main(["share", str(run), "--features", FLOW_SPEC]) == 0
+    return run
+
+
+def sankey_of(html_text: str) -> dict:
+    import json
+
+    spec = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*\{', html_text, flags=re.DOTALL)
+    return json.loads(spec.group(1))[0]
+
+
+def test_flow_page_in_the_bundle(shared_causal):
+    from sae.analysis.index_file import FeatureIndex
+
+    out = shared_causal / "share"
+    assert '<a href="flow.html">' in (out / "index.html").read_text()
+    text = (out / "flow.html").read_text()
+    trace = sankey_of(text)
+    assert trace["type"] == "sankey" and 10 <= len(trace["node"]["label"]) <= 60
+    idx = FeatureIndex(shared_causal / "index" / "synth.h5")
+    nodes = [(h.split(" #")[0], int(h.split(" #")[1].split("<br>")[0])) for _, h in trace["node"]["customdata"]]
+    for (sid, f), (href, _) in zip(nodes, trace["node"]["customdata"]):
+        # a node opens its page when that page is in the bundle; resid.2 #16-31 were not shared
+        assert href == (f"{sid}/{f}.html" if sid != "resid.2" or f < 16 else "")
+        if href:
+            assert (out / href).is_file() and f'<a href="{href}">' in text
+    assert any(sid == "resid.2" and f >= 16 for sid, f in nodes)  # some node is shown without a page
+    best = {m["up"]: idx.match_arrays(m["j"]) for m in idx.matches()}
+    for src, dst, value in zip(trace["link"]["source"], trace["link"]["target"], trace["link"]["value"]):
+        (up, i), (_, j) = nodes[src], nodes[dst]
+        assert best[up]["best_idx"][i] == j and value == pytest.approx(float(best[up]["best_effect"][i]), rel=1e-5)
+    assert "re-run <code>strata analyze</code>" not in text
+
+
+def test_lineage_on_shared_feature_pages(shared_causal):
+    from sae.analysis.index_file import FeatureIndex
+
+    out = shared_causal / "share"
+    idx = FeatureIndex(shared_causal / "index" / "synth.h5")
+    a = idx.match_arrays(0)
+    f = int(np.bincount(a["best_idx"][a["best_idx"] >= 0]).argmax())
+    lin = idx.lineage("resid.1", f)
+    page = (out / "resid.1" / f"{f}.html").read_text()
+    assert "<h2>Lineage</h2>" in page
+    for direction in ("upstream", "downstream"):
+        table = re.search(rf'<table class="strata-grid lineage-{direction}">(.*?)</table>', page, re.DOTALL).group(1)
+        assert table.count("<tr>") == 1 + len(lin[direction])
+        for e in lin[direction]:
+            assert f"{e['effect']:.3f}" in table and f"#{e['feature']}" in table
+    for href in re.findall(r'href="([^"]+)"', page):  # every lineage link leads to a shared page
+        assert (out / "resid.1").joinpath(href).resolve().is_file(), href
+    mass = idx.column("multi", "layer_mass")[2]
+    strong = np.nonzero(mass >= 0.1 * mass.max())[0]
+    multi = (out / "multi" / "2.html").read_text()
+    assert f"born at layer {strong[0]} · peaks at layer {int(np.argmax(mass))} · fades after layer {strong[-1]}" in multi
+
+
+def test_old_index_bundle_says_how_to_get_causal_matches(shared):
+    text = (shared / "share" / "flow.html").read_text()
+    assert "activation correlation" in text and "re-run <code>strata analyze</code> for causal matches" in text
+
+
+@needs_chromium
+def test_clicking_a_flow_node_opens_its_page_in_chromium(shared_causal, page):
+    page.goto((shared_causal / "share" / "flow.html").as_uri())
+    page.locator(".js-plotly-plot .sankey-node").first.wait_for()
+    hrefs = page.evaluate("() => document.querySelector('.js-plotly-plot').data[0].node.customdata.map(c => c[0])")
+    k = next(k for k, h in enumerate(hrefs) if h)
+    page.locator(".js-plotly-plot .sankey-node").nth(k).locator(".node-rect").click()
+    page.wait_for_url(f"**/share/{hrefs[k]}")
+    assert page.locator("h2", has_text="Lineage").count() == 1

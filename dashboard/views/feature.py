@@ -10,6 +10,7 @@ import streamlit as st
 from dashboard import cache, charts
 from dashboard.render import contexts_html, feature_link, grid, visible_token
 from dashboard.views.common import Ctx, html
+from dashboard.views.lineage import lineage_panel
 
 
 def example_labels(values, slots, layers: list[int], multilayer: bool) -> list[str]:
@@ -98,20 +99,4 @@ def render_depth(ctx: Ctx, idx, sid: str, f: int, rec: dict, info: dict, layers:
         out_layers = [int(k.rsplit(".", 1)[1]) for k in info["cfg"].get("out_keys", [])]
         st.plotly_chart(charts.layer_profile(out_layers, rec["decoder_layer_norm"], "decoder norm per layer"),
                         key=f"decnorm-{sid}-{f}")
-    nxt = info.get("match_next")
-    prev = [s for s in idx.sae_ids if idx.info(s).get("match_next") == sid]
-    if nxt or prev:
-        st.markdown("**Matches in adjacent layers** (candidates by decoder cosine, ranked by activation correlation)")
-        rows = []
-        for p in prev:
-            best = cache.column(ctx.run, ctx.train, p, "best_next_idx")
-            corr = cache.column(ctx.run, ctx.train, p, "best_next_corr")
-            cos = cache.column(ctx.run, ctx.train, p, "best_next_cos")
-            for j in np.nonzero(best == f)[0][:10]:
-                rows.append(("previous", p, int(j), float(cos[j]), float(corr[j])))
-        if nxt:
-            order = np.argsort(-rec["match_corr"])
-            for c_ in order:
-                rows.append(("next", nxt, int(rec["match_idx"][c_]), float(rec["match_cos"][c_]), float(rec["match_corr"][c_])))
-        html(grid(["layer", "feature", "decoder cos", "act. corr"],
-                  [[d, feature_link(ctx.train, s, j), f"{cs:.3f}", f"{cr:.3f}"] for d, s, j, cs, cr in rows]))
+    lineage_panel(ctx, idx, sid, f, rec, layers)

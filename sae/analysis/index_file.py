@@ -173,7 +173,57 @@ class FeatureIndex:
         """{explainer, features}: how many of the SAE's first features that explainer explained ({} if unknown)."""
         return json.loads(self.file[f"saes/{sid}"].attrs.get("explained", "{}"))
 
+    def matches(self) -> list[dict]:
+        """Attributes of every matches/<j> group (a matched pair of SAEs), with "j"; [] for older indexes."""
+        if "matches" not in self.file:
+            return []
+        out = []
+        for j, g in sorted(self.file["matches"].items(), key=lambda kv: int(kv[0])):
+            a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
+            a["methods"] = json.loads(a.get("methods", "[]"))
+            out.append({"j": int(j), **a})
+        return out
+
+    def match_arrays(self, j: int) -> dict[str, np.ndarray]:
+        """Every dataset of matches/<j>: cand_{idx,cos,corr,effect}, best_{idx,effect,corr,cos}, saematch_*, agree."""
+        return {name: ds[()] for name, ds in self.file[f"matches/{int(j)}"].items()}
+
+    def lineage(self, sid: str, i: int, top: int = 5) -> dict[str, list[dict]]:
+        """Feature i of `sid` in the matched pairs: "upstream" (features of other SAEs whose causal best match is
+        it) and "downstream" (its candidates), each entry {sae, feature, effect, corr, cos, agree, kind}, strongest
+        effect first (NaN last), at most `top` per direction."""
+        up, down = [], []
+        for m in self.matches():
+            g = self.file[f"matches/{m['j']}"]
+            if m["down"] == sid:
+                rows = np.nonzero(g["best_idx"][()] == i)[0]
+                for r in rows:
+                    up.append({"sae": m["up"], "feature": int(r), "effect": float(g["best_effect"][r]),
+                               "corr": float(g["best_corr"][r]), "cos": float(g["best_cos"][r]),
+                               "agree": int(g["agree"][r]), "kind": m["kind"]})
+            if m["up"] == sid:
+                cand, eff = g["cand_idx"][i], g["cand_effect"][i]
+                cos, corr, sm = g["cand_cos"][i], g["cand_corr"][i], int(g["saematch_idx"][i])
+                picks = {1: _pick(cand, cos), 2: _pick(cand, corr), 4: _pick(cand, eff), 8: sm}
+                for c in range(len(cand)):
+                    if cand[c] < 0:
+                        continue
+                    agree = sum(bit for bit, pick in picks.items() if pick == int(cand[c]))
+                    down.append({"sae": m["down"], "feature": int(cand[c]), "effect": float(eff[c]),
+                                 "corr": float(corr[c]), "cos": float(cos[c]), "agree": agree, "kind": m["kind"]})
+
+        def strongest(rows):
+            return sorted(rows, key=lambda e: -e["effect"] if np.isfinite(e["effect"]) else np.inf)[:top]
+
+        return {"upstream": strongest(up), "downstream": strongest(down)}
+
     def token_str(self, t: int) -> str:
         if self.vocab is not None and 0 <= t < len(self.vocab):
             return self.vocab[t]
         return f"<{t}>"
+
+
+def _pick(cand: np.ndarray, score: np.ndarray) -> int:
+    """The candidate with the highest finite score (-1 if none is finite)."""
+    ok = (cand >= 0) & np.isfinite(score)
+    return int(cand[ok][np.argmax(score[ok])]) if ok.any() else -1
