@@ -25,7 +25,7 @@ from activations.atomic import staged_dir
 from activations.errors import StrataError
 from activations.lock import run_lock
 from activations.ownership import check_swap_target
-from dashboard import charts, data
+from dashboard import charts, data, heads_figures
 from dashboard.render import CSS, contexts_html, visible_token
 from sae.analysis.index_file import FeatureIndex
 
@@ -132,6 +132,9 @@ def feature_page(idx: FeatureIndex, sid: str, f: int, shared: dict[str, set], tr
     if info.get("match_next"):
         matches = [{"target": _target(info["match_next"], j, shared), "cos": float(c), "corr": float(r)}
                    for j, c, r in zip(rec["match_idx"], rec["match_cos"], rec["match_corr"])]
+    heads = heads_figures.feature_heads(rec, layers, multi, idx.token_str)
+    if heads is not None:
+        heads["figures"] = [fig_html(fig) for fig in heads["figures"]]
     return TEMPLATES.get_template("feature.html").render(
         css=CSS, root="../", sid=sid, feature=int(f), train=train,
         explanation=rec.get("explanation"), explanation_score=float(rec.get("explanation_score", float("nan"))),
@@ -139,7 +142,7 @@ def feature_page(idx: FeatureIndex, sid: str, f: int, shared: dict[str, set], tr
         max_act=float(rec["max_act"]), top_contexts=top, intervals=intervals, figures=figures, logits=logits,
         neighbours=[{"target": _target(sid, j, shared, f"#{int(j)}"), "cos": float(c)}
                     for j, c in zip(rec["neighbour_idx"], rec["neighbour_cos"])],
-        depth_figures=depth_figures, matches=matches)
+        depth_figures=depth_figures, matches=matches, heads=heads)
 
 
 def index_page(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_name: str) -> str:
