@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from markupsafe import escape
 from test_dashboard_pages import assert_no_active_markup
@@ -174,3 +175,41 @@ def test_payload_pages_stay_inert_in_chromium(shared, page):
     page.locator("table.strata-grid").first.wait_for()
     assert page.locator("table.strata-grid").locator("img, svg, script, b").count() == 0
     assert alerts == [] and not page.title().startswith("pwned")
+
+
+
+@pytest.fixture(scope="module")
+def heads_bundle(attn_run, tmp_path_factory):
+    """A bundle of the busiest feature of an attention-output SAE: (its page, the feature's index record)."""
+    from sae.analysis.index_file import FeatureIndex
+
+    idx = FeatureIndex(attn_run / "index" / "attn-layer.h5")
+    f = int(idx.column("attn_out.1", "count").argmax())
+    rec = idx.feature("attn_out.1", f)
+    idx.close()
+    out = tmp_path_factory.mktemp("heads-share") / "bundle"
+    assert main(["share", str(attn_run), "--name", "attn-layer", "--features", f"attn_out.1:{f}", "--out", str(out)]) == 0
+    return out / "attn_out.1" / f"{f}.html", rec
+
+
+def test_bundle_shows_the_heads_panel_of_attention_output_saes(heads_bundle):
+    path, rec = heads_bundle
+    html = path.read_text()
+    assert "<h2>Attention heads</h2>" in html and "<th>bias</th>" in html
+    assert html.count("<tr>") >= 1 + min(10, int((rec["top_row"] >= 0).sum()))
+    h = int(np.argmax(rec["head_share"][0]))
+    assert f"head {h} of layer 1 writes the largest mean share" in html
+    assert f"<td>{float(rec['top_head_share'][0][h]):+.2f}</td>" in html
+
+
+@needs_chromium
+def test_bundle_heads_panel_opens_in_chromium(heads_bundle, page):
+    """Opened from disk: both figures drawn by the bundled plotly.js, the table of top contexts with the shares."""
+    path, rec = heads_bundle
+    page.goto(path.as_uri())
+    for title in ("mean share of the pre-activation per head (top contexts)", "share per head on each top context"):
+        page.locator(".js-plotly-plot .gtitle", has_text=title).wait_for()
+    table = page.locator("table.strata-grid").filter(has=page.locator("th", has_text="bias"))
+    assert table.locator("tr").count() == 1 + min(10, int((rec["top_row"] >= 0).sum()))
+    assert table.locator("tr").nth(1).locator("td").all_inner_texts()[2:] == \
+        [f"{float(s):+.2f}" for s in [*rec["top_head_share"][0], rec["top_head_bias_share"][0]]]
