@@ -133,16 +133,25 @@ def attribute_heads(model: nn.Module, saes: dict, results: dict, read_tokens: Ca
         r = rows[f, k]
         slot = torch.as_tensor(results[sid]["top_slot"]).long()[f, k]
         todo[sid] = (f, k, r // context, r % context, slot)
-    ctx_all = torch.cat([t[2] for t in todo.values()])
-    pos_all = torch.cat([t[3] for t in todo.values()])
-    contexts, inverse = torch.unique(ctx_all, return_inverse=True)
-    need = torch.zeros(len(contexts), dtype=torch.long).scatter_reduce(0, inverse, pos_all + 1, reduce="amax")
-    order = torch.argsort(need, stable=True)  # similar lengths share a forward pass
+    contexts, inverse = torch.unique(torch.cat([t[2] for t in todo.values()]), return_inverse=True)
+    need = torch.zeros(len(contexts), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.cat([t[3] for t in todo.values()]) + 1, reduce="amax")
+    order = torch.argsort(need, stable=True)  # contexts of similar lengths share a forward pass
     per_batch = max(1, batch_tokens // context)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))  # context -> its place in the forward passes
+    n_batches = -(-len(order) // per_batch)
+    at = 0
+    for sid, (f, k, _, p, slot) in todo.items():  # each SAE's top contexts sorted by forward pass
+        place = rank[inverse[at:at + len(f)]]
+        at += len(f)
+        batch_of = place // per_batch
+        srt = torch.argsort(batch_of, stable=True)
+        bounds = torch.searchsorted(batch_of[srt], torch.arange(n_batches + 1))
+        todo[sid] = (f[srt], k[srt], (place % per_batch)[srt], p[srt], slot[srt], bounds)
     layers_of = {sid: [split_key(k)[1] for k in sae.cfg.in_keys] for sid, sae in chosen.items()}
     layers = sorted({layer for ls in layers_of.values() for layer in ls})
     proj = {layer: output_projection(model, layer)[1:] for layer in layers}
-    where = torch.full((int(contexts.max()) + 1 if len(contexts) else 1,), -1, dtype=torch.long)
 
     out = {}
     for sid, sae in chosen.items():
@@ -152,30 +161,27 @@ def attribute_heads(model: nn.Module, saes: dict, results: dict, read_tokens: Ca
         out[sid] = {"W_enc": W_enc, "consts": consts, "top": torch.full((n, K, heads), float("nan")),
                     "bias": torch.full((n, K), float("nan"))}
 
-    for b0 in range(0, len(order), per_batch):
-        batch = contexts[order[b0:b0 + per_batch]]
-        length = int(need[order[b0:b0 + per_batch]].max())
-        ids = np.stack([read_tokens(int(c) * context, int(c) * context + length) for c in batch])
+    for i in range(n_batches):
+        batch = order[i * per_batch:(i + 1) * per_batch]
+        length = int(need[batch].max())
+        ids = np.stack([read_tokens(int(c) * context, int(c) * context + length) for c in contexts[batch]])
         z = capture_z(model, layers, torch.from_numpy(ids.astype(np.int64)).to(device))
-        where[:] = -1
-        where[batch] = torch.arange(len(batch))
+        # each head's term of attn_out at every position of the batch [B, T, H, d]
+        terms = {layer: head_outputs(z[layer], proj[layer][0], heads) for layer in layers}
         for sid, sae in chosen.items():
-            f, k, c, p, slot = todo[sid]
-            b = where[c]
+            f, k, b, p, slot, bounds = todo[sid]
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
             for s, (key, layer) in enumerate(zip(sae.cfg.in_keys, layers_of[sid])):
-                sel = ((b >= 0) & (slot == s)).nonzero().squeeze(1)
-                if len(sel) == 0:
-                    continue
-                W_O, _ = proj[layer]
-                W_enc, const = out[sid]["W_enc"], out[sid]["consts"][s]
-                # each head's term of attn_out at the needed rows, then through each pair's encoder column
-                terms_PHD = head_outputs(z[layer][b[sel].to(device), p[sel].to(device)], W_O, heads)
-                fs = f[sel].to(W_enc.device)
-                terms_PH = float(sae.in_scale(key)) * torch.einsum("phd,dp->ph", terms_PHD.to(W_enc.device),
-                                                                    W_enc[:, fs])
-                pre_P = terms_PH.sum(1) + const[fs]
-                out[sid]["top"][f[sel], k[sel]] = (terms_PH / pre_P.unsqueeze(1)).cpu()
-                out[sid]["bias"][f[sel], k[sel]] = (const[fs] / pre_P).cpu()
+                sel = lo + (slot[lo:hi] == s).nonzero().squeeze(1)
+                W_enc, const, scale = out[sid]["W_enc"], out[sid]["consts"][s], float(sae.in_scale(key))
+                for c0 in range(0, len(sel), 4096):  # each pair's heads through its feature's encoder column
+                    part = sel[c0:c0 + 4096]
+                    fs = f[part].to(W_enc.device)
+                    terms_PHD = terms[layer][b[part].to(device), p[part].to(device)].to(W_enc.device)
+                    terms_PH = scale * torch.einsum("phd,dp->ph", terms_PHD, W_enc[:, fs])
+                    pre_P = terms_PH.sum(1) + const[fs]
+                    out[sid]["top"][f[part], k[part]] = (terms_PH / pre_P.unsqueeze(1)).cpu()
+                    out[sid]["bias"][f[part], k[part]] = (const[fs] / pre_P).cpu()
 
     for sid, sae in chosen.items():
         slots = torch.as_tensor(results[sid]["top_slot"]).long()
