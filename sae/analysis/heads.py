@@ -166,22 +166,17 @@ def attribute_heads(model: nn.Module, saes: dict, results: dict, read_tokens: Ca
         length = int(need[batch].max())
         ids = np.stack([read_tokens(int(c) * context, int(c) * context + length) for c in contexts[batch]])
         z = capture_z(model, layers, torch.from_numpy(ids.astype(np.int64)).to(device))
-        # each head's term of attn_out at every position of the batch [B, T, H, d]
-        terms = {layer: head_outputs(z[layer], proj[layer][0], heads) for layer in layers}
-        for sid, sae in chosen.items():
-            f, k, b, p, slot, bounds = todo[sid]
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            for s, (key, layer) in enumerate(zip(sae.cfg.in_keys, layers_of[sid])):
-                sel = lo + (slot[lo:hi] == s).nonzero().squeeze(1)
-                W_enc, const, scale = out[sid]["W_enc"], out[sid]["consts"][s], float(sae.in_scale(key))
-                for c0 in range(0, len(sel), 4096):  # each pair's heads through its feature's encoder column
-                    part = sel[c0:c0 + 4096]
-                    fs = f[part].to(W_enc.device)
-                    terms_PHD = terms[layer][b[part].to(device), p[part].to(device)].to(W_enc.device)
-                    terms_PH = scale * torch.einsum("phd,dp->ph", terms_PHD, W_enc[:, fs])
-                    pre_P = terms_PH.sum(1) + const[fs]
-                    out[sid]["top"][f[part], k[part]] = (terms_PH / pre_P.unsqueeze(1)).cpu()
-                    out[sid]["bias"][f[part], k[part]] = (const[fs] / pre_P).cpu()
+        for layer in layers:  # each head's term of attn_out at every position of the batch [B, T, H, d]
+            terms = head_outputs(z.pop(layer), proj[layer][0], heads)
+            for sid, sae in chosen.items():
+                f, k, b, p, slot, bounds = todo[sid]
+                lo, hi = int(bounds[i]), int(bounds[i + 1])
+                for s, key in enumerate(sae.cfg.in_keys):
+                    if layers_of[sid][s] != layer:
+                        continue
+                    sel = lo + (slot[lo:hi] == s).nonzero().squeeze(1)
+                    _shares(terms, b[sel], p[sel], f[sel], k[sel], out[sid]["W_enc"], out[sid]["consts"][s],
+                            float(sae.in_scale(key)), out[sid]["top"], out[sid]["bias"])
 
     for sid, sae in chosen.items():
         slots = torch.as_tensor(results[sid]["top_slot"]).long()
@@ -189,6 +184,22 @@ def attribute_heads(model: nn.Module, saes: dict, results: dict, read_tokens: Ca
         out[sid] = {"top_head_share": top, "top_head_bias_share": bias,
                     **mean_by_slot(top, bias, slots, len(sae.cfg.in_keys))}
     return out
+
+
+def _shares(terms_BTHD: torch.Tensor, b: torch.Tensor, p: torch.Tensor, f: torch.Tensor, k: torch.Tensor,
+            W_enc: torch.Tensor, const: torch.Tensor, scale: float, top_NKH: torch.Tensor, bias_NK: torch.Tensor,
+            chunk: int = 4096) -> None:
+    """Top context k of feature f sits at (batch row b, position p): its heads' terms through f's encoder column
+    (times the input scale) divided by the pre-activation, and the constant's, written into top/bias [f, k]."""
+    dev = terms_BTHD.device
+    for c0 in range(0, len(f), chunk):
+        sl = slice(c0, c0 + chunk)
+        fs = f[sl].to(W_enc.device)
+        terms_PHD = terms_BTHD[b[sl].to(dev), p[sl].to(dev)].to(W_enc.device)
+        terms_PH = scale * torch.einsum("phd,dp->ph", terms_PHD, W_enc[:, fs])
+        pre_P = terms_PH.sum(1) + const[fs]
+        top_NKH[f[sl], k[sl]] = (terms_PH / pre_P.unsqueeze(1)).cpu()
+        bias_NK[f[sl], k[sl]] = (const[fs] / pre_P).cpu()
 
 
 def mean_by_slot(top_NKH: torch.Tensor, bias_NK: torch.Tensor, slots_NK: torch.Tensor, n_slots: int) -> dict:
