@@ -6,7 +6,7 @@ again on the contexts that hold top activations, early exit after the deepest la
 with their ratios. A run folder given with --run is reused (harvest and training are skipped when present).
 
     python scripts/bench_heads.py                                  # 32k tokens, attn_out 3,9,15, 4608 latents
-    python scripts/bench_heads.py --tokens 131072 --data all
+    python scripts/bench_heads.py --tokens 131072 --data all       # the whole run (analyze's default: held out)
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--layers", default="3,9,15")
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--data", default="all", choices=["heldout", "all"])
+    p.add_argument("--data", default="heldout", choices=["heldout", "all"])
     args = p.parse_args()
 
     from activations.config import HarvestConfig

@@ -117,5 +117,5 @@ def attn_run(tmp_path_factory, tiny_llama) -> Path:
         train(TrainConfig(run_dir=str(run), name=name, mode=mode,
                           sites="attn_out", layers="all", expansion=2, k=4, batch_size=256, max_tokens=2048,
                           progress=False, wandb_mode="disabled", device="cpu"))
-    analyze(AnalyzeConfig(run_dir=str(run), progress=False, device="cpu"))
+    analyze(AnalyzeConfig(run_dir=str(run), progress=False, device="cpu", precision="fp32"))  # shares to 1e-4
     return run

@@ -67,7 +67,7 @@ class AnalyzeConfig:
                                    "explainer stopped")
     device: str = _f("auto", "cpu, cuda or auto")
     precision: Literal["auto", "fp32", "bf16"] = _f(
-        "auto", "dtype of the SAE encoder matmul: auto (bf16 where a one-off probe finds it >= 1.5x faster than fp32 "
+        "auto", "dtype of the SAE encoder matmul (and of the model's forward for head attribution): auto (bf16 where a one-off probe finds it >= 1.5x faster than fp32 "
                 "on this machine), fp32, bf16")
     seed: Annotated[int, Ge(0)] = _f(0, "seed for the sampled examples")
     progress: bool = _f(True, "print progress to stderr")
@@ -269,10 +269,15 @@ def _attribute_heads(cfg: AnalyzeConfig, run, name: str, saes: dict, results: di
         return 0.0, ""
     if lm is None:
         return 0.0, "model not loaded: no head attribution"
+    from activations.model import forward_matmul_shapes
+    from activations.precision import resolve
+
     t0 = time.perf_counter()
+    prec = resolve(cfg.precision, device, forward_matmul_shapes(lm, cfg.batch_size))
+    _log(cfg, f"{name}: head attribution forward in {prec.line()}")
     try:
         found = attribute_heads(lm.model, saes, results, lambda a, b: run.read_tokens(a, b)["token_ids"],
-                                int(run.manifest.context_length), cfg.batch_size, device)
+                                int(run.manifest.context_length), cfg.batch_size, device, prec.dtype)
     except StrataError as e:
         return time.perf_counter() - t0, f"no head attribution ({e})"
     for sid, fields in found.items():

@@ -71,9 +71,11 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_z(model: nn.Module, layers: list[int], input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """{layer: z [batch, tokens, n_heads * d_head]}: the input of each layer's attention output projection,
-    from one forward pass that stops once the deepest layer's z is in hand."""
+def capture_z(model: nn.Module, layers: list[int], input_ids: torch.Tensor,
+              dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
+    """{layer: z [batch, tokens, n_heads * d_head]} (float32): the input of each layer's attention output
+    projection, from one forward pass (matmuls in `dtype` by autocast, weights untouched) that stops once the
+    deepest layer's z is in hand."""
     out: dict[int, torch.Tensor] = {}
     wanted = set(layers)
 
@@ -85,7 +87,8 @@ def capture_z(model: nn.Module, layers: list[int], input_ids: torch.Tensor) -> d
     handles = [output_projection(model, layer)[0].register_forward_pre_hook(
         lambda m, a, kw, _l=layer: record(_l, a, kw), with_kwargs=True) for layer in wanted]
     try:
-        model(input_ids=input_ids, use_cache=False)
+        with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model(input_ids=input_ids, use_cache=False)
     except _Stop:
         pass
     finally:
@@ -118,9 +121,10 @@ def _constant(sae, W_enc: torch.Tensor, key: str, b_O: torch.Tensor | None) -> t
 
 @torch.no_grad()
 def attribute_heads(model: nn.Module, saes: dict, results: dict, read_tokens: Callable[[int, int], np.ndarray],
-                    context: int, batch_tokens: int, device) -> dict:
+                    context: int, batch_tokens: int, device, dtype: torch.dtype = torch.float32) -> dict:
     """Head shares of every attributable SAE's top contexts. `results[sid]` holds the index pass's top_row and
-    top_slot [n, top_k] (global token rows, -1 = empty); `read_tokens(start, stop)` the run's token ids.
+    top_slot [n, top_k] (global token rows, -1 = empty); `read_tokens(start, stop)` the run's token ids; the
+    model's matmuls run in `dtype` (the shares are computed in float32 from its z).
     Returns {sid: {field: CPU tensor}} with the FIELDS of the module docstring."""
     chosen = {sid: sae for sid, sae in saes.items() if attributable(sae)}
     if not chosen:
@@ -165,7 +169,7 @@ def attribute_heads(model: nn.Module, saes: dict, results: dict, read_tokens: Ca
         batch = order[i * per_batch:(i + 1) * per_batch]
         length = int(need[batch].max())
         ids = np.stack([read_tokens(int(c) * context, int(c) * context + length) for c in contexts[batch]])
-        z = capture_z(model, layers, torch.from_numpy(ids.astype(np.int64)).to(device))
+        z = capture_z(model, layers, torch.from_numpy(ids.astype(np.int64)).to(device), dtype)
         for layer in layers:  # each head's term of attn_out at every position of the batch [B, T, H, d]
             terms = head_outputs(z.pop(layer), proj[layer][0], heads)
             for sid, sae in chosen.items():
