@@ -67,8 +67,8 @@ class AnalyzeConfig:
                                    "explainer stopped")
     device: str = _f("auto", "cpu, cuda or auto")
     precision: Literal["auto", "fp32", "bf16"] = _f(
-        "auto", "dtype of the SAE encoder matmul (and of the model's forward for head attribution): auto (bf16 where a one-off probe finds it >= 1.5x faster than fp32 "
-                "on this machine), fp32, bf16")
+        "auto", "dtype of the SAE encoder matmul (and of the model's forward for head attribution): auto (bf16 "
+                "where a one-off probe finds it >= 1.5x faster than fp32 on this machine), fp32, bf16")
     seed: Annotated[int, Ge(0)] = _f(0, "seed for the sampled examples")
     progress: bool = _f(True, "print progress to stderr")
 
