@@ -123,6 +123,11 @@ def _hook_point(model: nn.Module, key: str):
     return mlp, ("pre" if site == "mlp_in" else "post")
 
 
+def attention_module(model: nn.Module, layer: int) -> nn.Module:
+    """Block `layer`'s attention module: its output is attn_out.<layer>."""
+    return _hook_point(model, f"attn_out.{layer}")[0]
+
+
 class _StopForward(Exception):
     pass
 

@@ -26,7 +26,7 @@ from activations.atomic import staged_dir
 from activations.errors import StrataError
 from activations.lock import run_lock
 from activations.ownership import check_swap_target
-from dashboard import charts, data, flow_graph
+from dashboard import charts, data, flow_graph, heads_figures
 from dashboard.render import CSS, contexts_html, visible_token
 from sae.analysis.index_file import FeatureIndex
 
@@ -148,6 +148,9 @@ def feature_page(idx: FeatureIndex, sid: str, f: int, shared: dict[str, set], tr
                             "explanation": str(explanations[e["sae"]][e["feature"]])
                             if explanations.get(e["sae"]) is not None else ""} for e in entries]
                for direction, entries in lin.items()}
+    heads = heads_figures.feature_heads(rec, layers, multi, idx.token_str)
+    if heads is not None:
+        heads["figures"] = [fig_html(fig) for fig in heads["figures"]]
     return TEMPLATES.get_template("feature.html").render(
         css=CSS, root="../", sid=sid, feature=int(f), train=train,
         explanation=rec.get("explanation"), explanation_score=float(rec.get("explanation_score", float("nan"))),
@@ -155,7 +158,7 @@ def feature_page(idx: FeatureIndex, sid: str, f: int, shared: dict[str, set], tr
         max_act=float(rec["max_act"]), top_contexts=top, intervals=intervals, figures=figures, logits=logits,
         neighbours=[{"target": _target(sid, j, shared, f"#{int(j)}"), "cos": float(c)}
                     for j, c in zip(rec["neighbour_idx"], rec["neighbour_cos"])],
-        depth_figures=depth_figures, cycle=cycle, lineage=lineage, causal=causal)
+        depth_figures=depth_figures, cycle=cycle, lineage=lineage, causal=causal, heads=heads)
 
 
 def all_explanations(idx: FeatureIndex) -> dict:

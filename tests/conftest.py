@@ -101,3 +101,21 @@ def analyzed_run(tmp_path_factory, tiny_run) -> Path:
     from test_dashboard_support import build_analyzed_run
 
     return build_analyzed_run(tmp_path_factory.mktemp("analyzed"), tiny_run)
+
+
+@pytest.fixture(scope="session")
+def attn_run(tmp_path_factory, tiny_llama) -> Path:
+    """A harvested run of the tiny Llama at attn_out 0-2 (2048 tokens in 4 shards) with a per-layer TopK bank
+    (`attn-layer`) and a multi-layer SAE (`attn-multi`) trained on it, both analysed (heads attributed)."""
+    from sae.analysis.analyze import AnalyzeConfig, analyze
+    from sae.train import train
+    from sae.train_config import TrainConfig
+
+    run = tmp_path_factory.mktemp("runs") / "attn"
+    harvest_tiny(run, tiny_llama, sites="attn_out", max_tokens=2048, shard_tokens=512)
+    for mode, name in (("layer", "attn-layer"), ("multilayer", "attn-multi")):
+        train(TrainConfig(run_dir=str(run), name=name, mode=mode,
+                          sites="attn_out", layers="all", expansion=2, k=4, batch_size=256, max_tokens=2048,
+                          progress=False, wandb_mode="disabled", device="cpu"))
+    analyze(AnalyzeConfig(run_dir=str(run), progress=False, device="cpu", precision="fp32"))  # shares to 1e-4
+    return run

@@ -173,3 +173,33 @@ def test_flow_filter_with_regex_characters_is_plain_text(served, page):
     page.get_by_text("No links touch explanations containing").wait_for()
     expect(page.locator(".js-plotly-plot .sankey-node")).to_have_count(0)  # once the rerun has finished
     assert page.locator("[data-testid='stException']").count() == 0
+def test_heads_panel_and_heads_page_in_chromium(attn_run, page):
+    """An attention-output SAE's feature page shows which heads write it, and the Heads page its heads x features
+    heatmap per layer, in a real browser."""
+    from dashboard.serve import serve_dashboard, wait_until_up
+    from sae.analysis.index_file import FeatureIndex
+
+    idx = FeatureIndex(attn_run / "index" / "attn-layer.h5")
+    f = int(idx.column("attn_out.1", "count").argmax())
+    rec = idx.feature("attn_out.1", f)
+    port = free_port()
+    proc = serve_dashboard(attn_run, read_only=True, port=port, host="127.0.0.1", block=False)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90)
+        open_feature(page, f"http://127.0.0.1:{port}/?page=features&train=attn-layer&sae=attn_out.1&f={f}")
+        page.get_by_text("Attention heads").first.wait_for()
+        table = page.locator("table.strata-grid").filter(has=page.locator("th", has_text="bias"))
+        assert table.locator("th").all_inner_texts()[2:] == ["h0", "h1", "h2", "h3", "bias"]
+        first = table.locator("tr").nth(1).locator("td").all_inner_texts()
+        assert first[2:] == [f"{float(s):+.2f}" for s in [*rec["top_head_share"][0], rec["top_head_bias_share"][0]]]
+        assert table.locator(".strata-ctx .tok.peak").count() >= 1  # the context's tokens, highlighted
+        for title in ("mean share of the pre-activation per head (top contexts)", "share per head on each top context"):
+            page.locator(".js-plotly-plot .gtitle", has_text=title).wait_for()  # drawn by plotly.js
+        page.goto(f"http://127.0.0.1:{port}/?page=heads&train=attn-layer")
+        page.get_by_text("attn_out.2 · attn_out.2: heads x features").wait_for()
+        page.locator(".js-plotly-plot .heatmaplayer").first.wait_for()
+        assert page.locator(".js-plotly-plot").count() == 6  # a heatmap and a bar chart per layer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        idx.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_dashboard_support import XSS_PAYLOADS, synthetic_run
 
@@ -255,3 +256,79 @@ def test_prompt_explorer_runs_the_model_and_links_features(analyzed_run, monkeyp
     assert_no_active_markup(grid)  # the typed text is escaped too
     rows = at.dataframe[0].value
     assert len(rows) > 0 and set(rows.columns) == {"layer", "feature", "activation"}
+
+
+# ---------------------------------------------------------------- attention-output SAEs (heads)
+def plotly_values(v) -> np.ndarray:
+    """A plotly JSON array: a plain list, or plotly's typed-array form {dtype, bdata (base64), shape}."""
+    import base64
+
+    if isinstance(v, dict):
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        return a.reshape([int(x) for x in str(v["shape"]).split(",")]) if "shape" in v else a
+    return np.array(v, dtype=float)
+
+
+def test_feature_page_shows_which_heads_write_the_feature(attn_run, synth, monkeypatch):
+    import json
+
+    from sae.analysis.index_file import FeatureIndex
+
+    idx = FeatureIndex(attn_run / "index" / "attn-layer.h5")
+    f = int(idx.column("attn_out.1", "count").argmax())
+    rec = idx.feature("attn_out.1", f)
+    at = app(attn_run, monkeypatch, page="features", train="attn-layer", sae="attn_out.1", f=f)
+    specs = {s["layout"]["title"]["text"]: s for s in (json.loads(c.proto.spec) for c in at.get("plotly_chart"))}
+    bars = specs["mean share of the pre-activation per head (top contexts)"]["data"]
+    assert len(bars) == 1 and list(bars[0]["x"]) == ["h0", "h1", "h2", "h3", "bias"]
+    np.testing.assert_allclose(plotly_values(bars[0]["y"]), [*rec["head_share"][0], rec["head_bias_share"][0]],
+                               rtol=1e-5)
+    heat = specs["share per head on each top context"]["data"][0]
+    ok = rec["top_row"] >= 0
+    np.testing.assert_allclose(plotly_values(heat["z"]), np.c_[rec["top_head_share"][ok], rec["top_head_bias_share"][ok]],
+                               rtol=1e-5)
+    assert list(heat["y"])[0] == f"#1 · {float(rec['top_value'][0]):.3g}"
+    h = int(np.argmax(rec["head_share"][0]))
+    assert any(c.value.startswith(f"head {h} of layer 1 writes the largest mean share") for c in at.caption)
+    table = next(m.value for m in at.markdown if "<th>bias</th>" in m.value)
+    assert table.count("<tr>") == 1 + min(10, int(ok.sum())) and table.count('class="tok') > 10
+    assert f"{float(rec['top_head_share'][0][h]):+.2f}" in table
+    # the multi-layer SAE's page: one group of bars per layer the feature has top contexts at
+    multi = FeatureIndex(attn_run / "index" / "attn-multi.h5").feature("multilayer", f)
+    at = app(attn_run, monkeypatch, page="features", train="attn-multi", sae="multilayer", f=f)
+    bars = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "mean share of" in c.proto.spec)["data"]
+    assert [b["name"] for b in bars] == [f"layer {layer} ({n} contexts)" for layer, n in
+                                         enumerate(multi["head_contexts"]) if n > 0]
+    # an SAE that does not read attention outputs has no heads panel
+    at = app(synth, monkeypatch, page="features", train="synth", sae="resid.0", f=0)
+    assert "Attention heads" not in all_html(at) and "mean share of" not in str(at.get("plotly_chart"))
+    idx.close()
+
+
+def test_heads_page_summarises_heads_x_features_per_layer(attn_run, synth, monkeypatch):
+    import json
+
+    from sae.analysis.index_file import FeatureIndex
+
+    at = app(attn_run, monkeypatch, page="heads", train="attn-layer")
+    assert [s.value for s in at.subheader] == [f"attn_out.{i} · attn_out.{i}: heads x features" for i in range(3)]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    heat = next(s for s in specs if s["layout"]["title"]["text"].startswith("attn_out.2: features by the head"))
+    idx = FeatureIndex(attn_run / "index" / "attn-layer.h5")
+    share = idx.column("attn_out.2", "head_share")[:, 0]
+    shown = [int(y) for y in heat["data"][0]["y"]]
+    assert set(shown) == set(np.nonzero(idx.column("attn_out.2", "head_contexts")[:, 0] > 0)[0])
+    np.testing.assert_allclose(plotly_values(heat["data"][0]["z"]), share[shown], rtol=1e-5)
+    main = np.argmax(share[shown], axis=1)
+    assert (np.diff(main) >= 0).all()  # grouped by the head that writes most of each feature
+    counts = next(s for s in specs if s["layout"]["title"]["text"] == "attn_out.2: features each head writes most")
+    np.testing.assert_array_equal(plotly_values(counts["data"][0]["y"]), np.bincount(main, minlength=4))
+    best = int(np.nanargmax(share[:, 0]))
+    assert f'sae=attn_out.2&amp;f={best}"' in all_html(at)  # head 0's strongest feature links to its page
+    # the multi-layer SAE: one summary per layer it reads
+    at = app(attn_run, monkeypatch, page="heads", train="attn-multi")
+    assert len(at.subheader) == 3
+    # a run without attention-output SAEs says how to get them
+    at = app(synth, monkeypatch, page="heads")
+    assert any("--sites attn_out" in i.value for i in at.info)
+    idx.close()

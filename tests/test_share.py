@@ -264,3 +264,39 @@ def test_clicking_a_flow_node_opens_its_page_in_chromium(shared_causal, page):
     page.locator(".js-plotly-plot .sankey-node").nth(k).locator(".node-rect").click()
     page.wait_for_url(f"**/share/{hrefs[k]}")
     assert page.locator("h2", has_text="Lineage").count() == 1
+
+@pytest.fixture(scope="module")
+def heads_bundle(attn_run, tmp_path_factory):
+    """A bundle of the busiest feature of an attention-output SAE: (its page, the feature's index record)."""
+    from sae.analysis.index_file import FeatureIndex
+
+    idx = FeatureIndex(attn_run / "index" / "attn-layer.h5")
+    f = int(idx.column("attn_out.1", "count").argmax())
+    rec = idx.feature("attn_out.1", f)
+    idx.close()
+    out = tmp_path_factory.mktemp("heads-share") / "bundle"
+    assert main(["share", str(attn_run), "--name", "attn-layer", "--features", f"attn_out.1:{f}", "--out", str(out)]) == 0
+    return out / "attn_out.1" / f"{f}.html", rec
+
+
+def test_bundle_shows_the_heads_panel_of_attention_output_saes(heads_bundle):
+    path, rec = heads_bundle
+    html = path.read_text()
+    assert "<h2>Attention heads</h2>" in html and "<th>bias</th>" in html
+    assert html.count("<tr>") >= 1 + min(10, int((rec["top_row"] >= 0).sum()))
+    h = int(np.argmax(rec["head_share"][0]))
+    assert f"head {h} of layer 1 writes the largest mean share" in html
+    assert f"<td>{float(rec['top_head_share'][0][h]):+.2f}</td>" in html
+
+
+@needs_chromium
+def test_bundle_heads_panel_opens_in_chromium(heads_bundle, page):
+    """Opened from disk: both figures drawn by the bundled plotly.js, the table of top contexts with the shares."""
+    path, rec = heads_bundle
+    page.goto(path.as_uri())
+    for title in ("mean share of the pre-activation per head (top contexts)", "share per head on each top context"):
+        page.locator(".js-plotly-plot .gtitle", has_text=title).wait_for()
+    table = page.locator("table.strata-grid").filter(has=page.locator("th", has_text="bias"))
+    assert table.locator("tr").count() == 1 + min(10, int((rec["top_row"] >= 0).sum()))
+    assert table.locator("tr").nth(1).locator("td").all_inner_texts()[2:] == \
+        [f"{float(s):+.2f}" for s in [*rec["top_head_share"][0], rec["top_head_bias_share"][0]]]

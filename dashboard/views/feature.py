@@ -10,6 +10,7 @@ import streamlit as st
 from dashboard import cache, charts
 from dashboard.render import contexts_html, feature_link, grid, visible_token
 from dashboard.views.common import Ctx, html
+from dashboard.views.heads_panel import render_heads
 from dashboard.views.lineage import lineage_panel
 
 
@@ -76,6 +77,7 @@ def render_feature(ctx: Ctx, sid: str, f: int) -> None:
                                        "logit ": rec["logit_bottom_vals"]}), hide_index=True)
         render_neighbours(ctx, idx, sid, rec)
     render_depth(ctx, idx, sid, f, rec, info, layers)
+    render_heads(idx, sid, f, rec, layers, multilayer)
 
 
 def render_neighbours(ctx: Ctx, idx, sid: str, rec: dict) -> None:

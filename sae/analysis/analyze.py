@@ -31,6 +31,7 @@ from sae.analysis.explain_index import (
     explain_limit,
     read_back,
 )
+from sae.analysis.heads import attributable, attribute_heads
 from sae.analysis.index_file import FeatureIndex, write_index
 from sae.analysis.indexer import IndexerSettings
 from sae.analysis.source import run_blocks
@@ -66,8 +67,8 @@ class AnalyzeConfig:
                                    "explainer stopped")
     device: str = _f("auto", "cpu, cuda or auto")
     precision: Literal["auto", "fp32", "bf16"] = _f(
-        "auto", "dtype of the SAE encoder matmul: auto (bf16 where a one-off probe finds it >= 1.5x faster than fp32 "
-                "on this machine), fp32, bf16")
+        "auto", "dtype of the SAE encoder matmul (and of the model's forward for head attribution): auto (bf16 "
+                "where a one-off probe finds it >= 1.5x faster than fp32 on this machine), fp32, bf16")
     seed: Annotated[int, Ge(0)] = _f(0, "seed for the sampled examples")
     progress: bool = _f(True, "print progress to stderr")
 
@@ -92,23 +93,24 @@ def select_spans(run, data: str, heldout_fraction: float) -> tuple[list[tuple[in
     return [(shards[i].token_start, shards[i].token_start + shards[i].rows) for i in ids], ids
 
 
-def load_vocab_and_unembedding(model_id: str, device) -> tuple[list[str] | None, object, str]:
-    """(decoded string of every token id, (norm, W_U) or None, note). Never fails: the index is still useful."""
+def load_vocab_and_unembedding(model_id: str, device) -> tuple[list[str] | None, object, str, object]:
+    """(decoded string of every token id, (norm, W_U) or None, note, the LoadedModel or None). Never fails: the
+    index is still useful."""
     from activations.hooks import unembedding
     from activations.model import load_model
 
     try:
         lm = load_model(model_id, device=device)
     except StrataError as e:
-        return None, None, f"model not loaded ({e}); no logit effects, tokens shown as ids"
+        return None, None, f"model not loaded ({e}); no logit effects, tokens shown as ids", None
     tok = lm.tokenizer
     vocab = tok.batch_decode([[i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
     if not lm.info.get("causal_lm"):
-        return vocab, None, "not a causal LM: no logit effects"
+        return vocab, None, "not a causal LM: no logit effects", lm
     try:
-        return vocab, unembedding(lm.model), ""
+        return vocab, unembedding(lm.model), "", lm
     except StrataError as e:
-        return vocab, None, str(e)
+        return vocab, None, str(e), lm
 
 
 @torch.no_grad()
@@ -185,7 +187,7 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
     from sae.checkpoint import load_saes
 
     spans, shard_ids = select_spans(run, cfg.data, cfg.heldout_fraction)
-    vocab, unemb, note = None, None, ""
+    vocab, unemb, note, lm = None, None, "", None
     written, failed = [], []
     for name in names:
         t0 = time.perf_counter()
@@ -223,11 +225,12 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
         _log(cfg, f"{name}: pass over {done[0]:,} tokens in {res['seconds']:.1f}s")
 
         if vocab is None and not note:
-            vocab, unemb, note = load_vocab_and_unembedding(run.manifest.model["id"], device)
+            vocab, unemb, note, lm = load_vocab_and_unembedding(run.manifest.model["id"], device)
         for sid, sae in saes.items():
             W = logit_direction(sae)
             if unemb is not None and W is not None and W.shape[1] == unemb[1].shape[1]:
                 res["saes"][sid].update(logit_effects(W, unemb[0], unemb[1], cfg.logits))
+        seconds_heads, head_note = _attribute_heads(cfg, run, name, saes, res["saes"], lm, device)
 
         limits = {sid: explain_limit(int(sae.cfg.n_latents), cfg.explain_max) for sid, sae in saes.items()}
         if cfg.explainer != "none":
@@ -239,7 +242,8 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
                           "match_next": res["saes"][sid].get("match_next")} for sid, sae in saes.items()}
         meta = {"train_name": name, "tokens": done[0], "data": cfg.data, "shards": shard_ids,
                 "config": asdict(cfg), "model": run.manifest.model, "seconds_pass": res["seconds"],
-                "seconds_total": time.perf_counter() - t0, "notes": [note] if note else [],
+                "seconds_total": time.perf_counter() - t0, "notes": [n for n in (note, head_note) if n],
+                "seconds_heads": seconds_heads,
                 "explainer": FALLBACK if cfg.explainer != "none" else "none", "precision": prec.record()}
         path = write_index(layout.index_path(cfg.run_dir, name), meta, res["saes"], sae_info, res["paths"],
                            res["residual_similarity"], vocab)
@@ -257,6 +261,30 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
     if failed:
         raise StrataError(_explainer_failed(cfg, failed))
     return written
+
+
+def _attribute_heads(cfg: AnalyzeConfig, run, name: str, saes: dict, results: dict, lm, device) -> tuple[float, str]:
+    """Head shares of the attention-output SAEs' top contexts (heads.py) added to `results`; (seconds, note)."""
+    if not any(attributable(sae) for sae in saes.values()):
+        return 0.0, ""
+    if lm is None:
+        return 0.0, "model not loaded: no head attribution"
+    from activations.model import forward_matmul_shapes
+    from activations.precision import resolve
+
+    t0 = time.perf_counter()
+    prec = resolve(cfg.precision, device, forward_matmul_shapes(lm, cfg.batch_size))
+    _log(cfg, f"{name}: head attribution forward in {prec.line()}")
+    try:
+        found = attribute_heads(lm.model, saes, results, lambda a, b: run.read_tokens(a, b)["token_ids"],
+                                int(run.manifest.context_length), cfg.batch_size, device, prec.dtype)
+    except StrataError as e:
+        return time.perf_counter() - t0, f"no head attribution ({e})"
+    for sid, fields in found.items():
+        results[sid].update(fields)
+    seconds = time.perf_counter() - t0
+    _log(cfg, f"{name}: attributed {', '.join(found)} to attention heads in {seconds:.1f}s")
+    return seconds, ""
 
 
 def _explain_only(cfg: AnalyzeConfig, names: list, explainer) -> list:

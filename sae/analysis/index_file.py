@@ -3,7 +3,8 @@ explanations of a slow explainer are swapped in by `update_explanations`), read 
 
 Layout (every per-feature dataset has the feature as its first axis, chunked by 256 features so one
 feature's page reads a few small chunks):
-  attrs      format_version, meta (JSON: train name, tokens analysed, shards, window, settings, notes)
+  attrs      format_version, meta (JSON: train name, tokens analysed, shards, window, settings, notes, seconds of
+             the pass, of head attribution and in all)
   vocab      UTF-8 string per token id (decoded by the run's tokenizer; absent if it could not be loaded)
   residual_similarity   JSON attr: [{a, b, cos_centred, cos_raw, n}] for adjacent residual layers
   saes/<sae_id>         attrs: info (JSON: cfg, slot keys and layers, vectors, match_next)
@@ -12,6 +13,10 @@ feature's page reads a few small chunks):
       layer_count layer_sum [n, slots]; multilayer: layer_mass mean_layer layer_entropy n_layers_active
       crosscoder: decoder_layer_norm; bank: match_{idx,cos,corr} best_next_{idx,corr,cos}
       causal LM: logit_{top,bottom}_{ids,vals}; explanation (string), explanation_score
+      attn_out SAEs (per-layer, multi-layer; heads.py): shares of each head (H) and of the constant in the
+        pre-activation on each top context, top_head_share [n, top_k, H] and top_head_bias_share [n, top_k]
+        (NaN = no context), and their means over the top contexts at each of the SAE's L layers (1 for a per-layer
+        SAE): head_share [n, L, H], head_bias_share [n, L] (NaN = none there), head_contexts [n, L] int32
       attrs explained (JSON {explainer, features}): the first `features` explanations come from that explainer
   negatives/<sid>       tokens [m, window], codes [m, n]: random contexts kept to score explanations again
   paths/<i>             features [P, n_saes] (-1 = none), score [P]; attrs saes (JSON list)
