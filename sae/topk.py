@@ -17,7 +17,7 @@ class TopKSAE(SAE):
         """Active (rows, cols, vals) from pre-activations [B, n], sorted by row; vals relu'd (a selected
         negative pre-activation becomes an inactive 0)."""
         k = self.cfg.k
-        vals, cols = pre.topk(k, dim=1, sorted=False)
+        vals, cols = kernels.topk_rows(pre, k)
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
         return rows, cols.reshape(-1), vals.reshape(-1).clamp_(min=0)
 
@@ -41,6 +41,10 @@ class TopKSAE(SAE):
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(ka)
         return rows, dead_ids[j].reshape(-1), vals.reshape(-1).clamp_(min=0)
 
+    def _exact(self, x_c, rows, cols, n_rows):
+        pre = kernels.sampled_preacts(x_c, self.W_enc, self.b_enc, cols, kernels.row_offsets(rows, n_rows))
+        return pre.clamp_(min=0)
+
     def prefix_loss(self, y, vals, cols, offsets, loss_fn):
         """Reconstruction loss of the full dictionary (Matryoshka overrides with nested prefixes)."""
         recon = kernels.sparse_decode(vals, cols, offsets, self.W_dec) + self.b_dec
@@ -50,12 +54,16 @@ class TopKSAE(SAE):
         B, n = x.shape[0], self.cfg.n_latents
         with torch.no_grad():
             x_c = self.centered(x)
-            pre = self.raw_preacts(x_c)
+            pre = self.selection_preacts(x_c)
             rows, cols, vals = self.select(pre)
-            if self.training:
-                self.after_select(vals, B)
             aux = self._aux_select(pre) if self.training else None
             del pre
+            if vals.dtype != torch.float32:  # chosen in bf16: the chosen values exactly, in fp32
+                vals = self._exact(x_c, rows, cols, B)
+                if aux is not None:
+                    aux = aux[0], aux[1], self._exact(x_c, aux[0], aux[1], B)
+            if self.training:
+                self.after_select(vals, B)
         all_rows, all_cols, all_vals = rows, cols, vals
         if aux is not None:
             all_rows, all_cols, all_vals = (torch.cat([a, b]) for a, b in zip((rows, cols, vals), aux))

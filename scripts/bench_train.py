@@ -125,7 +125,7 @@ def peer(name: str, make, pip_name: str):
 def interleaved(contenders: dict, x: torch.Tensor, rounds: int, steps: int) -> dict:
     """Median seconds per call of each contender, the contenders taking turns every `steps` calls."""
     times = {name: [] for name in contenders}
-    for name, fn in contenders.items():  # warm-up: allocations, first-call overheads
+    for fn in contenders.values():  # warm-up: allocations, first-call overheads
         fn(x, 0)
     i = 1
     for _ in range(rounds):
