@@ -19,6 +19,7 @@ contender's "% of roofline" uses the roofline of the precision of its encoder ma
 The peers are optional: install them into a side folder and put it on the path, e.g.
     pip install --no-deps --target /tmp/peers eai-sparsify einops natsort simple-parsing schedulefree
     PYTHONPATH=$PWD:/tmp/peers python scripts/bench_train.py [--rounds 5] [--steps 3] [--threads N] [--layers 1,2,4]
+    ... --clock cpu     # on a busy shared machine: single-thread CPU time instead of wall time
 
 --layers adds the per-layer bank's tokens/s per SAE as the number of layers grows (each SAE steps on its own
 layer's batch, as `strata train --mode layer` does).
@@ -122,7 +123,7 @@ def peer(name: str, make, pip_name: str):
         return None
 
 
-def interleaved(contenders: dict, x: torch.Tensor, rounds: int, steps: int) -> dict:
+def interleaved(contenders: dict, x: torch.Tensor, rounds: int, steps: int, clock) -> dict:
     """Median seconds per call of each contender, the contenders taking turns every `steps` calls."""
     times = {name: [] for name in contenders}
     for fn in contenders.values():  # warm-up: allocations, first-call overheads
@@ -131,14 +132,14 @@ def interleaved(contenders: dict, x: torch.Tensor, rounds: int, steps: int) -> d
     for _ in range(rounds):
         for name, fn in contenders.items():
             for s in range(steps):
-                t = time.perf_counter()
+                t = clock()
                 fn(x, i + s)
-                times[name].append(time.perf_counter() - t)
+                times[name].append(clock() - t)
         i += steps
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bank(d, n, k, B, layers: list[int], steps: int) -> None:
+def bank(d, n, k, B, layers: list[int], steps: int, clock) -> None:
     base = None
     for L in layers:
         fns = [strata_step(d, n, k, torch.float32) for _ in range(L)]
@@ -147,10 +148,10 @@ def bank(d, n, k, B, layers: list[int], steps: int) -> None:
             fn(x, 0)
         times = []
         for s in range(1, max(2, steps // L) + 1):
-            t = time.perf_counter()
+            t = clock()
             for fn, x in zip(fns, xs):
                 fn(x, s)
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
         rate = B / statistics.median(times)
         base = base or rate * L
         print(f"per-layer bank, {L} SAE(s): {rate:8.0f} batch tok/s, {rate * L:8.0f} SAE-tok/s summed "
@@ -166,13 +167,19 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for every measurement (0 = torch default); "
                     "on a shared machine use the number of idle cores")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time (a quiet machine); cpu: the CPU time of the one thread doing the work "
+                    "(implies --threads 1; on a busy shared machine it leaves out the time spent waiting for a core)")
     a = ap.parse_args()
+    if a.clock == "cpu":
+        a.threads = 1
     if a.threads:
         torch.set_num_threads(a.threads)
+    clock = time.thread_time if a.clock == "cpu" else time.perf_counter
     d, n, k, B = (64, 512, 8, 256) if a.quick else (576, 4608, 32, 4096)
     flop_per_token = 2 * d * n + 10 * k * d
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={d} n_latents={n} k={k} batch={B}; "
-          f"{a.rounds} rounds x {a.steps} steps, interleaved, medians")
+          f"{a.rounds} rounds x {a.steps} steps, interleaved, medians of {a.clock} time")
     auto = resolve("auto", torch.device("cpu"), [(B, d, n)])
     print(f"--precision auto: {auto.line()}")
 
@@ -188,7 +195,7 @@ def main():
             if step is not None:
                 contenders[name] = step
     x = torch.randn(B, d)
-    med = interleaved(contenders, x, a.rounds, a.steps)
+    med = interleaved(contenders, x, a.rounds, a.steps, clock)
 
     roof = {}
     for prec in ("fp32", "bf16"):
@@ -202,7 +209,7 @@ def main():
         ratio = f"{rate / ref:15.2f}x" if ref else f"{'n/a':>16}"
         print(f"{name:<15} {rate:8.0f} {ratio} {rate / roof[name.split()[1]]:13.1%}")
     if a.layers:
-        bank(d, n, k, B, [int(s) for s in a.layers.split(",")], a.steps * a.rounds)
+        bank(d, n, k, B, [int(s) for s in a.layers.split(",")], a.steps * a.rounds, clock)
 
 
 if __name__ == "__main__":
