@@ -80,3 +80,15 @@ def test_bf16_step_chooses_in_bf16_and_decodes_the_exact_fp32_values():
     assert torch.allclose(out.recon[untied], ref[untied], atol=1e-5)
     out.loss.backward()
     assert sae.W_enc.grad.dtype == torch.float32 and bool(torch.isfinite(sae.W_enc.grad).all())
+
+
+def test_transpose_matmul_is_the_dense_transposed_product():
+    torch.manual_seed(0)
+    B, n, d = 7, 25, 4
+    rows = torch.arange(B).repeat_interleave(3)
+    cols = torch.randint(0, n, (rows.numel(),))
+    vals = torch.randn(rows.numel(), dtype=torch.float64)
+    dense = torch.randn(B, d, dtype=torch.float64)
+    s = torch.zeros(B, n, dtype=torch.float64).index_put((rows, cols), vals, accumulate=True)
+    for by_col in (None, kernels.column_order(cols, n)):
+        assert torch.allclose(kernels.transpose_matmul(rows, cols, vals, n, dense, by_col), s.t() @ dense, atol=1e-12)
