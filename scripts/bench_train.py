@@ -188,7 +188,9 @@ def main():
                   "matmul bf16": matmul_step(B, d, n, torch.bfloat16),
                   "strata fp32": strata_step(d, n, k, torch.float32),
                   "strata bf16": strata_step(d, n, k, torch.bfloat16)}
-    if not a.no_peers:
+    if a.no_peers:
+        print("sparsify, saelens: skipped (--no-peers)")
+    else:
         for name, make, pip_name in (("sparsify fp32", lambda: sparsify_step(d, n, k), "eai-sparsify"),
                                      ("saelens fp32", lambda: saelens_step(d, n, k), "sae-lens")):
             step = peer(name.split()[0], make, pip_name)
