@@ -120,7 +120,9 @@ def peer(name: str, make, pip_name: str):
         return make()
     except ImportError as e:
         print(f"{name}: not installed (pip install {pip_name}) [{e}]")
-        return None
+    except Exception as e:  # an installed version whose API differs: say so and time the others
+        print(f"{name}: installed but could not be set up ({type(e).__name__}: {e}); left out")
+    return None
 
 
 def interleaved(contenders: dict, x: torch.Tensor, rounds: int, steps: int, clock) -> dict:
