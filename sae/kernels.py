@@ -59,7 +59,7 @@ def topk_rows(pre_BN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     if s is None:
         return pre_BN.topk(k, dim=1, sorted=False)
     G = n // s
-    pre_BSG = pre_BN.view(B, s, G)
+    pre_BSG = pre_BN.reshape(B, s, G)
     groups_BK = pre_BSG.amax(1).topk(k, dim=1, sorted=False)[1]
     cand_BC = torch.gather(pre_BSG, 2, groups_BK.unsqueeze(1).expand(B, s, k)).view(B, s * k)
     vals_BK, j_BK = cand_BC.topk(k, dim=1, sorted=False)
