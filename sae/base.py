@@ -129,6 +129,16 @@ class SAE(nn.Module):
             pre = pre.float()
         return pre.add_(self.b_enc)
 
+    @torch.no_grad()
+    def selection_preacts(self, x_c: torch.Tensor) -> torch.Tensor:
+        """Pre-activations for *choosing* the active latents in training, in self.compute_dtype: in bf16 the bias
+        rides in the matmul's output (addmm) and nothing is converted back to fp32, saving two passes over the
+        B x n tensor; the chosen latents' values are then recomputed exactly in fp32 (kernels.sampled_preacts)."""
+        dt = self.compute_dtype
+        if dt == torch.float32:
+            return self.raw_preacts(x_c)
+        return torch.addmm(self.b_enc.to(dt), x_c.to(dt), self.W_enc.to(dt))
+
     def skip_out(self, x: torch.Tensor):
         return x @ self.W_skip if self.W_skip is not None else 0.0
 
@@ -180,7 +190,7 @@ class SAE(nn.Module):
         """Drop each decoder row's gradient component along the row (the unit-norm constraint's tangent)."""
         if self.cfg.normalize_decoder and self.W_dec.grad is not None:
             g, w = self.W_dec.grad, self.W_dec
-            g -= (g * w).sum(1, keepdim=True) * w
+            g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1)  # no [n, d] temporaries
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -17,7 +17,7 @@ class TopKSAE(SAE):
         """Active (rows, cols, vals) from pre-activations [B, n], sorted by row; vals relu'd (a selected
         negative pre-activation becomes an inactive 0)."""
         k = self.cfg.k
-        vals, cols = pre.topk(k, dim=1, sorted=False)
+        vals, cols = kernels.topk_rows(pre, k)
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
         return rows, cols.reshape(-1), vals.reshape(-1).clamp_(min=0)
 
@@ -41,30 +41,42 @@ class TopKSAE(SAE):
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(ka)
         return rows, dead_ids[j].reshape(-1), vals.reshape(-1).clamp_(min=0)
 
-    def prefix_loss(self, y, vals, cols, offsets, loss_fn):
+    def _exact(self, x_c, rows, cols, n_rows):
+        pre = kernels.sampled_preacts(x_c, self.W_enc, self.b_enc, cols, kernels.row_offsets(rows, n_rows))
+        return pre.clamp_(min=0)
+
+    def prefix_loss(self, y, vals, cols, offsets, loss_fn, by_col=None):
         """Reconstruction loss of the full dictionary (Matryoshka overrides with nested prefixes)."""
-        recon = kernels.sparse_decode(vals, cols, offsets, self.W_dec) + self.b_dec
-        return loss_fn(y, recon + self._skip), recon + self._skip, {}
+        recon = kernels.sparse_decode(vals, cols, offsets, self.W_dec, by_col).add_(self.b_dec)
+        if self.W_skip is not None:
+            recon = recon + self._skip
+        return loss_fn(y, recon), recon, {}
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, step: int = 0) -> Output:
         B, n = x.shape[0], self.cfg.n_latents
         with torch.no_grad():
             x_c = self.centered(x)
-            pre = self.raw_preacts(x_c)
+            pre = self.selection_preacts(x_c)
             rows, cols, vals = self.select(pre)
-            if self.training:
-                self.after_select(vals, B)
             aux = self._aux_select(pre) if self.training else None
             del pre
+            if vals.dtype != torch.float32:  # chosen in bf16: the chosen values exactly, in fp32
+                vals = self._exact(x_c, rows, cols, B)
+                if aux is not None:
+                    aux = aux[0], aux[1], self._exact(x_c, aux[0], aux[1], B)
+            if self.training:
+                self.after_select(vals, B)
         all_rows, all_cols, all_vals = rows, cols, vals
         if aux is not None:
             all_rows, all_cols, all_vals = (torch.cat([a, b]) for a, b in zip((rows, cols, vals), aux))
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        g = kernels.gather_preacts(x_c, b_dec, self.W_enc, self.b_enc, all_rows, all_cols, all_vals)
+        by_col = kernels.column_order(cols, n)  # the top-k entries by latent, for both backward products
+        g = kernels.gather_preacts(x_c, b_dec, self.W_enc, self.b_enc, all_rows, all_cols, all_vals,
+                                   by_col if aux is None else None)
         nnz = cols.numel()
         offsets = kernels.row_offsets(rows, B)
         self._skip = self.skip_out(x)
-        loss, recon, parts = self.prefix_loss(y, g[:nnz], cols, offsets, loss_fn)
+        loss, recon, parts = self.prefix_loss(y, g[:nnz], cols, offsets, loss_fn, by_col)
         parts["recon"] = loss.detach()
         if aux is not None:
             residual = (y - recon).detach()
@@ -118,12 +130,12 @@ class MatryoshkaSAE(BatchTopKSAE):
     """Nested dictionaries: each prefix of the latents (sizes cfg.matryoshka_prefixes, last = n_latents)
     reconstructs the target alone; the loss is the mean of the prefix losses."""
 
-    def prefix_loss(self, y, vals, cols, offsets, loss_fn):
+    def prefix_loss(self, y, vals, cols, offsets, loss_fn, by_col=None):
         losses, parts = [], {}
         recon = None
         for size in self.cfg.matryoshka_prefixes:
             v = vals * (cols < size)
-            recon = kernels.sparse_decode(v, cols, offsets, self.W_dec) + self.b_dec + self._skip
+            recon = kernels.sparse_decode(v, cols, offsets, self.W_dec, by_col) + self.b_dec + self._skip
             losses.append(loss_fn(y, recon))
             parts[f"recon_prefix_{size}"] = losses[-1].detach()
         return torch.stack(losses).mean(), recon, parts

@@ -1,0 +1,94 @@
+"""The training step's kernels against the plain dense computation they replace: values and gradients."""
+import torch
+
+from sae import kernels
+from sae.config import SAEConfig
+from sae.models import build_sae
+
+
+def same_set(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.sort(1).values, b.sort(1).values)
+
+
+def test_grouped_topk_picks_the_same_latents_as_torch_topk():
+    torch.manual_seed(0)
+    for B, n, k in ((64, 4608, 32), (33, 512, 8), (20, 97, 5)):  # 97 is prime: the plain topk fallback
+        pre = torch.randn(B, n) * torch.rand(1, n) - 0.5  # uneven latent scales, many negatives
+        vals, cols = kernels.topk_rows(pre, k)
+        ref_vals, ref_cols = pre.topk(k, dim=1)
+        assert same_set(vals, ref_vals) and same_set(cols, ref_cols)
+        assert torch.equal(pre.gather(1, cols), vals)
+    assert kernels._group_size(4608, 32) == 12 and kernels._group_size(97, 5) is None
+
+
+def test_grouped_topk_on_bf16_matches_torch_topk():
+    torch.manual_seed(1)
+    pre = torch.randn(16, 4608).bfloat16()
+    vals, _ = kernels.topk_rows(pre, 32)
+    assert torch.equal(vals.sort(1).values, pre.topk(32, dim=1).values.sort(1).values)  # values: ties may swap cols
+
+
+def test_sparse_decode_matches_the_dense_product_and_its_gradients():
+    torch.manual_seed(0)
+    B, n, d = 6, 30, 5
+    per_row = [3, 0, 5, 1, 4, 2]  # BatchTopK-style rows of any length, one empty
+    rows = torch.repeat_interleave(torch.arange(B), torch.tensor(per_row))
+    cols = torch.cat([torch.randperm(n)[:c] for c in per_row])
+    vals = torch.rand(cols.numel(), dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(B, d, dtype=torch.float64)
+
+    out = kernels.sparse_decode(vals, cols, kernels.row_offsets(rows, B), W_dec)
+    ((out - target) ** 2).sum().backward()
+    got = out.detach(), vals.grad.clone(), W_dec.grad.clone()
+    vals.grad = W_dec.grad = None
+
+    f = torch.zeros(B, n, dtype=torch.float64).index_put((rows, cols), vals)
+    ref = f @ W_dec
+    ((ref - target) ** 2).sum().backward()
+    for g, want in zip(got, (ref.detach(), vals.grad, W_dec.grad)):
+        assert torch.allclose(g, want, atol=1e-12)
+
+
+def test_sampled_preacts_are_the_dense_preacts_at_the_chosen_pairs():
+    torch.manual_seed(0)
+    B, d, n, k = 8, 12, 40, 3
+    x_c = torch.randn(B, d)
+    W_enc = torch.randn(n, d).t()  # latent-major storage, as SAE.W_enc
+    b_enc = torch.randn(n)
+    cols = torch.stack([torch.randperm(n)[:k] for _ in range(B)]).reshape(-1)
+    rows = torch.arange(B).repeat_interleave(k)
+    got = kernels.sampled_preacts(x_c, W_enc, b_enc, cols, kernels.row_offsets(rows, B))
+    assert torch.allclose(got, (x_c @ W_enc + b_enc)[rows, cols], atol=1e-5)
+
+
+def test_bf16_step_chooses_in_bf16_and_decodes_the_exact_fp32_values():
+    torch.manual_seed(0)
+    d, n, k, B = 32, 256, 8, 64
+    sae = build_sae(SAEConfig(arch="topk", d_in=d, d_out=d, n_latents=n, k=k, in_keys=["x"], out_keys=["x"],
+                              in_scales=[1.0], out_scales=[1.0]))
+    sae.compute_dtype = torch.bfloat16
+    x = torch.randn(B, d)
+    out = sae(x, x)
+    with torch.no_grad():
+        x_c = x - sae.b_dec
+        top = torch.addmm(sae.b_enc.bfloat16(), x_c.bfloat16(), sae.W_enc.bfloat16()).topk(k + 1, dim=1)
+        f = torch.zeros(B, n).scatter(1, top.indices[:, :k], 1.0) * torch.relu(x_c @ sae.W_enc + sae.b_enc)
+        ref = f @ sae.W_dec + sae.b_dec
+    untied = top.values[:, k - 1] > top.values[:, k]  # rows whose k-th bf16 value has no equal: one right choice
+    assert int(untied.sum()) > B // 2
+    assert torch.allclose(out.recon[untied], ref[untied], atol=1e-5)
+    out.loss.backward()
+    assert sae.W_enc.grad.dtype == torch.float32 and bool(torch.isfinite(sae.W_enc.grad).all())
+
+
+def test_transpose_matmul_is_the_dense_transposed_product():
+    torch.manual_seed(0)
+    B, n, d = 7, 25, 4
+    rows = torch.arange(B).repeat_interleave(3)
+    cols = torch.randint(0, n, (rows.numel(),))
+    vals = torch.randn(rows.numel(), dtype=torch.float64)
+    dense = torch.randn(B, d, dtype=torch.float64)
+    s = torch.zeros(B, n, dtype=torch.float64).index_put((rows, cols), vals, accumulate=True)
+    for by_col in (None, kernels.column_order(cols, n)):
+        assert torch.allclose(kernels.transpose_matmul(rows, cols, vals, n, dense, by_col), s.t() @ dense, atol=1e-12)
