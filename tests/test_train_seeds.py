@@ -103,3 +103,12 @@ def test_an_interrupted_seeded_run_resumes_to_the_same_weights(run, tmp_path, mo
     for sid in b:
         for name, p in b[sid].state_dict().items():
             assert torch.equal(a[sid].state_dict()[name], p), (sid, name)
+
+
+def test_feature_matches_across_depth_stay_within_one_seed(run):
+    """analyze chains matches between adjacent layers of a bank: with --seeds, each seed is its own bank."""
+    from sae.analysis.depth import banks
+
+    assert strata("train", run, "--name", "b", "--layers", "0-2", "--seeds", "0,1", "--max-tokens", "512", *FAST) == 0
+    assert sorted(banks(load_saes(run, "b"))) == [["resid.0.s0", "resid.1.s0", "resid.2.s0"],
+                                                 ["resid.0.s1", "resid.1.s1", "resid.2.s1"]]
