@@ -112,3 +112,14 @@ def test_feature_matches_across_depth_stay_within_one_seed(run):
     assert strata("train", run, "--name", "b", "--layers", "0-2", "--seeds", "0,1", "--max-tokens", "512", *FAST) == 0
     assert sorted(banks(load_saes(run, "b"))) == [["resid.0.s0", "resid.1.s0", "resid.2.s0"],
                                                  ["resid.0.s1", "resid.1.s1", "resid.2.s1"]]
+
+
+def test_seeds_read_from_a_yaml_list_or_a_flag(tmp_path):
+    from sae.train_config import TrainConfig
+    from strata.config import build_config
+
+    f = tmp_path / "t.yaml"
+    f.write_text("seeds: [0, 1, 2]\n")
+    assert build_config(TrainConfig, str(f), {}, run_dir="r").seed_list() == [0, 1, 2]
+    assert build_config(TrainConfig, None, {"seeds": " 4, 7"}, run_dir="r").seed_list() == [4, 7]
+    assert build_config(TrainConfig, None, {}, run_dir="r").seed_list() is None  # no --seeds: one SAE per id
