@@ -86,7 +86,9 @@ def fresh_saes(cfg: TrainConfig, run, configs: dict, train_shards: list[int], de
         sae = build_sae(c)
         seed = split_seed(sae_id)[1] if cfg.seeds is not None else None
         seed = cfg.seed if seed is None else seed
-        sae.reset_parameters(gens.setdefault(seed, torch.Generator().manual_seed(seed)))
+        if seed not in gens:
+            gens[seed] = torch.Generator().manual_seed(seed)
+        sae.reset_parameters(gens[seed])
         sae.to(device)
         x, y = Unit(sae_id, sae).io(sample)
         if cfg.b_dec_init != "zero":
