@@ -71,6 +71,8 @@ def harvest_precision(cfg: DemoConfig):
 def run_demo(cfg: DemoConfig) -> None:
     from activations.config import HarvestConfig
     from activations.harvest import harvest
+    from activations.manifest import load_manifest
+    from sae import train_folder
     from sae.analysis.analyze import AnalyzeConfig, analyze
     from sae.checkpoint import read_checkpoint
     from sae.evaluate import EvalConfig, evaluate, format_report
@@ -84,13 +86,18 @@ def run_demo(cfg: DemoConfig) -> None:
         check_port_free("localhost", cfg.port)
     prec = harvest_precision(cfg)
     max_tokens, epochs = budget(cfg, prec.name)
+    if not cfg.max_tokens and layout.manifest_path(run).exists():  # a started demo continues with its own budget
+        max_tokens = int(load_manifest(run).config.get("max_tokens", max_tokens))
+    names = {"mlsae": "multilayer", "bank": "layer"}
+    started = [c for c in (train_folder.read_config(layout.train_dir(run, n)) for n in names) if c is not None]
+    if not cfg.epochs and started:
+        epochs = int(started[0]["identity"].get("epochs", epochs))
     print(f"[0/5] precision {prec.name} ({prec.reason}) -> budget: harvest {max_tokens:,} tokens, "
           f"{epochs} epoch(s) of training")
     print(f"[1/5] harvest {cfg.model} layers {cfg.layers} -> {run}")
     harvest(HarvestConfig(run_dir=run, model=cfg.model, sites="resid", layers=cfg.layers, context=cfg.context,
                           max_tokens=max_tokens, shard_tokens=cfg.shard_tokens, precision=cfg.precision,
                           resume=layout.manifest_path(run).exists()))
-    names = {"mlsae": "multilayer", "bank": "layer"}
     for name, mode in names.items():
         print(f"[2/5] train {name}: TopK k={cfg.k}, {cfg.expansion}x, mode {mode}")
         train(TrainConfig(run_dir=run, name=name, mode=mode, arch="topk", layers=cfg.layers, expansion=cfg.expansion,

@@ -1,6 +1,7 @@
 """The README's main command, end to end on a tiny model: every stage leaves what the next one reads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from activations import layout
@@ -29,8 +30,10 @@ def test_demo_runs_the_whole_data_path_and_resumes(tmp_path, tiny_llama, capsys)
     assert metrics and metrics[-1]["step"] > 0
     mtime = layout.index_path(run, "bank").stat().st_mtime
     capsys.readouterr()
-    run_demo(cfg)  # a second run reuses every finished stage
-    assert "already complete" in capsys.readouterr().out
+    again = dataclasses.replace(cfg, max_tokens=0, epochs=0)  # rerun without a budget: it keeps the run's own
+    run_demo(again)  # a second run reuses every finished stage
+    out = capsys.readouterr().out
+    assert "already complete" in out and "budget: harvest 4,096 tokens, 1 epoch(s)" in out
     assert len(load_saes(run, "bank")) == 4 and layout.index_path(run, "bank").stat().st_mtime >= mtime
 
 
