@@ -31,7 +31,7 @@ from sae import train_folder
 from sae.checkpoint import STATE, load_saes, saes_dir
 from sae.evals.suite import SUITES, SuiteContext, parse_suites, run_suite
 from sae.models import use_precision
-from sae.modes import check_exclude_first
+from sae.modes import check_exclude_first, split_seed
 
 
 @dataclass
@@ -109,6 +109,10 @@ def _evaluate(cfg: EvalConfig, run, name: str, suites: list[str]) -> dict:
         seconds = time.perf_counter() - t0
         result["suites"][suite].update(status="ok", seconds=round(seconds, 2))
         print(f"eval: {suite} done in {seconds:.1f} s")
+    groups = seed_groups(result["saes"])
+    result.pop("seed_groups", None)
+    if groups:
+        result["seed_groups"] = groups
     try:
         atomic_write_json(tdir / "eval.json", _finite(result))
     except OSError as e:
@@ -172,6 +176,37 @@ def _finite(obj):
     return obj
 
 
+def _mean_std(values: list) -> dict:
+    """Mean and sample standard deviation (ddof 1; 0 for one value) of the finite values."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if not len(v):
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def seed_groups(saes: dict) -> dict:
+    """SAEs trained with `--seeds` (ids <id>.s<seed>), grouped by <id>: {id: {"seeds", "sae_ids", "overall":
+    {metric: {mean, std, n}}, "per_key": {key: {metric: {mean, std, n}}}}} over the group's members."""
+    members: dict[str, list[tuple[int, str]]] = {}
+    for sid in saes:
+        base, seed = split_seed(sid)
+        if seed is not None:
+            members.setdefault(base, []).append((seed, sid))
+    out = {}
+    for base, group in members.items():
+        ids = [sid for _, sid in sorted(group)]
+        rs = [saes[sid] for sid in ids]
+
+        def stats(dicts: list[dict]) -> dict:
+            names = [m for m, v in dicts[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            return {m: _mean_std([d.get(m) for d in dicts]) for m in names}
+
+        out[base] = {"seeds": sorted(seed for seed, _ in group), "sae_ids": ids,
+                     "overall": stats([r["overall"] for r in rs]),
+                     "per_key": {key: stats([r["per_key"].get(key, {}) for r in rs]) for key in rs[0]["per_key"]}}
+    return out
+
+
 def format_report(result: dict) -> str:
     """The printed summary: the core metrics per SAE (and per key), then each other suite's overall metrics."""
     lines = [f"eval of {result['name']} on held-out shards {result['heldout_shards']}"]
@@ -194,6 +229,21 @@ def format_report(result: dict) -> str:
             shown = [f"{m} {_fmt(o[m])}" for m in names if m in o]
             if shown:
                 lines.append(f"{'':>18}{suite}: " + "  ".join(shown))
+    groups = result.get("seed_groups") or {}
+    if groups:
+        lines.append("across seeds (mean ± std):")
+    for base, g in groups.items():
+        o = g["overall"]
+        shown = [("FVU", "fvu", 4), ("L0", "l0", 1), ("cos", "cosine", 3), ("shrinkage", "shrinkage", 3),
+                 ("alive", "frac_alive", 3), ("CE recovered", "ce_loss_recovered", 3), ("KL recovered", "kl_recovered", 3)]
+        cells = [f"{label} {o[m]['mean']:.{p}f} ± {o[m]['std']:.{p}f}" for label, m, p in shown
+                 if o.get(m, {}).get("mean") is not None]
+        seeds = ",".join(str(s) for s in g["seeds"])
+        lines.append(f"{base:>16}: seeds {seeds}  " + "  ".join(cells))
+        for suite, names in other.items():
+            cells = [f"{m} {o[m]['mean']:.3f} ± {o[m]['std']:.3f}" for m in names if o.get(m, {}).get("mean") is not None]
+            if cells:
+                lines.append(f"{'':>18}{suite}: " + "  ".join(cells))
     return "\n".join(lines)
 
 

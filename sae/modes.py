@@ -17,6 +17,9 @@ for every architecture (sparsify), so one learning-rate rule works across layers
 """
 from __future__ import annotations
 
+import copy
+import re
+
 import torch
 
 from activations.errors import StrataError
@@ -149,7 +152,24 @@ def sae_configs(cfg: TrainConfig, keys: list[str], dims: dict, model: dict, cont
                                       k_aux=min(k_aux(d), n // 2), **common)
     else:
         raise StrataError(f"unknown mode {cfg.mode!r}; choose layer, multilayer, transcoder or crosscoder")
-    return out
+    seeds = cfg.seed_list()
+    if seeds is None:
+        return out
+    return {seeded_id(sid, s): copy.deepcopy(c) for sid, c in out.items() for s in seeds}
+
+
+_SEEDED = re.compile(r"(.+)\.s(\d+)")
+
+
+def seeded_id(sae_id: str, seed: int) -> str:
+    """The id of the SAE trained from `seed` under `strata train --seeds`: "resid.3" -> "resid.3.s1"."""
+    return f"{sae_id}.s{seed}"
+
+
+def split_seed(sae_id: str) -> tuple[str, int | None]:
+    """"resid.3.s1" -> ("resid.3", 1); an id trained without --seeds -> (sae_id, None)."""
+    m = _SEEDED.fullmatch(sae_id)
+    return (m[1], int(m[2])) if m else (sae_id, None)
 
 
 def check_exclude_first(n: int, context_length: int, source: str = "--exclude-first") -> None:

@@ -32,7 +32,7 @@ from sae.distributed import NullLogger, Parallel
 from sae.logger import MetricsLogger
 from sae.metrics import LatentStats, ReconStats
 from sae.models import build_sae
-from sae.modes import Unit, check_exclude_first, norm_scale, sae_configs, select_keys
+from sae.modes import Unit, check_exclude_first, norm_scale, sae_configs, select_keys, split_seed
 from sae.optim import NonFiniteLoss, SAEStepper, default_lr
 from sae.relu import ReLUSAE
 from sae.train_config import TrainConfig
@@ -79,12 +79,16 @@ def fresh_saes(cfg: TrainConfig, run, configs: dict, train_shards: list[int], de
     sample = {k: torch.from_numpy(np.asarray(run.read_rows(k, rows), dtype=np.float32)).to(device) for k in keys}
     scales = {k: norm_scale(v, k) for k, v in sample.items()}
     saes = {}
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gens = {}  # one generator per init seed (--seeds), each drawn in the same id order: seed s inits as --seed s
     for sae_id, c in configs.items():
         c.in_scales = [scales[k] for k in c.in_keys]
         c.out_scales = [scales[k] for k in c.out_keys]
         sae = build_sae(c)
-        sae.reset_parameters(gen)
+        seed = split_seed(sae_id)[1] if cfg.seeds is not None else None
+        seed = cfg.seed if seed is None else seed
+        if seed not in gens:
+            gens[seed] = torch.Generator().manual_seed(seed)
+        sae.reset_parameters(gens[seed])
         sae.to(device)
         x, y = Unit(sae_id, sae).io(sample)
         if cfg.b_dec_init != "zero":

@@ -9,7 +9,24 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Gt, Interval
 
 from activations.config import option as _f
-from activations.config_types import LAYER_SPEC, SITE_LIST, SIZE_LIST
+from activations.config_types import LAYER_SPEC, SITE_LIST, SIZE_LIST, TextSpec
+
+
+def _check_seeds(spec: str) -> None:
+    parts = [p.strip() for p in spec.split(",")]
+    if not any(parts):
+        raise ValueError("no seed given (empty); give a comma list like 0,1,2, or leave seeds out to train one SAE per id")
+    bad = [p for p in parts if not p.isdigit()]
+    if bad:
+        raise ValueError(f"seed {bad[0]!r} is not a non-negative integer; give a comma list like 0,1,2")
+    seen = set()
+    for p in parts:
+        if int(p) in seen:
+            raise ValueError(f"seed {int(p)} is listed twice; list each seed once (each seed trains one more SAE)")
+        seen.add(int(p))
+
+
+SEED_LIST = TextSpec("list of distinct non-negative ints (0,1,2 or [0, 1, 2])", _check_seeds)
 
 
 @dataclass
@@ -54,6 +71,9 @@ class TrainConfig:
                 "on this machine), fp32, bf16; weights and Adam state stay fp32")
     bf16: bool = _f(False, "old spelling of --precision bf16 (kept for existing configs)")
     seed: Annotated[int, Ge(0)] = _f(0, "seed for init and data order")
+    seeds: Annotated[str | None, SEED_LIST] = _f(
+        None, "train the same config once per seed, in one pass over the data: comma list like 0,1,2; each seed "
+              "gives its own SAE <id>.s<seed> (its init from that seed; batches and data order from --seed)")
     log_every: Annotated[int, Gt(0)] = _f(20, "steps between metric records")
     checkpoint_every: Annotated[int, Gt(0)] = _f(500, "steps between checkpoints (one is always written at the end)")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda")
@@ -68,6 +88,10 @@ class TrainConfig:
 
     def resolved_name(self) -> str:
         return self.name or f"{self.arch}-{self.mode}"
+
+    def seed_list(self) -> list[int] | None:
+        """The --seeds as ints, or None when not given (one SAE per id, initialised from --seed)."""
+        return None if self.seeds is None else [int(p) for p in self.seeds.split(",")]
 
     def identity(self) -> dict:
         """Fields that define the result: a resume must match them exactly. Not `precision`: auto may resolve

@@ -1,7 +1,9 @@
 """Harvest and reader throughput, measured side by side in one run (this machine is noisy: compare ratios).
 
 Prints:
-  1. harvest tokens/s / bare forward tokens/s to the same depth        (target >= 0.9)
+  1. harvest tokens/s / bare forward tokens/s to the same depth, in fp32 and in bf16  (target >= 0.9), and the
+     harvest with `--precision auto` (what the probe picks here) / the fp32 harvest    (target >= 1.8 where bf16
+     units are fast)
   2. early-exit speed-up: full-depth forward time / half-depth forward time
   3. shuffled reader throughput / raw sequential read of the same bytes  (target >= 0.8)
   4. peak RSS of a harvest for two corpus sizes                          (must not grow with the corpus)
@@ -10,11 +12,15 @@ Prints:
      HDF5's fletcher32 filter (the alternative), and for shards written without checksums (older runs: sha256
      of the whole file on first open)
 
-Usage: python scripts/bench_harvest.py [--model smollm2-135m] [--tokens 4096] [--only 1,2,3,4,5]
+Usage: python scripts/bench_harvest.py [--model smollm2-135m] [--tokens 4096] [--only 1,2,3,4,5] [--device cuda]
+       [--threads N] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import os
 import shutil
 import subprocess
@@ -34,7 +40,8 @@ from activations.corpus import builtin_documents  # noqa: E402
 from activations.harvest import harvest  # noqa: E402
 from activations.hooks import capture  # noqa: E402
 from activations.manifest import file_sha256, load_manifest, save_manifest  # noqa: E402
-from activations.model import load_model  # noqa: E402
+from activations.model import forward_matmul_shapes, load_model  # noqa: E402
+from activations.precision import bf16_supported, resolve  # noqa: E402
 from activations.reader import ActivationReader, open_run  # noqa: E402
 from activations.tokens import pack_contexts  # noqa: E402
 
@@ -48,28 +55,56 @@ def bare_forward_rate(lm, key: str, batches) -> float:
     return n / (time.perf_counter() - t)
 
 
-def harvest_vs_forward(model: str, tokens: int, tmp: Path, rounds: int = 2) -> None:
-    """Interleaved rounds, best of each, so background load hits every method alike."""
-    lm = load_model(model)
-    n = lm.info["n_layers"]
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def harvest_vs_forward(model: str, tokens: int, tmp: Path, device: str = "cpu", rounds: int = 2) -> dict:
+    """Harvest in fp32 and in bf16, each beside a bare forward to the same depth in the same precision, and what
+    `--precision auto` picks here. Interleaved rounds, best of each, so background load hits every method alike."""
+    dev = torch.device(device)
+    lms = {"fp32": load_model(model, dev, torch.float32)}
+    auto = resolve("auto", dev, forward_matmul_shapes(lms["fp32"], 8 * 128))
+    if bf16_supported(dev):
+        lms["bf16"] = load_model(model, dev, torch.bfloat16)
+    n = lms["fp32"].info["n_layers"]
     ctx, bc = 128, 8
-    contexts = pack_contexts(builtin_documents(), lm.tokenizer, ctx)
-    ids = torch.from_numpy(np.stack([next(contexts).token_ids for _ in range(tokens // ctx)])).long()
+    contexts = pack_contexts(builtin_documents(), lms["fp32"].tokenizer, ctx)
+    ids = torch.from_numpy(np.stack([next(contexts).token_ids for _ in range(tokens // ctx)])).long().to(dev)
     batches = list(ids.split(bc))
-    bare_forward_rate(lm, "resid.1", batches[:1])  # warm-up
-    rates = {"harvest": 0.0, "full": 0.0, "half": 0.0}
+    rates = {}
+    for name, lm in lms.items():
+        bare_forward_rate(lm, "resid.1", batches[:1])  # warm-up
+        rates[name] = {"harvest": 0.0, "full": 0.0, "half": 0.0}
     for _ in range(rounds):
-        cfg = HarvestConfig(run_dir=str(tmp / "h"), model=model, sites="resid", layers="all", context=ctx,
-                            batch_contexts=bc, max_tokens=tokens, shard_tokens=4096, progress=False, overwrite=True)
-        t = time.perf_counter()
-        harvest(cfg, lm=lm)
-        rates["harvest"] = max(rates["harvest"], tokens / (time.perf_counter() - t))
-        rates["full"] = max(rates["full"], bare_forward_rate(lm, f"resid.{n}", batches))
-        rates["half"] = max(rates["half"], bare_forward_rate(lm, f"resid.{n // 2}", batches))
-    h, full, half = rates["harvest"], rates["full"], rates["half"]
-    print(f"[1] {model}: harvest {h:,.0f} tok/s (all {n + 1} resid keys), bare forward {full:,.0f} tok/s "
-          f"-> ratio {h / full:.2f} (target >= 0.9)")
-    print(f"[2] early exit at layer {n // 2} of {n}: {half:,.0f} tok/s vs {full:,.0f} tok/s -> speed-up {half / full:.2f}x")
+        for name, lm in lms.items():
+            cfg = HarvestConfig(run_dir=str(tmp / "h"), model=model, sites="resid", layers="all", context=ctx,
+                                batch_contexts=bc, max_tokens=tokens, shard_tokens=4096, progress=False,
+                                overwrite=True, device=device)
+            r = rates[name]
+            _sync(dev)
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                harvest(cfg, lm=lm)
+            _sync(dev)
+            r["harvest"] = max(r["harvest"], tokens / (time.perf_counter() - t))
+            r["full"] = max(r["full"], bare_forward_rate(lm, f"resid.{n}", batches))
+            if name == "fp32":
+                r["half"] = max(r["half"], bare_forward_rate(lm, f"resid.{n // 2}", batches))
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"[1] {model} on {where}, all {n + 1} resid keys, {tokens:,} tokens; harvest vs a bare forward to the "
+          f"same depth in the same precision (target >= 0.9):")
+    for name, r in rates.items():
+        print(f"    {name}: harvest {r['harvest']:,.0f} tok/s, bare forward {r['full']:,.0f} tok/s "
+              f"-> ratio {r['harvest'] / r['full']:.2f}")
+    chosen = rates[auto.name]["harvest"]
+    print(f"    auto: {auto.name} ({auto.reason}) -> harvest {chosen:,.0f} tok/s = "
+          f"{chosen / rates['fp32']['harvest']:.2f}x the fp32 harvest (target >= 1.8 where bf16 is fast)")
+    full, half = rates["fp32"]["full"], rates["fp32"]["half"]
+    print(f"[2] early exit at layer {n // 2} of {n} (fp32): {half:,.0f} tok/s vs {full:,.0f} tok/s "
+          f"-> speed-up {half / full:.2f}x")
+    return {name: dict(r) for name, r in rates.items()} | {"auto": auto.name}
 
 
 def tiny_wide_model(folder: Path, d: int = 576) -> Path:
@@ -169,13 +204,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--reader-tokens", type=int, default=262144)
     ap.add_argument("--only", default="1,2,3,4,5", help="comma list of the measurements to run")
+    ap.add_argument("--device", default="cpu", help="device of the harvest measurements [1-2]: cpu, cuda")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (the reference machine has 2 cores)")
+    ap.add_argument("--json", default="", help="also write measurements [1-2] to this JSON file")
     args = ap.parse_args()
     only = {int(x) for x in args.only.split(",")}
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if only & {1, 2}:
-            harvest_vs_forward(args.model, args.tokens, tmp)
+            rates = harvest_vs_forward(args.model, args.tokens, tmp, args.device)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rates, indent=1))
         wide = tiny_wide_model(tmp / "wide")
         if only & {3, 5}:
             harvest(HarvestConfig(run_dir=str(tmp / "r"), model=str(wide), layers="2", max_tokens=args.reader_tokens,

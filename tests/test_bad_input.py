@@ -510,8 +510,19 @@ EVAL_SUITE_CASES = [
          "--suite is empty"),
 ]
 
+SEEDS = [  # `strata train --seeds`: one SAE per listed seed
+    Case("seeds-empty", lambda w: ["train", w.run, "--name", "s", "--seeds", "", *FAST], "no seed given"),
+    Case("seeds-only-commas", lambda w: ["train", w.run, "--name", "s", "--seeds", ",", *FAST], "no seed given"),
+    Case("seeds-negative", lambda w: ["train", w.run, "--name", "s", "--seeds", "0,-1", *FAST],
+         "'-1' is not a non-negative integer"),
+    Case("seeds-duplicate", lambda w: ["train", w.run, "--name", "s", "--seeds", "0,1,1", *FAST], "seed 1 is listed twice"),
+    Case("seeds-changed-on-resume", lambda w: ["train", w.run, "--name", "t1", "--seeds", "0,1", "--resume", *FAST],
+         "seeds: None -> '0,1'"),
+]
 
-ALL_CASES = CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES + DASHBOARD_CASES + EVAL_SUITE_CASES
+
+ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
+             + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

@@ -84,7 +84,7 @@ def test_a_damaged_cache_is_measured_again(private_cache):
     assert len(json.loads((private_cache / "precision.json").read_text())) == 1
 
 
-def _train_topk(dtype, steps=300, batch=512):
+def _train_topk(dtype, steps=600, batch=512):
     torch.manual_seed(0)
     true, g = true_dictionary()
     sae = build_sae(cfg_for("topk"))
@@ -102,9 +102,10 @@ def test_bf16_training_recovers_the_true_features_like_fp32():
     sae32, true, loss32 = _train_topk(torch.float32)
     sae16, _, loss16 = _train_topk(torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in sae16.parameters())  # master weights stay fp32
-    for sae in (sae32, sae16):
+    for sae in (sae32, sae16):  # mean over the planted features of the best decoder cosine (MMCS)
         w = (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)).detach()
-        assert float((w @ true.T).max(0).values.mean()) >= 0.9  # the fp32 recovery test's bar
+        mmcs = float((w @ true.T).max(0).values.mean())
+        assert mmcs >= 0.97, mmcs  # issue 13: quality must not fall in bf16 (600 steps: 0.994 both, 300: 0.975)
     assert abs(loss16 - loss32) <= 0.1 * loss32 + 1e-3, (loss32, loss16)
 
 

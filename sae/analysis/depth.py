@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from activations.hooks import split_key
+from sae.modes import split_seed
 
 
 def layer_profile(layer_sum: torch.Tensor, layer_count: torch.Tensor, layers: list[int]) -> dict:
@@ -35,15 +36,15 @@ def decoder_layer_norms(W_dec: torch.Tensor, n_blocks: int) -> torch.Tensor:
 
 
 def banks(saes: dict) -> list[list[str]]:
-    """Groups of per-layer SAEs (mode layer/transcoder, one in key) of the same site and mode, sorted by
-    layer, with equal output sizes; only groups of two or more."""
+    """Groups of per-layer SAEs (mode layer/transcoder, one in key) of the same site, mode and init seed
+    (`strata train --seeds`), sorted by layer, with equal output sizes; only groups of two or more."""
     groups: dict[tuple, list[tuple[int, str]]] = {}
     for sae_id, sae in saes.items():
         cfg = sae.cfg
         if cfg.mode not in ("layer", "transcoder") or len(cfg.in_keys) != 1:
             continue
         site, layer = split_key(cfg.in_keys[0])
-        groups.setdefault((cfg.mode, site, cfg.d_out), []).append((layer, sae_id))
+        groups.setdefault((cfg.mode, site, cfg.d_out, split_seed(sae_id)[1]), []).append((layer, sae_id))
     return [[sid for _, sid in sorted(g)] for g in groups.values() if len(g) >= 2]
 
 
