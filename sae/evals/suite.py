@@ -19,6 +19,11 @@ from activations.errors import StrataError
 # name -> (module with run(ctx), what it measures)
 SUITES: dict[str, tuple[str, str]] = {
     "core": ("sae.evals.core", "reconstruction (FVU, cosine, shrinkage), sparsity (L0, dead/dense), CE/KL loss recovered"),
+    "absorption": ("sae.evals.absorption", "feature absorption on the first-letter task (SAEBench): mean absorption "
+                                           "fraction, full-absorption rate"),
+    "probing": ("sae.evals.probing", "k-sparse probes (k = 1, 2, 5, 20 latents) vs a probe on the raw activations, "
+                                     "on labelled tasks"),
+    "autointerp": ("sae.evals.autointerp", "each sampled feature's explanation scored by detection and fuzzing"),
 }
 
 
