@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from activations.errors import StrataError
-from sae.evals.model_inputs import encode_at, forward_batches, load_run_model, scored_inputs, token_ids
+from sae.evals.model_inputs import check_model, encode_at, forward_batches, load_run_model, scored_inputs, token_ids
 from sae.evals.suite import SuiteContext
 
 PROMPT = "tiger has the first letter: T\nplanet has the first letter: P\nriver has the first letter: R\n"
@@ -159,6 +159,10 @@ def word_activations(lm, keys: list[str], word_ids: list[int], device, batch: in
         for k in keys:
             out[k].append(acts[k][:, len(prefix)].cpu())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def check(cfg, run) -> None:
+    check_model(run, "absorption")
 
 
 @torch.no_grad()

@@ -132,6 +132,12 @@ def _summary(scores: list[dict]) -> dict:
             "autointerp_fuzzing_mean": mean("fuzzing"), "autointerp_features_scored": len(scores)}
 
 
+def check(cfg, run) -> None:
+    """Explainer flags (a transformers explainer's model is loaded only when the suite runs)."""
+    if cfg.explainer != "transformers" or not cfg.explainer_model:
+        make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url)
+
+
 def run(ctx: SuiteContext) -> dict:
     from sae.analysis.analyze import load_vocab_and_unembedding
 

@@ -35,15 +35,20 @@ def encode_at(sae, x_ND: torch.Tensor, key: str) -> torch.Tensor:
     return sae.encode(x_ND.to(sae.W_dec.device), **kw).float()
 
 
-def load_run_model(run, device, dtype, suites: str):
-    """The model the run was harvested from (activations.model.load_model); StrataError for a run without one."""
-    from activations.model import load_model
-
+def check_model(run, suite: str) -> str:
+    """The id of the model the run was harvested from; StrataError for a run without one."""
     model_id = str((run.manifest.model or {}).get("id") or "")
     if not model_id:
-        raise StrataError(f"the {suites} suite needs the model the run was harvested from, and this run has none "
-                          f"(synthetic activations); run --suite core or autointerp on it")
-    return load_model(model_id, device, dtype)
+        raise StrataError(f"the {suite} suite runs the model the run was harvested from, and this run has none "
+                          f"(synthetic activations); leave absorption and probing out of --suite for it")
+    return model_id
+
+
+def load_run_model(run, device, dtype, suite: str):
+    """The model the run was harvested from (activations.model.load_model)."""
+    from activations.model import load_model
+
+    return load_model(check_model(run, suite), device, dtype)
 
 
 def token_ids(tokenizer, text: str, max_tokens: int) -> list[int]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from activations.errors import StrataError
-from sae.evals.model_inputs import encode_at, forward_batches, load_run_model, scored_inputs, token_ids
+from sae.evals.model_inputs import check_model, encode_at, forward_batches, load_run_model, scored_inputs, token_ids
 from sae.evals.probe_tasks import builtin_tasks, read_task_file
 from sae.evals.suite import SuiteContext
 
@@ -106,6 +106,12 @@ def pooled_activations(lm, keys_of: dict, saes: dict, texts: list[str], max_toke
                     lat[(sid, k)].append(pooled.cpu())
     return ({k: torch.cat(v).numpy() for k, v in raw.items()},
             {sk: torch.cat(v).numpy() for sk, v in lat.items()})
+
+
+def check(cfg, run) -> None:
+    check_model(run, "probing")
+    if cfg.probe_tasks:
+        read_task_file(cfg.probe_tasks)
 
 
 @torch.no_grad()
