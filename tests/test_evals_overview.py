@@ -63,6 +63,34 @@ def test_overview_table_per_layer_and_frontier_axes(evaluated, monkeypatch):
     assert max(front["y"]) == pytest.approx(max(sae_points["y"]))  # higher accuracy is better: the best is on it
 
 
+def test_sweep_frontier_takes_any_eval_metric_as_its_y_axis(tmp_path):
+    from activations import layout
+    from strata.sweep_report import _eval_means, frontier_figure, member_metrics
+
+    # what a member's eval.json gives the summary: every suite's metrics, averaged over its SAEs
+    tdir = layout.train_dir(tmp_path, "m-0")
+    tdir.mkdir(parents=True)
+    (tdir / "eval.json").write_text(json.dumps({"saes": {
+        "resid.1": {"overall": {"l0": 8.0, "fvu": 0.3, "absorption_mean": 0.2, "probing_k1_accuracy": 0.7}},
+        "resid.2": {"overall": {"l0": 8.0, "fvu": 0.4, "absorption_mean": 0.4, "probing_k1_accuracy": 0.9}}}}))
+    saes, source = member_metrics(tmp_path, "m-0")
+    assert source == "eval"
+    assert _eval_means(saes) == {"absorption_mean": pytest.approx(0.3), "probing_k1_accuracy": pytest.approx(0.8)}
+
+    # three members: k=8 absorbs least, k=32 probes best; k=16 is beaten on both by one of them
+    members = [{"name": f"m-{k}", "params": {"k": k}, "status": "finished", "error": "", "config": {"arch": "topk"},
+                "l0": float(k), "fvu": fvu, "loss_recovered": None, "dead_fraction": 0.0, "source": "eval",
+                "frontier": False, "evals": {"absorption_mean": ab, "probing_k1_accuracy": acc}}
+               for k, fvu, ab, acc in [(8, 0.4, 0.1, 0.6), (16, 0.3, 0.3, 0.6), (32, 0.2, 0.5, 0.9)]]
+    fig = frontier_figure({"sweep": "s", "run": str(tmp_path), "members": members})
+    buttons = {b.label: b for b in fig.layout.updatemenus[0].buttons}
+    assert set(buttons) == {"absorption_mean", "probing_k1_accuracy"}
+    front_x = {m: buttons[m].args[0]["x"][1] for m in buttons}
+    assert front_x["absorption_mean"] == [8.0]  # lower is better: absorbing least at the lowest L0 beats both
+    assert front_x["probing_k1_accuracy"] == [8.0, 32.0]  # higher is better: k=32 buys accuracy with L0
+    assert buttons["probing_k1_accuracy"].args[1] == {"yaxis2.title.text": "probing_k1_accuracy (higher is better)"}  # panel 2: no loss recovered
+
+
 @needs_chromium
 def test_browser_frontier_axis_choice(evaluated, page):
     from dashboard.serve import serve_dashboard, wait_until_up
