@@ -88,7 +88,7 @@ def test_sweep_frontier_takes_any_eval_metric_as_its_y_axis(tmp_path):
     front_x = {m: buttons[m].args[0]["x"][1] for m in buttons}
     assert front_x["absorption_mean"] == [8.0]  # lower is better: absorbing least at the lowest L0 beats both
     assert front_x["probing_k1_accuracy"] == [8.0, 32.0]  # higher is better: k=32 buys accuracy with L0
-    assert buttons["probing_k1_accuracy"].args[1] == {"yaxis2.title.text": "probing_k1_accuracy (higher is better)"}  # panel 2: no loss recovered
+    assert buttons["probing_k1_accuracy"].args[1] == {"yaxis2.title.text": "probing_k1_accuracy (higher is better)"}
 
 
 @needs_chromium
