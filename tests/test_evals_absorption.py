@@ -89,3 +89,21 @@ def test_eval_absorption_per_sae_and_layer(wordy_run, capsys):
         if m["absorption_letters_scored"]:
             assert 0.0 <= m["absorption_mean"] <= 1.0 and 0.0 <= m["absorption_full"] <= 1.0
     assert "absorption: absorption_" in capsys.readouterr().out
+
+
+def test_word_activations_through_the_prompt_cache_match_a_full_forward(tiny_llama):
+    """The cached prompt gives each word the activations a forward over the whole prompt and word gives."""
+    import torch
+
+    from activations.hooks import capture
+    from activations.model import load_model
+    from sae.evals.absorption import PROMPT, word_activations
+    from sae.evals.model_inputs import token_ids
+
+    lm = load_model(str(tiny_llama), "cpu")
+    words = [30, 31, 200, 301]
+    got = word_activations(lm, ["resid.1", "mlp_out.2"], words, torch.device("cpu"), batch=3)
+    prefix = token_ids(lm.tokenizer, PROMPT, 1 << 20)
+    full = capture(lm.model, ["resid.1", "mlp_out.2"], torch.tensor([prefix + [w] for w in words]))
+    for key in ("resid.1", "mlp_out.2"):
+        assert np.allclose(got[key], full[key][:, -1].numpy(), atol=1e-4)

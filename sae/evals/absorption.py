@@ -3,9 +3,10 @@
 Words: single-token words of the model's own vocabulary (a leading space, then >= 2 ASCII letters), a seeded
 sample of `--absorption-words`, split 80/20 into train and test words. Each word is read in context: a fixed
 spelling prompt ("tiger has the first letter: T" ...) followed by the word; the activation is taken at the word's
-token (the text after it cannot change it in a causal model, so the prompt stops there). One forward pass per
-batch gives every key; one logistic probe per key (all 26 letters, multinomial, scikit-learn) is trained on the
-train words' raw activations and shared by every SAE scored at that key.
+token (the text after it cannot change it in a causal model, so the prompt stops there; the prompt is read once
+and its key/value cache continued by every word). One forward pass per batch of words gives every key; one
+logistic probe per key (all 26 letters, multinomial, scikit-learn) is trained on the train words' raw
+activations and shared by every SAE scored at that key.
 
 Per SAE and key, per letter L (letters whose probe F1 on the test words is >= 0.6):
   main latents: latents ranked by the class-mean difference of their activations (L vs other letters, train
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from activations.errors import StrataError
-from sae.evals.model_inputs import check_model, encode_at, forward_batches, load_run_model, scored_inputs, token_ids
+from sae.evals.model_inputs import check_model, encode_at, load_run_model, scored_inputs, token_ids
 from sae.evals.suite import SuiteContext
 
 PROMPT = "tiger has the first letter: T\nplanet has the first letter: P\nriver has the first letter: R\n"
@@ -150,15 +151,27 @@ def absorption_scores(probe: LetterProbe, acts_te: np.ndarray, y_tr: np.ndarray,
             "absorption_letters_scored": len(per_letter), "letters": per_letter}
 
 
-def word_activations(lm, keys: list[str], word_ids: list[int], device, batch: int = 64) -> dict:
-    """{key: [words, d]} at each word's token after the spelling prompt."""
-    prefix = token_ids(lm.tokenizer, PROMPT, 1 << 20)
-    seqs = [prefix + [w] for w in word_ids]
-    out = {k: [] for k in keys}
-    for _, acts, _mask in forward_batches(lm, keys, seqs, batch, device):
+@torch.no_grad()
+def word_activations(lm, keys: list[str], word_ids: list[int], device, batch: int = 256) -> dict:
+    """{key: [words, d]} at each word's token after the spelling prompt. The prompt is the same for every word:
+    the model reads it once, and each batch of words continues a copy of its key/value cache (one token per
+    word instead of the whole prompt)."""
+    import copy
+
+    from activations.hooks import capture
+
+    prefix = torch.tensor([token_ids(lm.tokenizer, PROMPT, 1 << 20)], device=device)
+    out = lm.model(input_ids=prefix, use_cache=True)
+    cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+    acts_by_key = {k: [] for k in keys}
+    for s in range(0, len(word_ids), batch):
+        ids = torch.tensor(word_ids[s:s + batch], device=device).unsqueeze(1)
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(len(ids))
+        acts = capture(lm.model, keys, ids, past_key_values=past)
         for k in keys:
-            out[k].append(acts[k][:, len(prefix)].cpu())
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+            acts_by_key[k].append(acts[k][:, -1].float().cpu())
+    return {k: torch.cat(v).numpy() for k, v in acts_by_key.items()}
 
 
 def check(cfg, run) -> None:
