@@ -5,7 +5,7 @@ Harvests a small run of the embedded model (resid at 6 layers), trains a TopK ba
 `strata eval --suite absorption,probing,autointerp` and prints each suite's seconds and the total, against the
 budget of 15 minutes for the full suite on a 2-core machine, and each SAE's headline metrics.
 
-Usage: python scripts/bench_evals.py [--layers 3-18:3] [--tokens 40960] [--train-tokens 30000] [--keep DIR]
+Usage: python scripts/bench_evals.py [--layers 3-18:3] [--tokens 40960] [--train-tokens 30000] [--keep DIR [--reuse]]
 """
 from __future__ import annotations
 
@@ -33,16 +33,28 @@ def step(what: str, argv: list) -> float:
     return time.perf_counter() - t
 
 
-def bench(run: Path, layers: str, tokens: int, train_tokens: int) -> None:
+def bench(run: Path, layers: str, tokens: int, train_tokens: int, reuse: bool = False) -> None:
+    if not reuse:
+        setup(run, layers, tokens, train_tokens)
+    t = time.perf_counter()
+    result = evaluate(EvalConfig(run_dir=str(run), name="bank", suite=",".join(SUITES)))
+    total = time.perf_counter() - t
+    report(result, total)
+
+
+def setup(run: Path, layers: str, tokens: int, train_tokens: int) -> None:
     t_h = step("harvest", ["harvest", run, "--sites", "resid", "--layers", layers, "--max-tokens", tokens,
                            "--context", 128, "--shard-tokens", 4096, "--progress", "false"])
     t_t = step("train", ["train", run, "--name", "bank", "--arch", "topk", "--layers", layers, "--expansion", 8,
                          "--k", 32, "--max-tokens", train_tokens, "--batch-size", 1024, "--progress", "false"])
-    print(f"setup: harvest {t_h:.0f} s, train {t_t:.0f} s (not part of the eval budget)")
-    t = time.perf_counter()
-    result = evaluate(EvalConfig(run_dir=str(run), name="bank", suite=",".join(SUITES)))
-    total = time.perf_counter() - t
+    print(f"setup: harvest {t_h:.0f} s, train {t_t:.0f} s (not part of the eval budget)", flush=True)
+
+
+def report(result: dict, total: float) -> None:
+    import os
+
     print("\nper-suite time, 6-SAE bank of SmolLM2-135M (this machine is shared: absolute seconds are noisy)")
+    print(f"(1-minute load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print(f"{'suite':>12}  {'seconds':>8}  share")
     for s in SUITES:
         sec = result["suites"][s]["seconds"]
@@ -65,9 +77,11 @@ def main_cli() -> None:
     ap.add_argument("--tokens", type=int, default=40960, help="tokens harvested")
     ap.add_argument("--train-tokens", type=int, default=30000, help="tokens each SAE trains on")
     ap.add_argument("--keep", default="", help="harvest into this folder and keep it (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true", help="with --keep: the folder already holds the harvest and the "
+                                                         "trained bank from an earlier --keep run; only evaluate")
     args = ap.parse_args()
     if args.keep:
-        bench(Path(args.keep), args.layers, args.tokens, args.train_tokens)
+        bench(Path(args.keep), args.layers, args.tokens, args.train_tokens, args.reuse)
         return
     tmp = Path(tempfile.mkdtemp(prefix="bench-evals-"))
     try:
