@@ -63,16 +63,16 @@ class LetterProbe:
 
 
 def letter_probe(acts_tr: np.ndarray, y_tr: np.ndarray, acts_te: np.ndarray, y_te: np.ndarray) -> LetterProbe:
-    """Multinomial logistic probe for the first letter on raw activations (scaled by one scalar, so its
-    directions are directions of the raw space)."""
+    """Multinomial logistic probe for the first letter on standardised activations (which it fits in a fraction
+    of the iterations raw ones need); each letter's direction in the raw space is its weights / the stds."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
-    scale = 1.0 / max(float(np.sqrt((acts_tr.astype(np.float64) ** 2).sum(1).mean())), 1e-12)
-    clf = LogisticRegression(max_iter=2000).fit(acts_tr * scale, y_tr)
-    coef = clf.coef_ if len(clf.classes_) > 2 else np.stack([-clf.coef_[0], clf.coef_[0]])
+    mean, std = acts_tr.mean(0), acts_tr.std(0) + 1e-6
+    clf = LogisticRegression(max_iter=300).fit((acts_tr - mean) / std, y_tr)
+    coef = (clf.coef_ if len(clf.classes_) > 2 else np.stack([-clf.coef_[0], clf.coef_[0]])) / std
     directions = {int(c): coef[i] / max(np.linalg.norm(coef[i]), 1e-12) for i, c in enumerate(clf.classes_)}
-    pred = clf.predict(acts_te * scale)
+    pred = clf.predict((acts_te - mean) / std)
     f1 = {c: float(f1_score(y_te == c, pred == c, zero_division=0.0)) for c in directions}
     return LetterProbe(directions, pred, f1)
 
@@ -83,19 +83,17 @@ def main_latents(codes_tr: np.ndarray, pos_tr: np.ndarray, codes_te: np.ndarray,
     of a k-sparse logistic probe on them by more than F1_JUMP."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     diff = codes_tr[pos_tr].mean(0) - codes_tr[~pos_tr].mean(0)
     order = [int(i) for i in np.argsort(-diff, kind="stable")[:max_k] if diff[i] > 0]
     if not order:
         return []
+    mean, std = codes_tr[:, order].mean(0), codes_tr[:, order].std(0) + 1e-6
+    tr, te = (codes_tr[:, order] - mean) / std, (codes_te[:, order] - mean) / std
     f1s = []
     for k in range(1, len(order) + 1):
-        cols = order[:k]
-        probe = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
-        probe.fit(codes_tr[:, cols], pos_tr)
-        f1s.append(float(f1_score(pos_te, probe.predict(codes_te[:, cols]), zero_division=0.0)))
+        probe = LogisticRegression(class_weight="balanced", max_iter=300).fit(tr[:, :k], pos_tr)
+        f1s.append(float(f1_score(pos_te, probe.predict(te[:, :k]), zero_division=0.0)))
         if k >= 2 and f1s[-1] - f1s[-2] <= F1_JUMP:
             return order[:k - 1]
     return order
