@@ -138,8 +138,10 @@ def _input_of(args, kwargs):
     return kwargs.get("hidden_states", next(iter(kwargs.values())))
 
 
-def capture(model: nn.Module, keys: list[str], input_ids: torch.Tensor, attention_mask=None) -> dict[str, torch.Tensor]:
-    """Run the model on `input_ids` and return {key: activation [batch, tokens, d]} (detached)."""
+def capture(model: nn.Module, keys: list[str], input_ids: torch.Tensor, attention_mask=None,
+            past_key_values=None) -> dict[str, torch.Tensor]:
+    """Run the model on `input_ids` and return {key: activation [batch, tokens, d]} (detached). With
+    `past_key_values` (a transformers cache of a prefix, which the call extends), `input_ids` continue that prefix."""
     out: dict[str, torch.Tensor] = {}
     handles = []
     wanted = set(keys)
@@ -158,7 +160,13 @@ def capture(model: nn.Module, keys: list[str], input_ids: torch.Tensor, attentio
             handles.append(mod.register_forward_hook(lambda m, a, o, _k=key: record(_k, _first(o))))
     try:
         with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if past_key_values is None:
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            else:  # transformers >= 5.24 names the argument `cache`, earlier versions `past_key_values`
+                import inspect
+
+                name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{name: past_key_values})
     except _StopForward:
         pass
     finally:

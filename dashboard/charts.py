@@ -143,10 +143,13 @@ def flow_figure(flow, hrefs: list[str] | None = None) -> go.Figure:
     return fig
 
 
-def frontier(points: list[dict], front: list[dict]) -> go.Figure:
+def frontier(points: list[dict], front: list[dict], x: str = "L0", y: str = "FVU") -> go.Figure:
+    """Points {"train", "sae", "x", "y"} and the Pareto front among them; x and y name the axes."""
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[p["L0"] for p in points], y=[p["FVU"] for p in points], mode="markers",
+    fig.add_trace(go.Scatter(x=[p["x"] for p in points], y=[p["y"] for p in points], mode="markers",
                              text=[f"{p['train']}/{p['sae']}" for p in points], name="SAEs"))
-    fig.add_trace(go.Scatter(x=[p["L0"] for p in front], y=[p["FVU"] for p in front], mode="lines", name="frontier"))
-    fig.update_layout(title="L0-FVU frontier", xaxis_title="L0", yaxis_title="FVU", xaxis_type="log", **LAYOUT)
+    fig.add_trace(go.Scatter(x=[p["x"] for p in front], y=[p["y"] for p in front], mode="lines", name="frontier"))
+    log_x = all(p["x"] > 0 for p in points) and x == "L0"
+    fig.update_layout(title=f"{x}-{y} frontier", xaxis_title=x, yaxis_title=y, xaxis_type="log" if log_x else "linear",
+                      **LAYOUT)
     return fig

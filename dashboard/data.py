@@ -100,9 +100,15 @@ def train_config(run, name: str) -> dict:
 
 
 # the overview's columns: (key in eval.json's per-SAE "overall", factor); sae/evaluate.py writes these keys
-# (NaN is stored as null), "frac_dead" as a fraction of latents
+# (NaN is stored as null), "frac_dead" as a fraction of latents. The core columns are always shown; the other
+# suites' (sae/evals/) only when some SAE of the training run has them.
 EVAL_COLUMNS = {"L0": ("l0", 1.0), "FVU": ("fvu", 1.0), "dead %": ("frac_dead", 100.0),
-                "loss recovered": ("ce_loss_recovered", 1.0)}
+                "loss recovered": ("ce_loss_recovered", 1.0),
+                "absorption": ("absorption_mean", 1.0), "full absorption": ("absorption_full", 1.0),
+                "probe k=1": ("probing_k1_accuracy", 1.0), "probe k=5": ("probing_k5_accuracy", 1.0),
+                "probe k=20": ("probing_k20_accuracy", 1.0), "probe raw": ("probing_full_accuracy", 1.0),
+                "detection": ("autointerp_detection_mean", 1.0), "fuzzing": ("autointerp_fuzzing_mean", 1.0)}
+CORE_COLUMNS = ("L0", "FVU", "dead %", "loss recovered")
 
 
 def eval_metric(overall: dict, column: str) -> float | None:
@@ -114,24 +120,52 @@ def eval_metric(overall: dict, column: str) -> float | None:
     return None
 
 
-def sweep_points(run) -> list[dict]:
-    """(L0, FVU) of every evaluated SAE of every training run: the points of the sweep frontier."""
+def eval_per_key(run, name: str) -> list[dict]:
+    """One row per SAE and key of its eval.json `per_key` (a multi-layer SAE: each layer of its input): the
+    overview's per-layer table, every numeric metric as a column."""
+    path = inside(run, layout.train_dir(run, name) / "eval.json")
+    try:
+        saes = json.loads(path.read_text()).get("saes") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        saes = None
+    rows = []
+    for sid, r in (saes or {}).items():
+        per_key = r.get("per_key") if isinstance(r, dict) else None
+        for key, metrics in (per_key or {}).items():
+            if isinstance(metrics, dict):
+                rows.append({"SAE": str(sid), "key": str(key), **{m: eval_number(v) for m, v in metrics.items()}})
+    return rows
+
+
+def eval_number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def numeric_metrics(overalls: list[dict]) -> list[str]:
+    """Every metric name with a finite number in some SAE's eval summary, sorted: the frontier's axis choices."""
+    return sorted({m for o in overalls for m, v in o.items() if eval_number(v) is not None})
+
+
+def sweep_points(run, x: str = "l0", y: str = "fvu") -> list[dict]:
+    """(x, y) of every evaluated SAE of every training run, two eval.json metrics (default L0 and FVU): the points
+    of the frontier of evaluated SAEs."""
     points = []
     for name in train_names(run):
         for sid, res in eval_results(run, name).items():
-            l0, fvu = eval_metric(res, "L0"), eval_metric(res, "FVU")
-            if l0 is not None and fvu is not None:
-                points.append({"train": name, "sae": sid, "L0": l0, "FVU": fvu})
+            vx, vy = eval_number(res.get(x)), eval_number(res.get(y))
+            if vx is not None and vy is not None:
+                points.append({"train": name, "sae": sid, "x": vx, "y": vy})
     return points
 
 
-def pareto_front(points: list[dict]) -> list[dict]:
-    """Points no other point beats on both L0 (lower) and FVU (lower), sorted by L0."""
+def pareto_front(points: list[dict], maximize_y: bool = False) -> list[dict]:
+    """Points no other point beats on both x (lower) and y (lower, or higher with maximize_y), sorted by x."""
+    sign = -1.0 if maximize_y else 1.0
     front, best = [], math.inf
-    for p in sorted(points, key=lambda p: (p["L0"], p["FVU"])):
-        if p["FVU"] < best:
+    for p in sorted(points, key=lambda p: (p["x"], sign * p["y"])):
+        if sign * p["y"] < best:
             front.append(p)
-            best = p["FVU"]
+            best = sign * p["y"]
     return front
 
 

@@ -29,7 +29,7 @@ from activations.lock import run_lock
 from activations.reader import open_run
 from sae import train_folder
 from sae.checkpoint import STATE, load_saes, saes_dir
-from sae.evals.suite import SUITES, SuiteContext, parse_suites, run_suite
+from sae.evals.suite import SUITES, SuiteContext, check_suites, parse_suites, run_suite
 from sae.models import use_precision
 from sae.modes import check_exclude_first, split_seed
 
@@ -49,6 +49,19 @@ class EvalConfig:
                 ">= 1.5x faster than fp32 on this machine), fp32, bf16")
     suite: str = _f("core", "comma-separated eval suites to run: " + ", ".join(SUITES) + " (the earlier results of "
                             "suites not run are kept in eval.json)")
+    absorption_words: Annotated[int, Gt(0)] = _f(1500, "absorption: single-token words sampled from the vocabulary")
+    absorption_max_k: Annotated[int, Gt(0)] = _f(10, "absorption: most main latents per letter")
+    probe_tasks: str = _f("", "probing: a .jsonl file of labelled texts (`text`, `label`; >= 2 classes, >= 20 "
+                              "examples each) probed instead of the built-in tasks")
+    probe_examples: Annotated[int, Ge(20)] = _f(64, "probing: examples per class of each built-in task")
+    probe_tokens: Annotated[int, Gt(1)] = _f(64, "probing: tokens per text (longer texts are cut)")
+    autointerp_features: Annotated[int, Gt(0)] = _f(50, "autointerp: features sampled per SAE")
+    autointerp_tokens: Annotated[int, Ge(0)] = _f(100_000, "autointerp: held-out tokens searched for examples "
+                                                           "(0 = all)")
+    explainer: Literal["tokens", "openai", "transformers"] = _f(
+        "tokens", "autointerp: tokens (offline), openai (any OpenAI-compatible server), transformers (a local model)")
+    explainer_model: str = _f("", "autointerp: model for the openai/transformers explainers")
+    explainer_url: str = _f("", "autointerp: OpenAI-compatible base URL, e.g. http://localhost:8080/v1")
 
 
 def _resolve_name(cfg: EvalConfig) -> str:
@@ -69,6 +82,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     suites = parse_suites(cfg.suite)
     name = _resolve_name(cfg)
     run = open_run(cfg.run_dir)
+    check_suites(suites, cfg, run)
     with run_lock(cfg.run_dir, f"strata eval --name {name}", scope=f"train-{name}"):
         return _evaluate(cfg, run, name, suites)
 

@@ -520,9 +520,55 @@ SEEDS = [  # `strata train --seeds`: one SAE per listed seed
          "seeds: None -> '0,1'"),
 ]
 
+# `strata eval --suite absorption,probing,autointerp`: refused before any suite runs, so eval.json is untouched
+def _probe_file(case_id: str, lines: list, match: str) -> Case:
+    """`strata eval --suite probing --probe-tasks <case folder>/task.jsonl` holding `lines` (dicts or raw text)."""
+    def setup(w: Workspace, tmp: Path) -> None:
+        (tmp / "task.jsonl").write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
+
+    return Case(case_id, lambda w: ["eval", w.run, "--name", "t1", "--suite", "core,probing", "--probe-tasks",
+                                    _case_dir(w, case_id) / "task.jsonl", "--device", "cpu"], match, setup)
+
+
+def _texts(label, n: int, field: str = "label") -> list:
+    return [{"text": f"example {i} of {label}", field: label} for i in range(n)]
+
+
+def _run_without_model(w: Workspace, tmp: Path) -> None:
+    """A copy of the workspace run whose manifest names no model (as a run of synthetic activations)."""
+    shutil.copytree(w.run, tmp / "R", ignore=shutil.ignore_patterns(".locks", ".strata.lock"))
+    manifest = json.loads((tmp / "R" / "manifest.json").read_text())
+    manifest["model"]["id"] = ""
+    (tmp / "R" / "manifest.json").write_text(json.dumps(manifest))
+
+
+EVAL_CASES: list[Case] = [
+    Case("eval-absorption-run-without-model",
+         lambda w: ["eval", _case_dir(w, "eval-absorption-run-without-model") / "R", "--name", "t1", "--suite",
+                    "core,absorption", "--device", "cpu"], "the absorption suite runs the model",
+         setup=_run_without_model),
+    _probe_file("probe-tasks-one-class", _texts("spam", 40), "has one class (every example is 'spam')"),
+    _probe_file("probe-tasks-missing-label", _texts("a", 25) + [{"text": "no label here"}] + _texts("b", 25),
+                "line 26 has no `label`"),
+    _probe_file("probe-tasks-missing-text", _texts("a", 25) + [{"body": "x", "label": "b"}] + _texts("b", 25),
+                "line 26 has no `text` string"),
+    _probe_file("probe-tasks-too-few", _texts("a", 25) + _texts("b", 19), "fewer than 20 examples of a class ('b': 19)"),
+    _probe_file("probe-tasks-not-json", _texts("a", 25) + ["text,label"] + _texts("b", 25), "line 26 is not JSON"),
+    Case("probe-tasks-no-such-file", lambda w: ["eval", w.run, "--name", "t1", "--suite", "probing", "--probe-tasks",
+                                                w.root / "nowhere.jsonl", "--device", "cpu"], "no such file"),
+    Case("probe-examples-below-20", lambda w: ["eval", w.run, "--name", "t1", "--suite", "probing",
+                                               "--probe-examples", "5", "--device", "cpu"], "probe_examples"),
+    Case("autointerp-openai-without-url", lambda w: ["eval", w.run, "--name", "t1", "--suite", "core,autointerp",
+                                                     "--explainer", "openai", "--device", "cpu"],
+         "needs --explainer-url"),
+    Case("autointerp-transformers-without-model", lambda w: ["eval", w.run, "--name", "t1", "--suite", "autointerp",
+                                                             "--explainer", "transformers", "--device", "cpu"],
+         "needs --explainer-model"),
+]
+
 
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
-             + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS)
+             + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

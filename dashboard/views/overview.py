@@ -10,7 +10,8 @@ from dashboard.views.common import Ctx
 
 
 def sae_table(ctx: Ctx, name: str) -> pd.DataFrame:
-    """L0, FVU, dead %, loss recovered from eval.json; L0 and dead % measured by the index when eval is absent."""
+    """L0, FVU, dead %, loss recovered from eval.json, and the other suites' headline metrics (absorption,
+    probing, autointerp) where eval ran them; L0 and dead % measured by the index when eval is absent."""
     results = data.eval_results(ctx.run, name)
     idx = cache.open_index(ctx.run, name) if name in ctx.trains else None
     ids = list(idx.sae_ids) if idx else []
@@ -30,7 +31,28 @@ def sae_table(ctx: Ctx, name: str) -> pd.DataFrame:
             row["L0 (index)"] = float(np.sum(freq))  # mean active latents per encoded vector
             row["dead % (index)"] = 100.0 * float(np.mean(freq == 0))
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    unmeasured = [c for c in data.EVAL_COLUMNS if c not in data.CORE_COLUMNS and c in table and table[c].isna().all()]
+    return table.drop(columns=unmeasured)
+
+
+def axis_label(metric: str) -> str:
+    return {"l0": "L0", "fvu": "FVU"}.get(metric, metric)
+
+
+def choose_axes(metrics: list[str], key: str) -> tuple[str, str]:
+    """Two eval metrics for a frontier's axes (default L0 and FVU)."""
+    c = st.columns(2)
+    x = c[0].selectbox("x axis", metrics, index=metrics.index("l0") if "l0" in metrics else 0, key=f"fx-{key}")
+    y = c[1].selectbox("y axis", metrics, index=metrics.index("fvu") if "fvu" in metrics else 0, key=f"fy-{key}")
+    return x, y
+
+
+def frontier_chart(points: list[dict], x: str, y: str, key: str) -> None:
+    from sae.evals import higher_is_better
+
+    front = data.pareto_front(points, maximize_y=higher_is_better(y))
+    st.plotly_chart(charts.frontier(points, front, axis_label(x), axis_label(y)), key=key)
 
 
 def render(ctx: Ctx) -> None:
@@ -64,6 +86,10 @@ def render(ctx: Ctx) -> None:
         table = sae_table(ctx, name)
         if len(table):
             st.dataframe(table, hide_index=True)
+        per_key = data.eval_per_key(ctx.run, name)
+        if per_key:
+            with st.expander(f"{name}: eval metrics per layer ({len(per_key)} SAE × key rows)"):
+                st.dataframe(pd.DataFrame(per_key), hide_index=True, key=f"per-key-{name}")
 
     if ctx.train:
         idx = cache.open_index(ctx.run, ctx.train)
@@ -76,17 +102,32 @@ def render(ctx: Ctx) -> None:
 
     sweeps = data.sweep_summaries(ctx.run)
     for name, members in sweeps.items():
-        st.subheader(f"Sweep {name}: L0–FVU frontier")
-        points = [{"train": m.get("name", "?"), "sae": "mean over SAEs", "L0": m["l0"], "FVU": m["fvu"]}
-                  for m in members if isinstance(m.get("l0"), (int, float)) and isinstance(m.get("fvu"), (int, float))]
+        values = [{**{k: m.get(k) for k in ("l0", "fvu", "loss_recovered", "dead_fraction")},
+                   **(m.get("evals") if isinstance(m.get("evals"), dict) else {})} for m in members]
+        metrics = data.numeric_metrics(values) or ["l0", "fvu"]
+        x, y = ("l0", "fvu") if len(metrics) < 2 else choose_axes(metrics, name)
+        st.subheader(f"Sweep {name}: {axis_label(x)}–{axis_label(y)} frontier")
+        points = [{"train": m.get("name", "?"), "sae": "mean over SAEs", "x": v[x], "y": v[y]}
+                  for m, v in zip(members, values) if data.eval_number(v.get(x)) is not None
+                  and data.eval_number(v.get(y)) is not None]
         if points:
-            st.plotly_chart(charts.frontier(points, data.pareto_front(points)), key=f"frontier-{name}")
+            frontier_chart(points, x, y, f"frontier-{name}")
         st.dataframe(pd.DataFrame([{"member": m.get("name"), "status": m.get("status"),
                                     **{k: str(v) for k, v in (m.get("params") or {}).items()},
                                     "L0": m.get("l0"), "FVU": m.get("fvu"), "loss recovered": m.get("loss_recovered"),
                                     "dead fraction": m.get("dead_fraction"), "frontier": m.get("frontier")}
                                    for m in members]), hide_index=True, key=f"sweep-table-{name}")
-    points = data.sweep_points(ctx.run)
-    if not sweeps and len(points) >= 2:  # no sweep summary: every evaluated SAE of every training run
-        st.subheader("Evaluated SAEs: L0–FVU frontier")
-        st.plotly_chart(charts.frontier(points, data.pareto_front(points)), key="frontier")
+    if sweeps:
+        return
+    # no sweep summary: every evaluated SAE of every training run, on any two eval metrics
+    overalls = [o for name in trains for o in data.eval_results(ctx.run, name).values()]
+    if len(overalls) < 2:
+        return
+    metrics = data.numeric_metrics(overalls)
+    if len(metrics) < 2:
+        return
+    st.subheader("Evaluated SAEs: frontier")
+    x, y = choose_axes(metrics, "evaluated")
+    points = data.sweep_points(ctx.run, x, y)
+    if len(points) >= 2:
+        frontier_chart(points, x, y, "frontier")

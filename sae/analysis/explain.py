@@ -4,7 +4,8 @@ An explainer turns a feature's top activating contexts into a short text, and gi
 of a set of contexts it expects the feature to fire in. Scoring (the auto-interp "detection" test): held-out
 activating contexts (the odd-ranked top examples and the quantile-interval samples) against contexts where
 the feature is silent at the centre token; F1 of the explainer's yes/no answers. Deterministic for the
-default explainer.
+default explainer. Each explainer also judges fuzzing (`fuzz`: are the marked tokens of an excerpt the ones the
+explanation describes?), which `strata eval --suite autointerp` scores beside detection.
 
   tokens        offline default: the tokens the feature peaks on, weighted by activation (no network)
   openai        any OpenAI-compatible /chat/completions endpoint (e.g. a local llama.cpp or vLLM server), through
@@ -73,6 +74,12 @@ class TokenExplainer:
             return np.zeros(len(windows), dtype=bool)
         return np.isin(windows, list(expl.tokens)).any(1)
 
+    def fuzz(self, expl: Explanation, windows: np.ndarray, marks: np.ndarray, vocab) -> np.ndarray:
+        """Per window: do the marked tokens fit the explanation (is one of them a token it names)?"""
+        if not expl.tokens:
+            return np.zeros(len(windows), dtype=bool)
+        return (np.isin(windows, list(expl.tokens)) & marks).any(1)
+
 
 def _explain_prompt(windows, acts, vocab) -> str:
     lines = [window_text(t, vocab, a, mark=True) for t, a in zip(windows, acts) if (t >= 0).any()]
@@ -86,6 +93,18 @@ def _detect_prompt(text: str, windows, vocab) -> str:
     return (f"A feature of a neural network detects: {text}\nFor each numbered excerpt, decide whether the feature "
             "fires somewhere in it. Answer with the numbers of the excerpts where it fires, comma separated, or "
             "'none'.\n\n" + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(lines)) + "\n\nExcerpts where it fires:")
+
+
+def _fuzz_prompt(text: str, windows, marks, vocab) -> str:
+    lines = []
+    for t, m in zip(windows, marks):
+        parts = [(f"<<{vocab[x]}>>" if mk else vocab[x]) if vocab is not None and x < len(vocab) else
+                 (f"<<<{x}>>>" if mk else f"<{x}>") for x, mk in zip(t, m) if x >= 0]
+        lines.append("".join(parts))
+    return (f"A feature of a neural network detects: {text}\nIn each numbered excerpt some tokens are marked "
+            "<<like this>>. Decide for each excerpt whether the marked tokens are ones the feature would fire on. "
+            "Answer with the numbers of the excerpts whose marks are right, comma separated, or 'none'.\n\n"
+            + "\n".join(f"{i + 1}. {s}" for i, s in enumerate(lines)) + "\n\nExcerpts with the right marks:")
 
 
 def _parse_numbers(answer: str, n: int) -> np.ndarray:
@@ -139,6 +158,9 @@ class OpenAIExplainer:
     def detect(self, expl, windows, acts_unused, vocab) -> np.ndarray:
         return _parse_numbers(self._chat(_detect_prompt(expl.text, windows, vocab)), len(windows))
 
+    def fuzz(self, expl, windows, marks, vocab) -> np.ndarray:
+        return _parse_numbers(self._chat(_fuzz_prompt(expl.text, windows, marks, vocab)), len(windows))
+
 
 class TransformersExplainer:
     """A local causal LM (any id activations.model.load_model accepts)."""
@@ -167,6 +189,9 @@ class TransformersExplainer:
 
     def detect(self, expl, windows, acts_unused, vocab) -> np.ndarray:
         return _parse_numbers(self._generate(_detect_prompt(expl.text, windows, vocab)), len(windows))
+
+    def fuzz(self, expl, windows, marks, vocab) -> np.ndarray:
+        return _parse_numbers(self._generate(_fuzz_prompt(expl.text, windows, marks, vocab)), len(windows))
 
 
 def make_explainer(kind: str, model: str = "", url: str = "", api_key_env: str = "OPENAI_API_KEY", device="auto"):

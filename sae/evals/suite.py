@@ -4,7 +4,8 @@ A suite is looked up by name and imported only when asked for (some need scikit-
 SuiteContext: the opened run, the loaded SAEs (compute precision already set), the held-out shards, the training
 identity (exclude_first, heldout_fraction, ...). It returns its metrics per SAE (see sae/evals/__init__.py); it
 raises StrataError for a problem the user can fix, which fails that suite alone: the others still run and
-their results are written.
+their results are written. A suite module may also define `check(cfg, run)`, run for every requested suite before
+any of them: what it refuses stops the command before anything is written.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from activations.errors import StrataError
 # name -> (module with run(ctx), what it measures)
 SUITES: dict[str, tuple[str, str]] = {
     "core": ("sae.evals.core", "reconstruction (FVU, cosine, shrinkage), sparsity (L0, dead/dense), CE/KL loss recovered"),
+    "absorption": ("sae.evals.absorption", "feature absorption on the first-letter task (SAEBench): mean absorption "
+                                           "fraction, full-absorption rate"),
+    "probing": ("sae.evals.probing", "k-sparse probes (k = 1, 2, 5, 20 latents) vs a probe on the raw activations, "
+                                     "on labelled tasks"),
+    "autointerp": ("sae.evals.autointerp", "each sampled feature's explanation scored by detection and fuzzing"),
 }
 
 
@@ -44,6 +50,15 @@ def parse_suites(spec: str) -> list[str]:
     if unknown:
         raise StrataError(f"unknown eval suite {', '.join(map(repr, unknown))}; pick from: {', '.join(SUITES)}")
     return list(dict.fromkeys(names))
+
+
+def check_suites(names: list[str], cfg, run) -> None:
+    """Before any suite runs: each suite module's optional `check(cfg, run)` raises StrataError for input it cannot
+    use (a bad task file, explainer flags, a run without a model), so a command that cannot run writes nothing."""
+    for name in names:
+        check = getattr(importlib.import_module(SUITES[name][0]), "check", None)
+        if check is not None:
+            check(cfg, run)
 
 
 def run_suite(name: str, ctx: SuiteContext) -> dict:
