@@ -255,3 +255,62 @@ def test_prompt_explorer_runs_the_model_and_links_features(analyzed_run, monkeyp
     assert_no_active_markup(grid)  # the typed text is escaped too
     rows = at.dataframe[0].value
     assert len(rows) > 0 and set(rows.columns) == {"layer", "feature", "activation"}
+
+
+# ---------------------------------------------------------------- first impression: the default order
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A synthetic run whose resid.0 holds planted features: an interpretable one (good score, ordinary
+    statistics), an always-on one and an outlier-only one that both score higher, a formatting one (peaks on
+    '\\n') and a repeat of the interpretable one's explanation."""
+    import h5py
+    import numpy as np
+
+    from sae.analysis.index_file import FeatureIndex
+
+    vocab = [f"tok{i}" for i in range(40)] + ["\n"]
+    run = synthetic_run(tmp_path_factory.mktemp("planted") / "run", vocab)
+    path = run / "index" / "synth.h5"
+    idx = FeatureIndex(path)
+    mean = idx.column("resid.0", "mean_act")
+    idx.close()
+    good, dense, outlier, newline, repeat = 3, 4, 5, 6, 7
+    with h5py.File(path, "r+") as f:
+        g = f["saes/resid.0"]
+        score = g["explanation_score"][()]
+        score[:] = np.minimum(score, 0.5)
+        score[[good, dense, outlier, newline, repeat]] = [0.9, 0.99, 0.98, 0.97, 0.85]
+        g["explanation_score"][...] = score
+        g["frequency"][dense] = 0.6
+        g["max_act"][outlier] = 40 * mean[outlier]
+        tokens = g["top_tokens"][newline]
+        tokens[:, tokens.shape[1] // 2] = len(vocab) - 1  # every top context peaks on '\n'
+        g["top_tokens"][newline] = tokens
+        g["explanation"][repeat] = g["explanation"][good]
+    return run, {"good": good, "dense": dense, "outlier": outlier, "newline": newline, "repeat": repeat}
+
+
+def test_default_sort_puts_interpretable_features_first(planted, monkeypatch):
+    import numpy as np
+
+    run, f = planted
+    at = app(run, monkeypatch, page="features", train="synth", sae="resid.0")
+    assert at.selectbox(key="q_sort").value == "interpretable first"
+    table = at.dataframe[0].value
+    order = list(table["feature"])
+    # the planted interpretable feature opens the list (and its page), ahead of higher-scored always-on and
+    # outlier-only ones, which are set aside and said so
+    assert order[0] == f["good"] and at.number_input[0].value == f["good"]
+    assert f["dense"] not in order and f["outlier"] not in order and len(order) == 30
+    caption = next(c.value for c in at.caption if c.value.startswith("Set aside"))
+    assert "1 always-on (density above 30%" in caption and "1 outlier-only (max activation at least 10x" in caption
+    # the formatting feature and the repeated explanation come after every other feature
+    assert order[-2:] == [f["newline"], f["repeat"]]  # (by score among themselves: 0.97, 0.85)
+    scores = table.set_index("feature").loc[order[:-2], "score"].to_numpy()
+    assert (np.diff(scores) <= 0).all()  # best first
+    # the toggle brings them back, flagged; sorted by max activation the outlier-only one is first
+    at.toggle(key="q_flagged").set_value(True).run()
+    table = at.dataframe[0].value.set_index("feature")
+    assert table.loc[f["dense"], "flag"] == "always-on" and table.loc[f["outlier"], "flag"] == "outlier-only"
+    at.selectbox(key="q_sort").select("max activation").run()
+    assert int(at.dataframe[0].value.iloc[0]["feature"]) == f["outlier"]

@@ -124,6 +124,10 @@ def page_grid(at) -> str:
     return next(m.value for m in at.markdown if "strata-prompt" in m.value)
 
 
+def depth_table(at):
+    return next(d.value for d in at.dataframe if "link corr" in d.value.columns)
+
+
 def cells(grid: str, row_label: str) -> list[str]:
     """The cells of the grid row whose label is `row_label` (first cell excluded)."""
     row = next(r for r in re.findall(r"<tr>(.*?)</tr>", grid, flags=re.S) if f">{row_label}</span>" in r)
@@ -161,7 +165,7 @@ def test_the_page_greys_untrained_positions_and_shows_explanations(analyzed_run,
     texts = [re.search(r">([^<]*)</span>$", c).group(1) for c in cells(grid, "lens resid.1")]
     assert texts == [str(escape(visible_token(lm.tokenizer.decode([int(i)])))) for i in want]
     # the detail table opens on the first trained position, explanations included
-    detail = at.dataframe(key="prompt_detail").value
+    detail = next(d.value for d in at.dataframe if "activation" in d.value.columns)
     assert set(detail.columns) == {"layer", "feature", "activation", "explanation"}
     assert at.selectbox(key="prompt_tok").value == 1
     at.selectbox(key="prompt_tok").select(0).run()
@@ -177,7 +181,7 @@ def test_one_feature_followed_across_the_bank(analyzed_run, monkeypatch, lm):
     _, hidden, _ = direct(lm, TEXT)
     at.multiselect(key="prompt_tokens").set_value([2, 4]).run()
     ci, f = at.selectbox(key="prompt_feature").value
-    table = at.dataframe(key="prompt_depth").value
+    table = depth_table(at)
     chain = matched_chain(FeatureIndex(analyzed_run / "index" / "topk-layer.h5"), f"resid.{ci}", f)
     assert list(table["layer"]) == [link["sae"] for link in chain] == ["resid.0", "resid.1", "resid.2", "resid.3"]
     assert list(table["feature"]) == [link["feature"] for link in chain]
@@ -194,7 +198,7 @@ def test_one_feature_followed_across_the_bank(analyzed_run, monkeypatch, lm):
 def test_one_feature_of_a_multilayer_sae_across_its_layers(analyzed_run, monkeypatch):
     at = explorer(analyzed_run, monkeypatch, "topk-multilayer", TEXT)
     ci, f = at.selectbox(key="prompt_feature").value
-    table = at.dataframe(key="prompt_depth").value
+    table = depth_table(at)
     sid = at.session_state.prompt_result["columns"][ci]["sae"]
     assert list(table["layer"]) == [f"{sid} @ resid.{i}" for i in range(4)]
     assert set(table["feature"]) == {f}

@@ -4,7 +4,6 @@ residual) and the features that fire at each token, with their explanations. Pos
 are greyed out. Pick tokens and a feature to follow it through every layer. Off in read-only mode."""
 from __future__ import annotations
 
-import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 import torch
