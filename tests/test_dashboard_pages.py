@@ -258,36 +258,42 @@ def test_prompt_explorer_runs_the_model_and_links_features(analyzed_run, monkeyp
 
 
 # ---------------------------------------------------------------- first impression: the default order
-@pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    """A synthetic run whose resid.0 holds planted features: an interpretable one (good score, ordinary
-    statistics), an always-on one and an outlier-only one that both score higher, a formatting one (peaks on
-    '\\n') and a repeat of the interpretable one's explanation."""
+PLANTED_VOCAB = [f"tok{i}" for i in range(40)] + ["\n"]
+
+
+def plant_features(run, sid: str = "resid.0", name: str = "synth") -> dict[str, int]:
+    """Into a synthetic run's index (vocabulary PLANTED_VOCAB), plant in SAE `sid`: an interpretable feature
+    (good score, ordinary statistics), an always-on one and an outlier-only one that both score higher, a
+    formatting one (peaks on '\\n') and a repeat of the interpretable one's explanation; every other score is
+    at most 0.5. Returns their indices."""
     import h5py
     import numpy as np
 
     from sae.analysis.index_file import FeatureIndex
 
-    vocab = [f"tok{i}" for i in range(40)] + ["\n"]
-    run = synthetic_run(tmp_path_factory.mktemp("planted") / "run", vocab)
-    path = run / "index" / "synth.h5"
+    path = run / "index" / f"{name}.h5"
     idx = FeatureIndex(path)
-    mean = idx.column("resid.0", "mean_act")
+    mean = idx.column(sid, "mean_act")
     idx.close()
-    good, dense, outlier, newline, repeat = 3, 4, 5, 6, 7
+    planted = {"good": 3, "dense": 4, "outlier": 5, "newline": 6, "repeat": 7}
     with h5py.File(path, "r+") as f:
-        g = f["saes/resid.0"]
-        score = g["explanation_score"][()]
-        score[:] = np.minimum(score, 0.5)
-        score[[good, dense, outlier, newline, repeat]] = [0.9, 0.99, 0.98, 0.97, 0.85]
+        g = f[f"saes/{sid}"]
+        score = np.minimum(g["explanation_score"][()], 0.5)
+        score[list(planted.values())] = [0.9, 0.99, 0.98, 0.97, 0.85]
         g["explanation_score"][...] = score
-        g["frequency"][dense] = 0.6
-        g["max_act"][outlier] = 40 * mean[outlier]
-        tokens = g["top_tokens"][newline]
-        tokens[:, tokens.shape[1] // 2] = len(vocab) - 1  # every top context peaks on '\n'
-        g["top_tokens"][newline] = tokens
-        g["explanation"][repeat] = g["explanation"][good]
-    return run, {"good": good, "dense": dense, "outlier": outlier, "newline": newline, "repeat": repeat}
+        g["frequency"][planted["dense"]] = 0.6
+        g["max_act"][planted["outlier"]] = 40 * mean[planted["outlier"]]
+        tokens = g["top_tokens"][planted["newline"]]
+        tokens[:, tokens.shape[1] // 2] = PLANTED_VOCAB.index("\n")  # every top context peaks on '\n'
+        g["top_tokens"][planted["newline"]] = tokens
+        g["explanation"][planted["repeat"]] = g["explanation"][planted["good"]]
+    return planted
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    run = synthetic_run(tmp_path_factory.mktemp("planted") / "run", PLANTED_VOCAB)
+    return run, plant_features(run)
 
 
 def test_default_sort_puts_interpretable_features_first(planted, monkeypatch):
