@@ -249,12 +249,13 @@ def test_prompt_explorer_runs_the_model_and_links_features(analyzed_run, monkeyp
     at.button(key="prompt_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
     grid = next(m.value for m in at.markdown if "strata-grid" in m.value)
-    assert grid.count("<tr>") >= 6  # header + one row per token
-    assert "topk-multilayer" in grid and "?page=features&amp;train=topk-multilayer" in grid
-    assert "@ resid.0" in grid and "@ resid.3" in grid  # one column per layer of the multi-layer SAE
-    assert_no_active_markup(grid)  # the typed text is escaped too
+    assert grid.count("<tr>") == 1 + 4 + 4  # tokens across; a lens row and an SAE row per layer resid.0-3
+    assert "?page=features&amp;train=topk-multilayer" in grid
+    assert "@ resid.0" in grid and "@ resid.3" in grid  # one row per layer of the multi-layer SAE
+    assert "&lt;" in grid  # the typed text is shown, escaped
+    assert_no_active_markup(grid)
     rows = at.dataframe[0].value
-    assert len(rows) > 0 and set(rows.columns) == {"layer", "feature", "activation"}
+    assert len(rows) > 0 and set(rows.columns) == {"layer", "feature", "activation", "explanation"}
 
 
 # ---------------------------------------------------------------- first impression: the default order
