@@ -85,7 +85,7 @@ def best_features(idx: FeatureIndex, sid: str) -> tuple[np.ndarray, dict[str, in
     col = idx.column
     return ranked_features(col(sid, "explanation_score"), col(sid, "frequency"), col(sid, "mean_act"),
                            col(sid, "max_act"), col(sid, "explanation"),
-                           formatting_features(col(sid, "top_tokens"), idx.vocab))
+                           formatting_features(col(sid, "top_tokens"), col(sid, "top_value"), idx.vocab))
 
 
 def per_sae_parts(spec: str) -> list[tuple[str, str]] | None:

@@ -44,8 +44,9 @@ def mostly_blank(text: str) -> bool:
 def first_screens(idx: FeatureIndex, sid: str, first: int) -> dict[str, np.ndarray]:
     freq, mean, mx = (idx.column(sid, c) for c in ("frequency", "mean_act", "max_act"))
     old = np.argsort(-mx, kind="stable")[:first]
-    new, _ = ranked_features(idx.column(sid, "explanation_score"), freq, mean, mx, idx.column(sid, "explanation"),
-                             formatting_features(idx.column(sid, "top_tokens"), idx.vocab))
+    col = idx.column
+    new, _ = ranked_features(col(sid, "explanation_score"), freq, mean, mx, col(sid, "explanation"),
+                             formatting_features(col(sid, "top_tokens"), col(sid, "top_value"), idx.vocab))
     return {"old (max activation)": old, "new (explanation score, filtered)": new[:first]}
 
 

@@ -27,7 +27,7 @@ def _ranking(run, train: str, sid: str, version: tuple) -> tuple[np.ndarray, np.
     idx = cache.open_index(run, train)
     col = idx.column
     order = interpretable_order(col(sid, "explanation_score"), col(sid, "frequency"), col(sid, "explanation"),
-                                formatting_features(col(sid, "top_tokens"), idx.vocab))
+                                formatting_features(col(sid, "top_tokens"), col(sid, "top_value"), idx.vocab))
     place = np.empty(len(order), dtype=np.int64)
     place[order] = np.arange(len(order))
     return place, feature_flags(col(sid, "frequency"), col(sid, "mean_act"), col(sid, "max_act"))

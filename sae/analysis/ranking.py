@@ -59,16 +59,19 @@ def blank_token(s: str) -> bool:
     return all(c.isspace() or unicodedata.category(c)[0] in "PS" for c in s)
 
 
-def formatting_features(top_tokens: np.ndarray, vocab: list[str] | None) -> np.ndarray | None:
+def formatting_features(top_tokens: np.ndarray, top_value: np.ndarray, vocab: list[str] | None) \
+        -> np.ndarray | None:
     """Per feature: whether at least half of its top contexts peak on a blank token (None without a vocabulary).
-    `top_tokens` [n, k, window] is the index's top contexts, each centred on its peak (-1 = no context)."""
+    `top_tokens` [n, k, window] are the index's top contexts, each centred on its peak, `top_value` [n, k] the
+    activation there (a context with value 0 or token -1 is not one: the feature fired fewer than k times)."""
     if vocab is None:
         return None
-    peaks = np.asarray(top_tokens)[:, :, np.asarray(top_tokens).shape[2] // 2]
-    blank = np.array([blank_token(s) for s in vocab] + [False])  # index -1 (no context) -> False
-    valid = peaks >= 0
+    top_tokens = np.asarray(top_tokens)
+    peaks = top_tokens[:, :, top_tokens.shape[2] // 2]
+    blank = np.array([blank_token(s) for s in vocab] + [False])  # index len(vocab): no context
+    valid = (peaks >= 0) & (peaks < len(vocab)) & (np.asarray(top_value) > 0)
     n_blank = blank[np.where(valid, peaks, len(vocab))].sum(1)
-    return (valid.any(1)) & (2 * n_blank >= valid.sum(1))
+    return valid.any(1) & (2 * n_blank >= valid.sum(1))
 
 
 def interpretable_order(score: np.ndarray | None, frequency: np.ndarray, explanation: np.ndarray | None = None,
