@@ -176,7 +176,7 @@ def render(ctx: Ctx) -> None:
     if st.session_state.get("prompt_key") != key:
         st.session_state.prompt_result = prompt_features(lm, saes, text, context, top)
         st.session_state.prompt_key = key
-        for k in ("prompt_tokens", "prompt_feature"):  # their choices belong to the previous text
+        for k in ("prompt_tok", "prompt_tokens", "prompt_feature"):  # their choices belong to the previous text
             st.session_state.pop(k, None)
     result = st.session_state.prompt_result
     n = len(result["tokens"])
