@@ -1,15 +1,24 @@
-"""`strata share RUN --features SPEC`: a static HTML bundle of chosen feature pages that opens with no Python
-and no network: RUN/share/index.html, one page per feature (<sae>/<feature>.html) with its lineage, flow.html
-(the flow graph of matched features, when the index has any), and plotly.js copied from the installed plotly
-package into assets/ (no CDN). Written to a temporary folder and swapped in whole; the
-output folder may only be missing, empty, or an earlier bundle (activations/ownership.py).
+"""`strata share RUN [--name NAME] --features SPEC`: a static HTML bundle of chosen feature pages that opens with
+no Python and no network. Every training run with a feature index is shared (or the one `--name` picks):
+
+  index.html                         the training runs, each linked, with what was chosen from it
+  train/<name>/index.html            that run's chosen features, per SAE, with their explanations
+  train/<name>/<sae>/<feature>.html  one page per feature, with its lineage (and heads, for attn_out SAEs)
+  train/<name>/flow.html             the flow graph of matched features, when the index has any
+  assets/plotly.min.js               copied from the installed plotly package (no CDN)
+
+Written to a temporary folder and swapped in whole; the output folder may only be missing, empty, or an earlier
+bundle (activations/ownership.py); an earlier bundle of the one-run layout (<sae>/<feature>.html beside
+index.html) is replaced like any other.
 
 The pages are Jinja2 templates (dashboard/templates/) rendered with autoescape on: every value is escaped
 unless it is Markup, and the only Markup passed in is what dashboard/render.py built (token contexts, escaped
 exactly as in the app) and plotly's own figure HTML.
 
-SPEC: "all"; "top:N" (the N densest features of each SAE); "3,7,10-20" (those indices in every SAE);
-"resid.3:1,2;resid.6:5" (per SAE).
+SPEC: "best:N" (the default, best:100: the first N of each SAE in the Features page's default order,
+sae/analysis/ranking.py: explanation score, always-on and outlier-only features set aside); "top:N" (the N
+densest); "all"; "3,7,10-20" (those indices in every SAE); "resid.3:1,2;resid.6:5" (per SAE; with several
+training runs, in each run that has that SAE).
 """
 from __future__ import annotations
 
@@ -29,9 +38,11 @@ from activations.ownership import check_swap_target
 from dashboard import charts, data, flow_graph, heads_figures
 from dashboard.render import CSS, contexts_html, visible_token
 from sae.analysis.index_file import FeatureIndex
+from sae.analysis.ranking import FLAG_HELP, formatting_features, ranked_features
 
 KIND = "share"
-SPEC_HELP = "use all, top:N, 1,2,5-9 or sae:1,2;sae2:3"
+DEFAULT_SPEC = "best:100"
+SPEC_HELP = "use best:N, top:N, all, 1,2,5-9 or sae:1,2;sae2:3"
 FLOW_NODES = 60  # the flow page's graph: as many nodes as the app's Flow page opens with
 TEMPLATES = Environment(loader=PackageLoader("dashboard", "templates"), autoescape=True, undefined=StrictUndefined,
                         trim_blocks=True, lstrip_blocks=True)
@@ -62,27 +73,71 @@ def _indices(spec: str, sid: str, n: int) -> list[int]:
     return sorted(out)
 
 
-def select_features(idx: FeatureIndex, spec: str) -> dict[str, list[int]]:
+def _count(spec: str, kind: str) -> int:
+    """N of "best:N" / "top:N"."""
+    k = int(spec[len(kind) + 1:]) if re.fullmatch(r"[0-9]+", spec[len(kind) + 1:]) else 0
+    if k <= 0:
+        raise StrataError(f"bad feature spec {spec!r}; write {kind}:N with N > 0")
+    return k
+
+
+def best_features(idx: FeatureIndex, sid: str) -> tuple[np.ndarray, dict[str, int]]:
+    """(the SAE's features in the Features page's default order, without always-on and outlier-only ones;
+    {flag: how many were set aside})."""
+    col = idx.column
+    return ranked_features(col(sid, "explanation_score"), col(sid, "frequency"), col(sid, "mean_act"),
+                           col(sid, "max_act"), col(sid, "explanation"),
+                           formatting_features(col(sid, "top_tokens"), col(sid, "top_value"), idx.vocab))
+
+
+def per_sae_parts(spec: str) -> list[tuple[str, str]] | None:
+    """[(sae id, feature list)] of a per-SAE spec "sae:1,2;sae2:3", None for the other forms."""
+    spec = spec.strip()
+    if spec == "all" or re.match(r"(best|top):", spec) or ":" not in spec:
+        return None
+    return [tuple(x.strip() for x in part.partition(":")[::2]) for part in spec.split(";") if part.strip()]
+
+
+def select_features(idx: FeatureIndex, spec: str, only_present: bool = False) -> dict[str, list[int]]:
+    """{sae id: feature indices} chosen by `spec` (see the module docstring), ascending, or best first for best:N
+    (the bundle lists them in this order); with `only_present`, the parts of a per-SAE spec that name an SAE this
+    index lacks are skipped instead of refused."""
     spec = spec.strip()
     if not spec:
         raise StrataError(f"--features is empty; {SPEC_HELP}")
     if spec == "all":
         return {s: list(range(idx.n_latents(s))) for s in idx.sae_ids}
+    if spec.startswith("best:"):
+        k = _count(spec, "best")
+        return {s: best_features(idx, s)[0][:k].tolist() for s in idx.sae_ids}  # best first
     if spec.startswith("top:"):
-        k = int(spec[4:]) if re.fullmatch(r"[0-9]+", spec[4:]) else 0
-        if k <= 0:
-            raise StrataError(f"bad feature spec {spec!r}; write top:N with N > 0")
+        k = _count(spec, "top")
         return {s: sorted(np.argsort(-idx.column(s, "frequency"), kind="stable")[:k].tolist()) for s in idx.sae_ids}
-    if ":" in spec:
+    parts = per_sae_parts(spec)
+    if parts is not None:
         out: dict[str, list[int]] = {}
-        for part in spec.split(";"):
-            if not part.strip():
+        for sid, lst in parts:
+            if only_present and sid not in idx.sae_ids:
                 continue
-            sid, _, lst = (x.strip() for x in part.partition(":"))
             chosen = _indices(lst, sid, idx.n_latents(sid))  # n_latents raises for an unknown SAE
             out[sid] = sorted(set(out.get(sid, [])) | set(chosen))
         return out
     return {s: _indices(spec, s, idx.n_latents(s)) for s in idx.sae_ids}
+
+
+def selection_note(idx: FeatureIndex, spec: str) -> str:
+    """What `spec` chose, in words, for the bundle's pages (what a best:N selection set aside included)."""
+    spec = spec.strip()
+    if spec.startswith("best:"):
+        aside = {sid: best_features(idx, sid)[1] for sid in idx.sae_ids}
+        totals = {flag: sum(a[flag] for a in aside.values()) for flag in FLAG_HELP}
+        left = "; ".join(f"{n} {flag} ({FLAG_HELP[flag]})" for flag, n in totals.items() if n)
+        return (f"the {_count(spec, 'best')} most interpretable features of each SAE (explanation score, best "
+                "first; features peaking mostly on whitespace or punctuation and repeated explanations after the "
+                "rest)" + (f"; left out: {left}" if left else ""))
+    if spec.startswith("top:"):
+        return f"the {_count(spec, 'top')} densest features of each SAE"
+    return "every feature" if spec == "all" else f"the features listed ({spec})"
 
 
 def fig_html(fig, post_script: str | None = None) -> Markup:
@@ -152,7 +207,7 @@ def feature_page(idx: FeatureIndex, sid: str, f: int, shared: dict[str, set], tr
     if heads is not None:
         heads["figures"] = [fig_html(fig) for fig in heads["figures"]]
     return TEMPLATES.get_template("feature.html").render(
-        css=CSS, root="../", sid=sid, feature=int(f), train=train,
+        css=CSS, root="../../../", sid=sid, feature=int(f), train=train,
         explanation=rec.get("explanation"), explanation_score=float(rec.get("explanation_score", float("nan"))),
         frequency=float(rec["frequency"]), count=int(rec["count"]), mean_act=float(rec["mean_act"]),
         max_act=float(rec["max_act"]), top_contexts=top, intervals=intervals, figures=figures, logits=logits,
@@ -174,29 +229,44 @@ def flow_page(idx: FeatureIndex, shared: dict[str, set], train: str, explanation
     densities = {s: idx.column(s, "frequency") for s in idx.sae_ids}
     fl = flow_graph.flow(idx, links, causal, explanations, densities, FLOW_NODES)
     targets = [_target(s, f, shared) for s, f in zip(fl.nodes["sae"], fl.nodes["feature"])]
-    for t in targets:  # flow.html sits at the bundle's root, beside the SAE folders
+    for t in targets:  # flow.html sits in train/<name>/, beside the SAE folders
         t["href"] = t["href"][len("../"):] if t["href"] else None
     hrefs = [t["href"] or "" for t in targets]
     nodes = [{"sae": s, "target": t, "explanation": e, "density": float(d)}
              for s, t, e, d in zip(fl.nodes["sae"], targets, fl.nodes["explanation"], fl.nodes["density"])]
     order = sorted(range(len(nodes)), key=lambda k: (int(fl.nodes["column"][k]), int(fl.nodes["feature"][k])))
     return TEMPLATES.get_template("flow.html").render(
-        css=CSS, root="", train=train, causal=causal, n_links=len(links), n_shown=len(fl.links),
+        css=CSS, root="../../", train=train, causal=causal, n_links=len(links), n_shown=len(fl.links),
         figure=fig_html(charts.flow_figure(fl, hrefs), OPEN_NODE), nodes=[nodes[k] for k in order])
 
 
-def index_page(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_name: str, flow: bool) -> str:
+def index_page(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_name: str, note: str = "",
+               flow: bool = False) -> str:
+    """train/<name>/index.html: the run's chosen features, per SAE (in the order chosen for a best:N selection)."""
     saes = []
     for sid, feats in chosen.items():
         expl = idx.column(sid, "explanation")
         freq, mx = idx.column(sid, "frequency"), idx.column(sid, "max_act")
+        score = idx.column(sid, "explanation_score")
         saes.append({"id": sid, "n_latents": idx.n_latents(sid), "rows": [
             {"feature": f, "href": f"{safe_name(sid)}/{f}.html", "frequency": float(freq[f]), "max_act": float(mx[f]),
+             "score": float(score[f]) if score is not None else float("nan"),
              "explanation": str(expl[f]) if expl is not None else ""} for f in feats]})
     residual = fig_html(charts.residual_similarity(idx.residual_similarity)) if idx.residual_similarity else ""
     return TEMPLATES.get_template("index.html").render(
-        css=CSS, root="", run_name=run_name, train=train, tokens=int(idx.meta.get("tokens", 0)),
-        model=str(idx.meta.get("model", {}).get("id", "?")), residual_figure=residual, saes=saes, flow=flow)
+        css=CSS, root="../../", home="../../index.html", run_name=run_name, train=train,
+        tokens=int(idx.meta.get("tokens", 0)), model=str(idx.meta.get("model", {}).get("id", "?")),
+        residual_figure=residual, saes=saes, selection=note, flow=flow)
+
+
+def runs_page(runs: list[dict], run_name: str) -> str:
+    """index.html: every shared training run, linked. `runs`: [{name, idx, chosen, note}]."""
+    rows = [{"name": r["name"], "href": f"train/{safe_name(r['name'])}/index.html",
+             "model": str(r["idx"].meta.get("model", {}).get("id", "?")), "tokens": int(r["idx"].meta.get("tokens", 0)),
+             "explainer": str(r["idx"].meta.get("explainer", "?")),
+             "saes": [{"id": sid, "shared": len(feats), "n_latents": r["idx"].n_latents(sid)}
+                      for sid, feats in r["chosen"].items()], "selection": r["note"]} for r in runs]
+    return TEMPLATES.get_template("runs.html").render(css=CSS, root="", run_name=run_name, runs=rows)
 
 
 def check_output(final: Path) -> None:
@@ -208,49 +278,74 @@ def check_output(final: Path) -> None:
     check_swap_target(final, KIND, hint)
 
 
-def write_share(run, features: str = "top:100", train: str | None = None, out=None) -> Path:
-    """Write the bundle; returns the folder (RUN/share by default)."""
+def write_share(run, features: str = DEFAULT_SPEC, train: str | None = None, out=None) -> Path:
+    """Write the bundle of every training run with an index (or of `train` alone); returns the folder
+    (RUN/share by default)."""
     run = data.check_run(run)
     final = Path(out) if out else layout.share_dir(run)
     check_output(final)
     names = data.index_names(run)
     if not names:
         raise StrataError(f"{run} has no feature index; run `strata analyze {run}` first")
-    train = train or names[0]
-    if train not in names:
-        raise StrataError(f"no index for training run {train!r}; choose one of {', '.join(names)}")
+    if train is not None and layout.check_name(train) not in names:
+        raise StrataError(f"no index for training run {train!r}; choose one of {', '.join(names)} (or leave out "
+                          "--name to share every one)")
+    names = [train] if train is not None else names
     # a bundle written into the run holds it like every other writer, so no harvest replaces it meanwhile
     lock = run_lock(run, "strata share", scope="share") if data.within(run, final) else contextlib.nullcontext()
-    with lock:
+    with lock, contextlib.ExitStack() as opened:
         check_output(final)  # again, now that no other share can be writing there
-        idx = FeatureIndex(layout.index_path(run, train))
-        try:
-            chosen = select_features(idx, features)
-            _write_bundle(idx, chosen, train, run.name, final)
-        finally:
-            idx.close()
+        runs = []
+        for name in names:
+            idx = FeatureIndex(layout.index_path(run, name))
+            opened.callback(idx.close)
+            runs.append({"name": name, "idx": idx})
+        for r in runs:  # every selection is checked before anything is written
+            r["chosen"] = select_features(r["idx"], features, only_present=len(runs) > 1)
+            r["note"] = selection_note(r["idx"], features)
+        _check_named_saes(features, runs)
+        _write_bundle(runs, run.name, final)
     return final
 
 
-def _write_bundle(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_name: str, final: Path) -> None:
+def _check_named_saes(spec: str, runs: list[dict]) -> None:
+    """Every SAE a per-SAE spec names must be in at least one shared run."""
+    for sid, _ in per_sae_parts(spec) or []:
+        if not any(sid in r["idx"].sae_ids for r in runs):
+            have = sorted({s for r in runs for s in r["idx"].sae_ids})
+            raise StrataError(f"no SAE {sid!r} in the indexes of {', '.join(r['name'] for r in runs)}; choose one "
+                              f"of {', '.join(have)}")
+
+
+def _write_run(r: dict, run_name: str, folder: Path) -> None:
+    """One training run's pages into `folder` (train/<name>/ of the bundle)."""
+    idx, chosen, name = r["idx"], r["chosen"], r["name"]
+    shared = {s: set(v) for s, v in chosen.items()}
+    explanations = all_explanations(idx)
+    for sid, feats in chosen.items():
+        (folder / safe_name(sid)).mkdir(parents=True)
+        for f in feats:
+            (folder / safe_name(sid) / f"{f}.html").write_text(feature_page(idx, sid, f, shared, name, explanations),
+                                                              encoding="utf-8")
+    flow = flow_page(idx, shared, name, explanations)
+    if flow is not None:
+        (folder / "flow.html").write_text(flow, encoding="utf-8")
+    (folder / "index.html").write_text(index_page(idx, chosen, name, run_name, r["note"], flow is not None),
+                                       encoding="utf-8")
+
+
+def _write_bundle(runs: list[dict], run_name: str, final: Path) -> None:
     from plotly.offline import get_plotlyjs
 
     try:
         with staged_dir(final, KIND) as tmp:
             (tmp / "assets").mkdir()
             (tmp / "assets" / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
-            shared = {s: set(v) for s, v in chosen.items()}
-            explanations = all_explanations(idx)
-            for sid, feats in chosen.items():
-                folder = tmp / safe_name(sid)
-                folder.mkdir()
-                for f in feats:
-                    (folder / f"{f}.html").write_text(feature_page(idx, sid, f, shared, train, explanations), encoding="utf-8")
-            flow = flow_page(idx, shared, train, explanations)
-            if flow is not None:
-                (tmp / "flow.html").write_text(flow, encoding="utf-8")
-            (tmp / "index.html").write_text(index_page(idx, chosen, train, run_name, flow is not None),
-                                            encoding="utf-8")
+            for r in runs:
+                folder = tmp / "train" / safe_name(r["name"])
+                folder.mkdir(parents=True)
+                _write_run(r, run_name, folder)
+            (tmp / "index.html").write_text(runs_page(runs, run_name), encoding="utf-8")
     except OSError as e:
         raise StrataError(f"could not write the bundle to {final} ({e.strerror or e}); check that the folder "
                           "is writable and has space, then rerun") from None

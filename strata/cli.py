@@ -147,9 +147,11 @@ def add_dashboard(sub):
 def add_share(sub):
     p = sub.add_parser("share", help="write a static HTML bundle of feature pages (opens with no Python, no network)")
     p.add_argument("run_dir")
-    p.add_argument("--features", default="top:100",
-                   help="all | top:N (densest N per SAE) | 1,2,5-9 | sae:1,2;sae2:3 (default: top:100)")
-    p.add_argument("--name", help="training run whose index to share (default: the first)")
+    p.add_argument("--features", default="best:100",
+                   help="best:N (the N most interpretable per SAE: the Features page's default order, always-on and "
+                        "outlier-only features left out) | top:N (densest N per SAE) | all | 1,2,5-9 | sae:1,2;sae2:3 "
+                        "(default: best:100)")
+    p.add_argument("--name", help="share only this training run (default: every one that has a feature index)")
     p.add_argument("--out", help="output folder (default: RUN/share)")
 
     def run(args):

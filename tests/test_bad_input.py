@@ -567,8 +567,20 @@ EVAL_CASES: list[Case] = [
 ]
 
 
+# ---------------------------------------------------------------- share: run choice and interpretable selection
+EXPLORER: list[Case] = [
+    Case("share-name-without-index", lambda w: ["share", w.analyzed, "--name", "no-such-run"],
+         "no index for training run 'no-such-run'; choose one of topk-layer, topk-multilayer"),
+    Case("share-name-with-a-path", lambda w: ["share", w.analyzed, "--name", "../topk-layer"], "is not allowed"),
+    Case("share-best-zero", lambda w: ["share", w.analyzed, "--features", "best:0"], "write best:N with N > 0"),
+    Case("share-best-not-a-number", lambda w: ["share", w.analyzed, "--features", "best:ten"], "best:N"),
+    Case("share-sae-in-no-run", lambda w: ["share", w.analyzed, "--features", "resid.9:1"],
+         "no SAE 'resid.9' in the indexes of topk-layer, topk-multilayer"),
+]
+
+
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
-             + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES)
+             + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

@@ -203,3 +203,93 @@ def test_heads_panel_and_heads_page_in_chromium(attn_run, page):
         proc.terminate()
         proc.wait(timeout=20)
         idx.close()
+
+
+# ---------------------------------------------------------------- prompt explorer and first impression
+@pytest.fixture(scope="module")
+def explorer_server(analyzed_run):
+    """`strata dashboard` (not read-only: the prompt explorer runs the tiny Llama) on the analysed tiny run."""
+    from dashboard.serve import serve_dashboard, wait_until_up
+
+    port = free_port()
+    proc = serve_dashboard(analyzed_run, port=port, host="127.0.0.1", block=False)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90), "streamlit did not come up"
+        yield analyzed_run, f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def run_prompt(page, url: str, train: str, text: str):
+    page.set_default_timeout(LOAD_MS)
+    page.goto(f"{url}/?page=prompt&train={train}")
+    box = page.get_by_label("text")
+    box.fill(text)
+    box.press("Control+Enter")  # Streamlit takes a text area's value on Ctrl+Enter (or blur)
+    page.get_by_role("button", name="Run").click()
+    page.locator(".strata-prompt .strata-lens").first.wait_for()
+
+
+def test_prompt_explorer_in_chromium(explorer_server, page):
+    """Greyed sink position with its reason on hover, explanations on hover over feature chips, and a logit lens
+    row equal to the model's own final norm and head applied to that layer's residual."""
+    from test_prompt_explorer import TEXT, direct, lens_direct
+
+    from activations.model import load_model
+    from sae.analysis.index_file import FeatureIndex
+
+    run, url = explorer_server
+    run_prompt(page, url, "topk-layer", TEXT)
+    heads = page.locator(".strata-prompt th .tok")
+    shown = heads.evaluate_all("ts => ts.map(t => [t.className, t.title, getComputedStyle(t).backgroundColor])")
+    assert shown[0][0] == "tok strata-untrained" and "never trained here" in shown[0][1]
+    assert shown[0][2] == "rgb(229, 231, 235)"  # grey
+    assert all(cls == "tok" and alpha(bg) == 0 for cls, _, bg in shown[1:])
+    assert page.get_by_text("Grey positions 0-0 were left out of training").is_visible()
+    # hovering a feature chip shows its explanation from the index
+    expl = FeatureIndex(run / "index" / "topk-layer.h5").column("resid.2", "explanation")
+    row = page.locator(".strata-prompt tr", has=page.locator(".strata-sae-row", has_text="resid.2"))
+    assert row.locator(".strata-untrained").count() == 1  # the sink cell: grey, no features
+    chip = row.locator("a.strata-chip").first
+    chip.hover()
+    title = page.evaluate("() => document.querySelector('a.strata-chip:hover').title")
+    f = int(chip.inner_text())
+    assert title.startswith(f"resid.2 #{f} (activation ") and title.endswith(expl[f])
+    # the logit lens row of resid.2: the top prediction at every position, as computed directly
+    import json
+
+    lm = load_model(json.loads((run / "manifest.json").read_text())["model"]["id"], device="cpu")
+    _, hidden, _ = direct(lm, TEXT)
+    want = lens_direct(lm, hidden[2]).argmax(-1).tolist()
+    lens = page.locator(".strata-prompt tr", has=page.locator(".strata-lens-row", has_text="lens resid.2"))
+    ids = lens.locator(".strata-lens").evaluate_all("cs => cs.map(c => Number(c.dataset.ids.split(',')[0]))")
+    assert ids == want
+    lens.locator(".strata-lens").nth(1).hover()  # its top predictions with probabilities on hover
+    assert page.evaluate("() => document.querySelector('.strata-lens:hover').title").startswith(
+        "resid.2 at position 1 predicts: ")
+    # one feature across depth: its chart is drawn
+    page.get_by_text("One feature across depth").wait_for()
+    page.locator(".js-plotly-plot").first.wait_for()
+
+
+def test_features_page_opens_on_an_interpretable_feature_in_chromium(tmp_path_factory, page):
+    from test_dashboard_pages import PLANTED_VOCAB, plant_features
+
+    from dashboard.serve import serve_dashboard, wait_until_up
+
+    run = synthetic_run(tmp_path_factory.mktemp("browser-planted") / "run", PLANTED_VOCAB)
+    planted = plant_features(run)
+    port = free_port()
+    proc = serve_dashboard(run, read_only=True, port=port, host="127.0.0.1", block=False)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90)
+        open_feature(page, f"http://127.0.0.1:{port}/?page=features&train=synth&sae=resid.0")
+        assert page.get_by_text(f"resid.0 · feature {planted['good']}").is_visible()  # the first listed
+        aside = page.get_by_text("Set aside (the toggle shows them")
+        assert aside.is_visible() and "1 outlier-only" in aside.inner_text()
+        page.get_by_text("show always-on and outlier-only features (2)").click()
+        aside.wait_for(state="detached")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -250,12 +250,13 @@ def test_prompt_explorer_runs_the_model_and_links_features(analyzed_run, monkeyp
     at.button(key="prompt_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
     grid = next(m.value for m in at.markdown if "strata-grid" in m.value)
-    assert grid.count("<tr>") >= 6  # header + one row per token
-    assert "topk-multilayer" in grid and "?page=features&amp;train=topk-multilayer" in grid
-    assert "@ resid.0" in grid and "@ resid.3" in grid  # one column per layer of the multi-layer SAE
-    assert_no_active_markup(grid)  # the typed text is escaped too
+    assert grid.count("<tr>") == 1 + 4 + 4  # tokens across; a lens row and an SAE row per layer resid.0-3
+    assert "?page=features&amp;train=topk-multilayer" in grid
+    assert "@ resid.0" in grid and "@ resid.3" in grid  # one row per layer of the multi-layer SAE
+    assert "&lt;" in grid  # the typed text is shown, escaped
+    assert_no_active_markup(grid)
     rows = at.dataframe[0].value
-    assert len(rows) > 0 and set(rows.columns) == {"layer", "feature", "activation"}
+    assert len(rows) > 0 and set(rows.columns) == {"layer", "feature", "activation", "explanation"}
 
 
 # ---------------------------------------------------------------- attention-output SAEs (heads)
@@ -332,3 +333,68 @@ def test_heads_page_summarises_heads_x_features_per_layer(attn_run, synth, monke
     at = app(synth, monkeypatch, page="heads")
     assert any("--sites attn_out" in i.value for i in at.info)
     idx.close()
+
+
+# ---------------------------------------------------------------- first impression: the default order
+PLANTED_VOCAB = [f"tok{i}" for i in range(40)] + ["\n"]
+
+
+def plant_features(run, sid: str = "resid.0", name: str = "synth") -> dict[str, int]:
+    """Into a synthetic run's index (vocabulary PLANTED_VOCAB), plant in SAE `sid`: an interpretable feature
+    (good score, ordinary statistics), an always-on one and an outlier-only one that both score higher, a
+    formatting one (peaks on '\\n') and a repeat of the interpretable one's explanation; every other score is
+    at most 0.5. Returns their indices."""
+    import h5py
+    import numpy as np
+
+    from sae.analysis.index_file import FeatureIndex
+
+    path = run / "index" / f"{name}.h5"
+    idx = FeatureIndex(path)
+    mean = idx.column(sid, "mean_act")
+    idx.close()
+    planted = {"good": 3, "dense": 4, "outlier": 5, "newline": 6, "repeat": 7}
+    with h5py.File(path, "r+") as f:
+        g = f[f"saes/{sid}"]
+        score = np.minimum(g["explanation_score"][()], 0.5)
+        score[list(planted.values())] = [0.9, 0.99, 0.98, 0.97, 0.85]
+        g["explanation_score"][...] = score
+        g["frequency"][planted["dense"]] = 0.6
+        g["max_act"][planted["outlier"]] = 40 * mean[planted["outlier"]]
+        tokens = g["top_tokens"][planted["newline"]]
+        tokens[:, tokens.shape[1] // 2] = PLANTED_VOCAB.index("\n")  # every top context peaks on '\n'
+        g["top_tokens"][planted["newline"]] = tokens
+        g["explanation"][planted["repeat"]] = g["explanation"][planted["good"]]
+    return planted
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    run = synthetic_run(tmp_path_factory.mktemp("planted") / "run", PLANTED_VOCAB)
+    return run, plant_features(run)
+
+
+def test_default_sort_puts_interpretable_features_first(planted, monkeypatch):
+    import numpy as np
+
+    run, f = planted
+    at = app(run, monkeypatch, page="features", train="synth", sae="resid.0")
+    assert at.selectbox(key="q_sort").value == "interpretable first"
+    table = at.dataframe[0].value
+    order = list(table["feature"])
+    # the planted interpretable feature opens the list (and its page), ahead of higher-scored always-on and
+    # outlier-only ones, which are set aside and said so
+    assert order[0] == f["good"] and at.number_input[0].value == f["good"]
+    assert f["dense"] not in order and f["outlier"] not in order and len(order) == 30
+    caption = next(c.value for c in at.caption if c.value.startswith("Set aside"))
+    assert "1 always-on (density above 30%" in caption and "1 outlier-only (max activation at least 10x" in caption
+    # the formatting feature and the repeated explanation come after every other feature
+    assert order[-2:] == [f["newline"], f["repeat"]]  # (by score among themselves: 0.97, 0.85)
+    scores = table.set_index("feature").loc[order[:-2], "score"].to_numpy()
+    assert (np.diff(scores) <= 0).all()  # best first
+    # the toggle brings them back, flagged; sorted by max activation the outlier-only one is first
+    at.toggle(key="q_flagged").set_value(True).run()
+    table = at.dataframe[0].value.set_index("feature")
+    assert table.loc[f["dense"], "flag"] == "always-on" and table.loc[f["outlier"], "flag"] == "outlier-only"
+    at.selectbox(key="q_sort").select("max activation").run()
+    assert int(at.dataframe[0].value.iloc[0]["feature"]) == f["outlier"]

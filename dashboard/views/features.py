@@ -6,13 +6,37 @@ import re
 import numpy as np
 import streamlit as st
 
+from activations.errors import StrataError
+from activations.hooks import key_depth
 from dashboard import cache
 from dashboard.views.common import Ctx, md_code, need_index, pick_sae
 from dashboard.views.feature import render_feature
+from sae.analysis.ranking import FLAG_HELP, feature_flags, formatting_features, interpretable_order
 
-SORTS = {"max activation": ("max_act", False), "density (high first)": ("frequency", False),
-         "density (low first)": ("frequency", True), "mean activation": ("mean_act", False),
-         "explanation score": ("score", False), "mean layer": ("mean_layer", True), "feature index": ("feature", True)}
+# the first sort is the default: the order of sae/analysis/ranking.py (column "rank", added by `ranked`)
+SORTS = {"interpretable first": ("rank", True), "max activation": ("max_act", False),
+         "density (high first)": ("frequency", False), "density (low first)": ("frequency", True),
+         "mean activation": ("mean_act", False), "explanation score": ("score", False),
+         "mean layer": ("mean_layer", True), "feature index": ("feature", True)}
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _ranking(run, train: str, sid: str, version: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(each feature's place in the default order, its flag: "always-on", "outlier-only" or ""); `version` (the
+    index file's path and mtime) is part of the cache key, so a re-analysed run is ranked again."""
+    idx = cache.open_index(run, train)
+    col = idx.column
+    order = interpretable_order(col(sid, "explanation_score"), col(sid, "frequency"), col(sid, "explanation"),
+                                formatting_features(col(sid, "top_tokens"), col(sid, "top_value"), idx.vocab))
+    place = np.empty(len(order), dtype=np.int64)
+    place[order] = np.arange(len(order))
+    return place, feature_flags(col(sid, "frequency"), col(sid, "mean_act"), col(sid, "max_act"))
+
+
+def ranked(ctx: Ctx, sid: str, df):
+    """The feature table with its default order ("rank") and flags ("flag")."""
+    place, flags = _ranking(ctx.run, ctx.train, sid, cache.index_version(ctx.run, ctx.train))
+    return df.assign(rank=place, flag=flags)
 
 
 def filtered(ctx: Ctx, sid: str, df):
@@ -22,7 +46,17 @@ def filtered(ctx: Ctx, sid: str, df):
     lo, hi = c[2].slider("log10 density", -8.0, 0.0, (-8.0, 0.0), 0.25, key="q_density")
     sorts = [s for s, (col, _) in SORTS.items() if col in df.columns]
     sort = c[3].selectbox("sort by", sorts, key="q_sort")
-    keep = np.ones(len(df), dtype=bool)
+    flagged = {flag: int((df["flag"] == flag).sum()) for flag in FLAG_HELP}
+    show_flagged = st.toggle(f"show always-on and outlier-only features ({sum(flagged.values())})", key="q_flagged",
+                             help="; ".join(f"{flag}: {why}" for flag, why in FLAG_HELP.items()))
+    if sort == "interpretable first":
+        st.caption("Interpretable first: explanation score (detection F1 on held-out contexts), best first; features "
+                   "that peak mostly on whitespace or punctuation, and repeats of an explanation listed above, come "
+                   "after the rest.")
+    if not show_flagged and any(flagged.values()):
+        st.caption("Set aside (the toggle shows them, marked in the flag column): " + "; ".join(
+            f"{n} {flag} ({FLAG_HELP[flag]})" for flag, n in flagged.items() if n) + ".")
+    keep = np.ones(len(df), dtype=bool) if show_flagged else np.array(df["flag"] == "")
     logf = np.log10(np.maximum(df["frequency"].to_numpy(), 1e-12))
     if lo > -8.0:
         keep &= logf >= lo
@@ -43,6 +77,16 @@ def filtered(ctx: Ctx, sid: str, df):
     return df[keep].sort_values(col, ascending=ascending, kind="stable", na_position="last")
 
 
+def sae_depth(idx, sid: str) -> tuple[float, int]:
+    """Where an SAE reads in the forward pass (its shallowest key; one-layer SAEs before those reading several
+    from there), so the picker lists layers in depth order rather than alphabetically (resid.12 before resid.6)."""
+    keys = idx.info(sid)["cfg"].get("in_keys") or []
+    try:
+        return (min(key_depth(k) for k in keys) if keys else float("inf")), len(keys)
+    except StrataError:  # a key Strata does not know: after the others
+        return float("inf"), len(keys)
+
+
 def linked_feature(q: str, n: int) -> int | None:
     """The feature index from a link's ?f=, or None unless it is a whole number in 0..n-1."""
     return int(q) if re.fullmatch(r"[0-9]{1,12}", q) and int(q) < n else None
@@ -58,9 +102,10 @@ def render(ctx: Ctx) -> None:
         return
     # the SAE picker is also the layer filter of a per-layer bank: each label names the layer(s) it reads
     labels = {s: f"{s} — {', '.join(idx.info(s)['cfg'].get('in_keys', []))}" for s in idx.sae_ids}
-    sid = pick_sae(ctx, idx.sae_ids, label="SAE (layer)", format_func=labels.get)
+    sid = pick_sae(ctx, sorted(idx.sae_ids, key=lambda s: sae_depth(idx, s)), label="SAE (layer)",
+                   format_func=labels.get)
     st.caption(f"{idx.n_latents(sid):,} features, {idx.info(sid)['mode']}")
-    df = cache.feature_table(ctx.run, ctx.train, sid)
+    df = ranked(ctx, sid, cache.feature_table(ctx.run, ctx.train, sid))
     view = filtered(ctx, sid, df)
     st.caption(f"{len(view):,} of {len(df):,} features match")
     shown = view.head(1000)
