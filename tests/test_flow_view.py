@@ -259,6 +259,7 @@ def test_share_of_a_one_sae_run_has_no_flow_page(single, tmp_path):
 
     out = tmp_path / "bundle"
     assert main(["share", str(single), "--features", "resid.1:0-3", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [".strata-owned", "assets", "index.html", "resid.1"]
-    assert "flow.html" not in (out / "index.html").read_text()
-    assert "<h2>Lineage</h2>" not in (out / "resid.1" / "0.html").read_text()
+    pages = out / "train" / "synth"
+    assert sorted(p.name for p in pages.iterdir()) == ["index.html", "resid.1"]
+    assert "flow.html" not in (pages / "index.html").read_text()
+    assert "<h2>Lineage</h2>" not in (pages / "resid.1" / "0.html").read_text()

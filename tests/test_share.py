@@ -208,8 +208,13 @@ def test_default_selection_is_interpretable_features_first(two_runs, tmp_path):
     assert main(["share", str(run), "--features", "top:1", "--name", "synth", "--out", str(tmp_path / "t")]) == 0
     densest = dense_first(run, "synth")
     assert densest["resid.0"] == f["dense"]
-    assert pages(tmp_path / "t") == sorted(["index.html", "train/synth/index.html",
+    assert without_flow(tmp_path / "t") == sorted(["index.html", "train/synth/index.html",
                                             *(f"train/synth/{sid}/{j}.html" for sid, j in densest.items())])
+
+
+def without_flow(folder) -> list[str]:
+    """The bundle's pages but the flow page (tested on its own above)."""
+    return [p for p in pages(folder) if not p.endswith("/flow.html")]
 
 
 def dense_first(run, name: str) -> dict[str, int]:
@@ -224,7 +229,7 @@ def dense_first(run, name: str) -> dict[str, int]:
 def test_name_shares_one_training_run(two_runs, tmp_path, capsys):
     run, _ = two_runs
     assert main(["share", str(run), "--name", "second", "--features", "resid.1:2,3", "--out", str(tmp_path / "o")]) == 0
-    assert pages(tmp_path / "o") == ["index.html", "train/second/index.html", "train/second/resid.1/2.html",
+    assert without_flow(tmp_path / "o") == ["index.html", "train/second/index.html", "train/second/resid.1/2.html",
                                      "train/second/resid.1/3.html"]
     assert re.findall(r'href="([^"]+)"', (tmp_path / "o" / "index.html").read_text()) == ["train/second/index.html"]
     assert main(["share", str(run), "--name", "third", "--out", str(tmp_path / "x")]) == 2
