@@ -216,9 +216,9 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
         saes = {sid: sae.eval() for sid, sae in load_saes(cfg.run_dir, name, device).items()}
         if not saes:
             raise StrataError(f"training run {name!r} has no SAEs in its checkpoint; rerun `strata train`")
+        pairs = _pairs(cfg, name, saes)  # a bad --match is refused before any work
         prec = use_precision(saes, cfg.precision, cfg.batch_size, device)
         _log(cfg, f"{name}: {prec.line()}")
-        pairs = _pairs(cfg, name, saes)
         keys = keys_needed(saes)
         missing = [k for k in keys if k not in run.keys]
         if missing:
