@@ -12,7 +12,7 @@ where i was never ablated. The drop is read at the same token (an effect that at
 tokens is not counted).
 
 What computes x_b from x_a (a `span`): `ModelSpan` runs the run's own model from a to b on whole contexts,
-the stored activation at a spliced in (blocks before a are skipped); `LinearSpan` applies a recorded linear
+the stored activation at a spliced in (blocks before a resid key are skipped); `LinearSpan` applies a recorded linear
 map position by position (a synthetic run's known inter-layer map, a linear toy). The clean x_b goes through
 the same span, so a zero ablation has exactly zero effect.
 
@@ -72,7 +72,10 @@ class ModelSpan:
 
     def __init__(self, model: nn.Module, a: str, b: str):
         self.model, self.a, self.b = model, a, b
-        self.first = split_key(a)[1]  # block holding key a (resid.L enters block L)
+        site, layer = split_key(a)
+        # blocks before resid.L's block are skipped; an attn_out/mlp_out key also needs the residual stream
+        # entering its block, so the model computes everything before it from the tokens
+        self.first = layer if site == "resid" else 0
         bl = blocks(model)
         seen = {}
         def probe(module, inputs, output):
@@ -115,7 +118,7 @@ def context_batches(run, spans: list[tuple[int, int]], keys: list[str], max_toke
         yield torch.from_numpy(ids.astype(np.int64)).reshape(C, T).to(device), acts
 
 
-def _pick(codes_Nn: torch.Tensor, measured_n: torch.Tensor) -> torch.Tensor:
+def pick_features(codes_Nn: torch.Tensor, measured_n: torch.Tensor) -> torch.Tensor:
     """Per row, the active feature measured fewest times (largest activation breaks ties); -1 if none fires."""
     active = codes_Nn > 0
     fewest = torch.where(active, -measured_n.float()[None], -torch.inf)
@@ -150,7 +153,7 @@ class CausalScorer:
             codes.view(C, T, -1)[:, :self.exclude_first] = 0  # positions the SAEs never saw are not ablated
         clean = self._encode_down(self.span(ids_CT, x_out))
         for _ in range(self.rounds):
-            pick = _pick(codes, self.measured.to(codes.device))
+            pick = pick_features(codes, self.measured.to(codes.device))
             rows = torch.nonzero(pick >= 0).squeeze(1)
             if len(rows) == 0:
                 break
