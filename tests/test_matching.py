@@ -281,9 +281,12 @@ def test_analyze_writes_bank_cross_site_and_user_matches(cross_run):
         measured = np.isfinite(arr["cand_effect"]).all(1)
         assert measured.mean() > 0.5  # most features fire on the held-out contexts and were ablated
         assert (arr["cand_effect"][measured] <= 1 + 1e-4).all()
-        best = arr["best_idx"] >= 0
-        # the best match is the candidate with the largest effect, and at least min_effect
+        best = (arr["best_idx"] >= 0) & measured
+        # the best match is the candidate with the largest effect, and at least min_effect; a feature never
+        # ablated falls back to the most correlated candidate
         assert (arr["best_effect"][best] >= 0.2).all()
+        never = ~np.isfinite(arr["cand_effect"]).any(1) & (arr["best_idx"] >= 0)
+        assert np.isnan(arr["best_effect"][never]).all() and (arr["best_corr"][never] >= 0.3).all()
         np.testing.assert_allclose(arr["best_effect"][best], np.nanmax(arr["cand_effect"][best], axis=1))
         assert ((arr["agree"][best] & 4) > 0).all()
         assert sorted(arr["saematch_idx"]) == list(range(idx.n_latents(m["down"])))  # a permutation (equal widths)

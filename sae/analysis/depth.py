@@ -196,16 +196,19 @@ def finish_match(m: dict, effect: torch.Tensor | None, saematch: tuple | None, m
     methods = ["cosine", "correlation"]
     corr_col = (corr + 1e-6 * cos).argmax(1)
     picks = {"cosine": cand[:, 0], "correlation": cand.gather(1, corr_col[:, None]).squeeze(1)}
+    # without a causal effect (none measured, or this feature never ablated) the best match is the most
+    # correlated candidate, if its correlation reaches min_link
+    col = corr_col
+    best = torch.where(corr.gather(1, col[:, None]).squeeze(1) >= min_link, picks["correlation"], -1).to(torch.int32)
+    best_effect = torch.full((n,), float("nan"))
     if effect is not None:
         methods.append("causal")
-        col, best = best_by_effect(cand, effect, min_effect)
-        picks["causal"] = best
-        best_effect = effect.gather(1, col[:, None]).squeeze(1)
-    else:  # no causal effects: the best match is the most correlated candidate
-        col = corr_col
-        best_corr = corr.gather(1, col[:, None]).squeeze(1)
-        best = torch.where(best_corr >= min_link, picks["correlation"], -1).to(torch.int32)
-        best_effect = torch.full((n,), float("nan"))
+        c_col, c_best = best_by_effect(cand, effect, min_effect)
+        picks["causal"] = c_best
+        measured = ~torch.isnan(effect).all(1)
+        col = torch.where(measured, c_col, col)
+        best = torch.where(measured, c_best, best)
+        best_effect = torch.where(measured, effect.gather(1, c_col[:, None]).squeeze(1), best_effect)
     m["cand_effect"] = effect if effect is not None else torch.full(cand.shape, float("nan"))
     if saematch is not None:
         methods.append("saematch")
