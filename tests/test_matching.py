@@ -236,6 +236,15 @@ def test_model_span_is_the_model_between_two_keys(tiny_llama):
         torch.testing.assert_close(want[:, :5], acts[b][:, :5])  # but not earlier ones
 
 
+def test_contexts_are_chosen_to_cover_the_features():
+    """Budget of 2 of 4 contexts (T = 10): features 0-2 fire only in context 1, 3-4 only in 3, 5 in 0 and 1."""
+    from sae.analysis.causal import choose_contexts
+
+    fired = torch.tensor([[12, -1], [15, 19], [11, -1], [33, 31], [35, -1], [4, 17]])
+    assert choose_contexts([0, 10, 20, 30], fired, 10, 2) == [10, 30]
+    assert choose_contexts([0, 10, 20, 30], fired, 10, 9) == [0, 10, 20, 30]
+
+
 def test_check_pair_names_what_is_matched():
     from activations.errors import StrataError
 
@@ -299,7 +308,7 @@ def test_causal_effect_in_the_index_is_the_ablation_through_the_model(cross_run)
     from activations.model import load_model
     from activations.reader import open_run
     from sae.analysis.analyze import select_spans
-    from sae.analysis.causal import context_batches, pick_features
+    from sae.analysis.causal import context_batches, context_starts, pick_features
     from sae.checkpoint import load_saes
 
     run_dir, idx = cross_run
@@ -315,7 +324,9 @@ def test_causal_effect_in_the_index_is_the_ablation_through_the_model(cross_run)
     base = torch.zeros(cand.shape, dtype=torch.float64)
     measured = torch.zeros(len(cand), dtype=torch.long)
     with torch.no_grad():
-        for ids, acts in context_batches(run, spans, ["resid.1"], 16384, 1024 // 32, "cpu"):
+        starts = context_starts(spans, 32)
+        assert len(starts) * 32 <= 4096  # within analyze's --causal-tokens: every held-out context is used
+        for ids, acts in context_batches(run, starts, ["resid.1"], 1024 // 32, "cpu"):
             C, T, d = acts["resid.1"].shape
             codes = up.encode(acts["resid.1"].reshape(C * T, d)).float()
             codes.view(C, T, -1)[:, :1] = 0  # exclude_first = 1, as trained

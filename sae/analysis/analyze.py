@@ -63,8 +63,9 @@ class AnalyzeConfig:
                                                                 "(where no causal effect was measured)")
     match: str = _f("", "more SAE pairs to match, UP:DOWN by SAE id, comma-separated (e.g. resid.1:resid.3); "
                         "adjacent SAEs of a bank and resid -> mlp_out/attn_out -> resid are matched anyway")
-    causal_tokens: Annotated[int, Ge(0)] = _f(16384, "analysed tokens (whole contexts) on which upstream features "
-                                                     "are ablated through the model for the causal check (0 = skip)")
+    causal_tokens: Annotated[int, Ge(0)] = _f(4096, "analysed tokens (whole contexts, chosen to hold firings of as "
+                                                    "many upstream features as possible) on which upstream features "
+                                                    "are ablated through the model for the causal check (0 = skip)")
     causal_rounds: Annotated[int, Gt(0)] = _f(2, "ablations per token in the causal check (each round ablates one "
                                                  "active upstream feature at every position, one forward)")
     min_effect: Annotated[float, Interval(ge=0, le=1)] = _f(0.2, "least causal effect of a best match and of a "
@@ -302,7 +303,15 @@ def _pairs(cfg: AnalyzeConfig, name: str, saes: dict) -> list:
 def score_matches(cfg: AnalyzeConfig, run, saes: dict, res: dict, lm, spans, exclude_first: int, device) -> list:
     """Causal effects (through the run's model, on cfg.causal_tokens analysed tokens) and SAE Match for every
     match of the pass; best matches, agreement and paths (by causal effect where measured). Returns notes."""
-    from sae.analysis.causal import ModelSpan, causal_effects, context_batches, read_key, write_key
+    from sae.analysis.causal import (
+        ModelSpan,
+        causal_effects,
+        choose_contexts,
+        context_batches,
+        context_starts,
+        read_key,
+        write_key,
+    )
     from sae.analysis.saematch import sae_match
     from sae.analysis.stream import bank_paths
 
@@ -316,8 +325,11 @@ def score_matches(cfg: AnalyzeConfig, run, saes: dict, res: dict, lm, spans, exc
         effect = None
         if causal:
             span = ModelSpan(lm.model, write_key(up), read_key(down))
-            batches = context_batches(run, spans, sorted({read_key(up), write_key(up)}), cfg.causal_tokens,
-                                      max(1, cfg.batch_size // int(run.manifest.context_length)), device)
+            T = int(run.manifest.context_length)
+            fired = torch.cat([res["saes"][m["up"]]["top_row"], res["saes"][m["up"]]["sample_row"]], 1)
+            starts = choose_contexts(context_starts(spans, T), fired, T, cfg.causal_tokens // T)
+            batches = context_batches(run, starts, sorted({read_key(up), write_key(up)}), max(1, cfg.batch_size // T),
+                                      device)
             effect, _ = causal_effects(up, down, span, batches, m["cand_idx"].to(device), cfg.causal_rounds,
                                        exclude_first)
             effect = effect.cpu()

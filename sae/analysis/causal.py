@@ -21,7 +21,9 @@ each *round* ablates, at every position, one of the upstream features active the
 times so far; the strongest activation breaks ties), all in one forward over the batch of contexts, and
 reads every position's own drop. A round thus measures one firing per token for the price of one forward,
 and `rounds` rounds spread the measurements over the features (rare features are ablated wherever they
-fire; frequent ones on a sample of their firings). Positions share a context, so an ablation at an earlier
+fire; frequent ones on a sample of their firings). The contexts (a budget of tokens) are chosen to hold
+firings of as many upstream features as possible (`choose_contexts`, from the analysis pass's top and
+sampled firings). Positions share a context, so an ablation at an earlier
 position can reach a later one through attention: that cross-talk (zero for a position-wise span) is the
 price of a cost of (1 + rounds) span forwards per token (measured in scripts/bench_dashboard.py).
 """
@@ -103,12 +105,37 @@ class ModelSpan:
         return out.float()
 
 
-def context_batches(run, spans: list[tuple[int, int]], keys: list[str], max_tokens: int, batch_contexts: int,
+def context_starts(spans: list[tuple[int, int]], T: int) -> list[int]:
+    """First rows of the whole model contexts (T rows each, aligned to row 0) inside the spans."""
+    return [s for a, b in spans for s in range(a + (-a) % T, b - T + 1, T)]
+
+
+def choose_contexts(starts: list[int], firing_rows: torch.Tensor, T: int, n: int) -> list[int]:
+    """At most n of the contexts `starts`, chosen greedily to hold firings of as many upstream features as
+    possible (firing_rows [n_up, s]: rows where each feature fired, -1 = none, e.g. the analysis pass's top
+    and sampled rows), so that a small token budget still ablates most features. Sorted by row."""
+    if len(starts) <= n:
+        return list(starts)
+    col = {s // T: c for c, s in enumerate(starts)}
+    ctx = np.vectorize(lambda r: col.get(r // T, -1) if r >= 0 else -1)(firing_rows.cpu().numpy()) \
+        if firing_rows.numel() else np.zeros((0, 0), dtype=np.int64)
+    holds = np.zeros((len(starts), len(ctx)), dtype=bool)  # context x feature: a firing of it lies there
+    f, s = np.nonzero(ctx >= 0)
+    holds[ctx[f, s], f] = True
+    chosen, covered = [], np.zeros(len(ctx), dtype=bool)
+    for _ in range(n):
+        gain = (holds & ~covered).sum(1)
+        gain[chosen] = -1
+        c = int(gain.argmax())
+        chosen.append(c)
+        covered |= holds[c]
+    return sorted(starts[c] for c in chosen)
+
+
+def context_batches(run, starts: list[int], keys: list[str], batch_contexts: int,
                     device) -> Iterator[tuple[torch.Tensor, dict]]:
-    """Whole model contexts from the analysed spans: (token ids [C, T], {key: acts [C, T, d]}), at most
-    max_tokens tokens in all."""
+    """The model contexts beginning at rows `starts`: (token ids [C, T], {key: acts [C, T, d]}) per batch."""
     T = int(run.manifest.context_length)
-    starts = [s for a, b in spans for s in range(a + (-a) % T, b - T + 1, T)][:max(0, max_tokens) // T]
     for s in range(0, len(starts), batch_contexts):
         rows = np.concatenate([np.arange(r, r + T) for r in starts[s:s + batch_contexts]])
         ids = np.concatenate([run.read_tokens(r, r + T)["token_ids"] for r in starts[s:s + batch_contexts]])
