@@ -1,0 +1,108 @@
+"""`strata synth`: a run made of known features across depth, and `strata eval --suite truth` scoring against it."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+
+from activations import layout
+from activations.reader import open_run
+from activations.synth import SynthConfig, is_synthetic, load_truth, shard_codes
+from activations.verify import verify_run
+from strata.cli import main
+
+SMALL = ["--layers", "3", "--d-model", "16", "--features", "32", "--active", "3", "--tokens", "1024",
+         "--context", "32", "--shard-tokens", "512", "--sites", "resid,mlp_in,mlp_out"]
+
+
+def strata(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def tree_hashes(run) -> dict:
+    return {p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file() and ".lock" not in p.name}
+
+
+@pytest.fixture(scope="module")
+def small_synth(tmp_path_factory):
+    run = tmp_path_factory.mktemp("synth") / "small"
+    assert strata("synth", run, *SMALL, "--split", "0.1", "--merge", "0.1", "--rotate", "0.1") == 0
+    return run
+
+
+def test_synth_writes_a_normal_run_with_its_lineage(small_synth):
+    run = small_synth
+    store = open_run(run)
+    m = store.manifest
+    assert is_synthetic(m) and m.complete and verify_run(run) == []
+    assert m.n_tokens == 1024 and len(m.shards) == 2 and m.n_layers == 3
+    assert m.keys == ["resid.0", "mlp_in.0", "mlp_out.0", "resid.1", "mlp_in.1", "mlp_out.1",
+                      "resid.2", "mlp_in.2", "mlp_out.2", "resid.3"]
+
+    truth = load_truth(run)
+    lin = truth.lineage
+    kinds = {e["kind"] for e in lin.edges}
+    assert {"persist", "rotate", "split", "merge"} <= kinds
+    assert any(f.origin == "appear" for f in lin.features) and any(f.last < 3 for f in lin.features)
+
+    # the record round-trips: every edge joins a feature live at L-1 to one live at L, and the directions agree
+    for e in lin.edges:
+        parent, child = lin.features[e["parent"]], lin.features[e["child"]]
+        assert parent.live(e["layer"] - 1) and child.live(e["layer"])
+        cos = float(lin.directions[e["layer"] - 1][parent.id] @ lin.directions[e["layer"]][child.id])
+        if e["kind"] == "persist":
+            assert cos > 0.99
+        elif e["kind"] == "rotate":
+            assert cos == pytest.approx(0.5, abs=1e-4)
+        elif e["kind"] == "split":
+            assert cos == pytest.approx(0.7, abs=1e-4)
+    for f in lin.features:  # a feature links to itself at every layer of its life, and not past it
+        selfs = {e["layer"] for e in lin.edges if e["parent"] == f.id and e["child"] == f.id}
+        assert selfs == set(range(f.born + 1, f.last + 1))
+
+    # the shards hold what the truth says: resid.L = codes of the live features x their directions + noise
+    codes = shard_codes(SynthConfig(**{k: v for k, v in truth.config.items() if k != "synth"}), lin, 0, 512)
+    for key in ("resid.2", "mlp_out.1"):
+        ids, dirs = truth.key_features(key)
+        x = store.read_block(key, 0, 0, 512)
+        resid = x - codes[:, ids] @ dirs
+        assert float(np.sqrt((resid ** 2).mean())) < 0.06  # noise 0.05 and float16 rounding
+    # supports follow the lineage: split children partition the parent's tokens, merge children take the union
+    for f in lin.features:
+        if f.origin == "split":
+            sibling = next(g for g in lin.features if g.split_event == f.split_event and g.id != f.id)
+            both = (codes[:, f.id] > 0) | (codes[:, sibling.id] > 0)
+            assert np.array_equal(both, codes[:, f.parents[0]] > 0)
+            assert not ((codes[:, f.id] > 0) & (codes[:, sibling.id] > 0)).any()
+        if f.origin == "merge":
+            assert np.array_equal(codes[:, f.id] > 0, (codes[:, f.parents] > 0).any(1))
+    assert np.array_equal(store.read_block("mlp_in.1", 1, 0, 512), store.read_block("resid.1", 1, 0, 512))
+
+
+def test_synth_is_deterministic_and_resumes_byte_identical(small_synth, tmp_path):
+    again = tmp_path / "again"
+    assert strata("synth", again, *SMALL, "--split", "0.1", "--merge", "0.1", "--rotate", "0.1") == 0
+    want = tree_hashes(small_synth)
+    assert tree_hashes(again) == want
+    # a lost shard file and a damaged one are re-created by --resume, byte-identical
+    (again / "acts" / "resid.2" / "shard-00001.h5").unlink()
+    with open(again / "acts" / "mlp_out.0" / "shard-00000.h5", "r+b") as f:
+        f.seek(4000)
+        f.write(b"\0" * 64)
+    assert verify_run(again)
+    assert strata("synth", again, *SMALL, "--split", "0.1", "--merge", "0.1", "--rotate", "0.1", "--resume") == 0
+    assert tree_hashes(again) == want and verify_run(again) == []
+    # the repair command the readers print for a damaged synthetic run is this one
+    from activations.verify import repair_command
+
+    assert repair_command(again).startswith(f"strata synth {again} --layers 3 ")
+    assert repair_command(again).endswith("--resume")
+
+    other = tmp_path / "other"
+    shutil.copytree(small_synth, other)
+    assert strata("synth", other, *SMALL, "--seed", "1", "--overwrite") == 0
+    assert tree_hashes(other)["synth/truth.json"] != want["synth/truth.json"]
+    assert layout.manifest_path(other).is_file() and load_truth(other).config["seed"] == 1
