@@ -22,6 +22,7 @@ Stable API (used by the truth eval suite and the feature-flow tests):
     SynthConfig, synthesize(cfg) -> Manifest, load_truth(run) -> Truth, SYNTHETIC_MODEL_ID
     Truth.lineage (synth_lineage.Lineage: features, edges, directions, live_ids, changed_ids, links),
     Truth.key_features(key) -> (feature ids [n], unit directions [n, d]) of the truth in that key's space,
+    Truth.key_layer(key) -> the lineage layer of that key's features (mlp_out.L: L+1),
     Truth.config (the SynthConfig as a dict)
 """
 from __future__ import annotations
@@ -117,17 +118,19 @@ class Truth:
     config: dict
     lineage: Lineage
 
+    def key_layer(self, key: str) -> int:
+        """The lineage layer whose directions make up activation `key`: L for resid.L and mlp_in.L, L+1 for
+        mlp_out.L (what block L writes into resid.L+1)."""
+        site, _, layer = key.rpartition(".")
+        if site not in SYNTH_SITES or not layer.isdigit():
+            raise StrataError(f"a synthetic run has no true features for {key}; it writes {', '.join(SYNTH_SITES)}")
+        return int(layer) + (site == "mlp_out")
+
     def key_features(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(feature ids [n], unit directions [n, d]) of the true features in the space of activation `key`."""
-        site, _, layer = key.rpartition(".")
-        L = int(layer)
-        if site in ("resid", "mlp_in"):
-            ids = self.lineage.live_ids(L)
-            return ids, self.lineage.directions[L][ids]
-        if site == "mlp_out":
-            ids = self.lineage.changed_ids(L + 1)
-            return ids, self.lineage.directions[L + 1][ids]
-        raise StrataError(f"a synthetic run has no true features for {key}; it writes {', '.join(SYNTH_SITES)}")
+        L = self.key_layer(key)
+        ids = self.lineage.changed_ids(L) if key.startswith("mlp_out.") else self.lineage.live_ids(L)
+        return ids, self.lineage.directions[L][ids]
 
 
 def synth_dir(run) -> Path:

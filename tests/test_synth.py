@@ -106,3 +106,67 @@ def test_synth_is_deterministic_and_resumes_byte_identical(small_synth, tmp_path
     assert strata("synth", other, *SMALL, "--seed", "1", "--overwrite") == 0
     assert tree_hashes(other)["synth/truth.json"] != want["synth/truth.json"]
     assert layout.manifest_path(other).is_file() and load_truth(other).config["seed"] == 1
+
+
+# ---------------------------------------------------------------- the truth suite
+FAST = ["--batch-size", "256", "--k", "3", "--progress", "false", "--device", "cpu"]
+
+
+def make_perfect(run, name: str) -> dict:
+    """Replace every SAE of train/<name> by the true dictionary of its key (extra latents repeat true features;
+    encoder = decoder transposed, no biases): what a perfect SAE would have learned. Returns {sid: true ids}."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    truth = load_truth(run)
+    folder = layout.checkpoint_dir(run, name) / "saes"
+    placed = {}
+    for sae_dir in sorted(folder.iterdir()):
+        w = load_file(str(sae_dir / "sae.safetensors"))
+        ids, dirs = truth.key_features(sae_dir.name)
+        n = w["W_dec"].shape[0]
+        rows = torch.from_numpy(dirs[np.arange(n) % len(ids)]).float()
+        w["W_dec"], w["W_enc"] = rows.clone(), rows.t().contiguous()
+        w["b_enc"], w["b_dec"] = torch.zeros_like(w["b_enc"]), torch.zeros_like(w["b_dec"])
+        save_file(w, str(sae_dir / "sae.safetensors"))
+        placed[sae_dir.name] = ids
+    return placed
+
+
+@pytest.fixture(scope="module")
+def perfect_bank(small_synth, tmp_path_factory):
+    run = tmp_path_factory.mktemp("perfect") / "run"
+    shutil.copytree(small_synth, run)
+    assert strata("train", run, "--name", "bank", "--sites", "resid", "--n-latents", "40", "--max-tokens", "512",
+                  *FAST) == 0
+    make_perfect(run, "bank")
+    return run
+
+
+def read_eval(run, name):
+    import json
+
+    return json.loads((layout.train_dir(run, name) / "eval.json").read_text())
+
+
+def test_a_perfect_dictionary_scores_one(perfect_bank, capsys):
+    assert strata("eval", perfect_bank, "--name", "bank", "--suite", "truth", "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "truth: truth_f1 1.000" in out and "strata analyze" in out  # no index yet: matching says what to run
+    result = read_eval(perfect_bank, "bank")
+    assert result["suites"]["truth"]["status"] == "ok"
+    for sid in ("resid.0", "resid.1", "resid.2", "resid.3"):
+        o = result["saes"][sid]["overall"]
+        assert o["truth_mmcs"] == pytest.approx(1.0, abs=1e-6)
+        assert o["truth_recall"] == o["truth_precision"] == o["truth_f1"] == 1.0
+    assert "strata analyze" in result["suites"]["truth"]["details"]["matching"]
+
+
+def test_a_random_dictionary_scores_low(small_synth, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_synth, run)
+    assert strata("train", run, "--name", "rand", "--sites", "resid", "--layers", "1", "--n-latents", "40",
+                  "--max-tokens", "256", "--lr", "1e-12", *FAST) == 0
+    assert strata("eval", run, "--name", "rand", "--suite", "truth", "--device", "cpu") == 0
+    o = read_eval(run, "rand")["saes"]["resid.1"]["overall"]
+    assert o["truth_mmcs"] < 0.8 and o["truth_f1"] == 0.0

@@ -23,6 +23,7 @@ from activations import layout
 from activations.config import option as _f
 from activations.errors import StrataError
 from activations.lock import run_lock
+from activations.synth import SYNTHETIC_MODEL_ID
 from sae.analysis.explain import ExplainerError, TokenExplainer, make_explainer
 from sae.analysis.explain_index import (
     FALLBACK,
@@ -94,6 +95,8 @@ def select_spans(run, data: str, heldout_fraction: float) -> tuple[list[tuple[in
 
 def load_vocab_and_unembedding(model_id: str, device) -> tuple[list[str] | None, object, str]:
     """(decoded string of every token id, (norm, W_U) or None, note). Never fails: the index is still useful."""
+    if model_id == SYNTHETIC_MODEL_ID:
+        return None, None, "synthetic run (strata synth): no model, so no logit effects; tokens shown as ids"
     from activations.hooks import unembedding
     from activations.model import load_model
 

@@ -3,8 +3,8 @@
 A suite is looked up by name and imported only when asked for (some need scikit-learn or a model). It gets a
 SuiteContext: the opened run, the loaded SAEs (compute precision already set), the held-out shards, the training
 identity (exclude_first, heldout_fraction, ...). It returns its metrics per SAE (see sae/evals/__init__.py); it
-raises StrataError for a problem the user can fix, which fails that suite alone: the others still run and
-their results are written.
+may define `preflight(run_dir)` to refuse a run it cannot apply to before anything runs; it raises StrataError
+for a problem the user can fix, which fails that suite alone: the others still run and their results are written.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from activations.errors import StrataError
 # name -> (module with run(ctx), what it measures)
 SUITES: dict[str, tuple[str, str]] = {
     "core": ("sae.evals.core", "reconstruction (FVU, cosine, shrinkage), sparsity (L0, dead/dense), CE/KL loss recovered"),
+    "truth": ("sae.evals.truth", "synthetic runs (strata synth): MMCS/F1 of recovered features, layer profiles, matches"),
 }
 
 
@@ -44,6 +45,15 @@ def parse_suites(spec: str) -> list[str]:
     if unknown:
         raise StrataError(f"unknown eval suite {', '.join(map(repr, unknown))}; pick from: {', '.join(SUITES)}")
     return list(dict.fromkeys(names))
+
+
+def preflight(names: list[str], run_dir) -> None:
+    """Each asked suite's optional `preflight(run_dir)`, before anything runs or is written: a suite that cannot
+    apply to this run at all (e.g. truth on a run that is not synthetic) refuses the command with StrataError."""
+    for name in names:
+        check = getattr(importlib.import_module(SUITES[name][0]), "preflight", None)
+        if check is not None:
+            check(run_dir)
 
 
 def run_suite(name: str, ctx: SuiteContext) -> dict:
