@@ -510,8 +510,25 @@ EVAL_SUITE_CASES = [
          "--suite is empty"),
 ]
 
+# `strata synth` and `strata eval --suite truth`
+SYNTH_CASES = [
+    Case("truth-on-a-harvested-run", lambda w: ["eval", w.run, "--name", "t1", "--suite", "truth", "--device", "cpu"],
+         "is not a synthetic run"),
+    Case("truth-with-core-on-a-harvested-run",
+         lambda w: ["eval", w.run, "--name", "t1", "--suite", "core,truth", "--device", "cpu"], "strata synth"),
+    Case("synth-into-user-folder", lambda w: ["synth", w.user, "--tokens", "256"], "holds no Strata run"),
+    Case("synth-onto-a-run", lambda w: ["synth", w.run, "--tokens", "256"], "--overwrite"),
+    Case("synth-overwrite-trained-run", lambda w: ["synth", w.run, "--tokens", "256", "--overwrite"],
+         "would replace the activations"),
+    Case("synth-unknown-site", lambda w: ["synth", w.root / "cases/synth-unknown-site/R", "--sites", "resid,attn_out"],
+         "synth writes resid and optionally mlp_in, mlp_out"),
+    Case("synth-fewer-tokens-than-a-context", lambda w: ["synth", w.root / "cases/synth-few/R", "--tokens", "10"],
+         "less than one context"),
+    Case("synth-zero-layers", lambda w: ["synth", w.root / "cases/synth-zero-layers/R", "--layers", "0"], "layers"),
+]
 
-ALL_CASES = CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES + DASHBOARD_CASES + EVAL_SUITE_CASES
+ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES + DASHBOARD_CASES
+             + EVAL_SUITE_CASES + SYNTH_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

@@ -170,3 +170,52 @@ def test_a_random_dictionary_scores_low(small_synth, tmp_path):
     assert strata("eval", run, "--name", "rand", "--suite", "truth", "--device", "cpu") == 0
     o = read_eval(run, "rand")["saes"]["resid.1"]["overall"]
     assert o["truth_mmcs"] < 0.8 and o["truth_f1"] == 0.0
+
+
+def add_match_group(index, truth, up: str, down: str, maps: dict):
+    """Write matches/0 into a feature index as `strata analyze` writes it (the matches contract): `causal` links
+    every upstream latent to a latent of its feature's first child in the lineage; `saematch` sends them all to
+    latent 0; `cosine` ranks the causal pick second behind latent 1."""
+    import json
+
+    import h5py
+
+    L = truth.key_layer(down)
+    first_child = {}
+    for p, c in sorted(truth.lineage.links(L)):
+        first_child.setdefault(p, c)
+    down_ids = list(maps[down])
+    best = np.array([down_ids.index(first_child[f]) if f in first_child else -1 for f in maps[up]], dtype=np.int32)
+    n = len(best)
+    cand = np.stack([np.ones(n), np.maximum(best, 0)], 1).astype(np.int32)
+    with h5py.File(index, "a") as f:
+        g = f.create_group("matches/0")
+        g.attrs.update({"up": up, "down": down, "up_key": up, "down_key": down, "kind": "bank",
+                        "methods": json.dumps(["cosine", "causal", "saematch"])})
+        g["cand_idx"], g["cand_cos"] = cand, np.tile(np.float32([0.9, 0.5]), (n, 1))
+        g["best_idx"], g["saematch_idx"] = best, np.zeros(n, dtype=np.int32)
+    return best
+
+
+def test_matches_in_the_index_are_scored_against_the_lineage(perfect_bank, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(perfect_bank, run)
+    truth = load_truth(run)
+    # today's matches (best_next_idx of each bank SAE): correlation across shared supports finds the lineage
+    assert strata("analyze", run, "--name", "bank", "--device", "cpu") == 0
+    assert strata("eval", run, "--name", "bank", "--suite", "truth", "--device", "cpu") == 0
+    best_next = read_eval(run, "bank")["suites"]["truth"]["details"]["matching"]["best_next"]
+    assert best_next["precision"] >= 0.9 and best_next["recall"] >= 0.85 and best_next["links"] == 3 * 40
+
+    # a matches/<j> group as the causal matcher writes it: each method's top pick is scored on its own
+    maps = {k: truth.key_features(k)[0][np.arange(40) % 32] for k in ("resid.1", "resid.2")}
+    add_match_group(layout.index_path(run, "bank"), truth, "resid.1", "resid.2", maps)
+    assert strata("eval", run, "--name", "bank", "--suite", "truth", "--device", "cpu") == 0
+    result = read_eval(run, "bank")
+    matching = result["suites"]["truth"]["details"]["matching"]
+    edges = truth.lineage.links(2)
+    splits = {p for p, c in edges if p != c and sum(q == p for q, _ in edges) == 2}
+    assert matching["causal"]["precision"] == 1.0
+    assert matching["causal"]["recall"] == pytest.approx(1 - len(splits) / len(edges))  # one child of each split
+    assert matching["saematch"]["precision"] < 0.2 and matching["cosine"]["precision"] < 0.2
+    assert result["saes"]["resid.1"]["overall"]["truth_match_causal_precision"] == 1.0
