@@ -197,12 +197,19 @@ def add_match_group(index, truth, up: str, down: str, maps: dict):
     return best
 
 
-def test_matches_in_the_index_are_scored_against_the_lineage(perfect_bank, tmp_path):
+@pytest.fixture(scope="module")
+def analyzed_perfect(perfect_bank, tmp_path_factory):
+    run = tmp_path_factory.mktemp("analyzed") / "run"
+    shutil.copytree(perfect_bank, run, ignore=shutil.ignore_patterns("eval.json"))
+    assert strata("analyze", run, "--name", "bank", "--device", "cpu") == 0
+    return run
+
+
+def test_matches_in_the_index_are_scored_against_the_lineage(analyzed_perfect, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(perfect_bank, run)
+    shutil.copytree(analyzed_perfect, run)
     truth = load_truth(run)
     # today's matches (best_next_idx of each bank SAE): correlation across shared supports finds the lineage
-    assert strata("analyze", run, "--name", "bank", "--device", "cpu") == 0
     assert strata("eval", run, "--name", "bank", "--suite", "truth", "--device", "cpu") == 0
     best_next = read_eval(run, "bank")["suites"]["truth"]["details"]["matching"]["best_next"]
     assert best_next["precision"] >= 0.9 and best_next["recall"] >= 0.85 and best_next["links"] == 3 * 40
@@ -219,3 +226,43 @@ def test_matches_in_the_index_are_scored_against_the_lineage(perfect_bank, tmp_p
     assert matching["causal"]["recall"] == pytest.approx(1 - len(splits) / len(edges))  # one child of each split
     assert matching["saematch"]["precision"] < 0.2 and matching["cosine"]["precision"] < 0.2
     assert result["saes"]["resid.1"]["overall"]["truth_match_causal_precision"] == 1.0
+
+
+# ---------------------------------------------------------------- browsing a synthetic run
+def test_dashboard_browses_a_synthetic_run_without_a_model(analyzed_perfect, monkeypatch):
+    from test_dashboard_pages import app
+
+    at = app(analyzed_perfect, monkeypatch, page="prompt", train="bank")
+    assert any("synthetic" in i.value and "no model" in i.value for i in at.info)
+    assert not at.button  # nothing offers to load a model
+    at = app(analyzed_perfect, monkeypatch, page="features", train="bank", sae="resid.2", f="5")
+    assert any(h.value == "resid.2 · feature 5" for h in at.subheader)
+    assert 'class="tok' in "\n".join(m.value for m in at.markdown)  # its top contexts, tokens shown as ids
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    from test_dashboard_support import chromium_launch_args
+
+    return chromium_launch_args(browser_type_launch_args)
+
+
+def test_browser_prompt_page_of_a_synthetic_run_says_there_is_no_model(analyzed_perfect, page):
+    from test_dashboard_support import chromium_path, free_port
+
+    from dashboard.serve import serve_dashboard, wait_until_up
+
+    if chromium_path() is None:
+        pytest.skip("no chromium")
+    port = free_port()
+    proc = serve_dashboard(analyzed_perfect, read_only=False, port=port, host="127.0.0.1", block=False)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90), "streamlit did not come up"
+        page.set_default_timeout(90_000)
+        page.goto(f"http://127.0.0.1:{port}/?page=prompt&train=bank")
+        note = page.get_by_text("there is no model to run typed text through")
+        note.wait_for()
+        assert note.is_visible() and page.get_by_role("button", name="Run").count() == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
