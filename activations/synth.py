@@ -230,10 +230,6 @@ def _write(cfg: SynthConfig, run: Path, keys: list[str], old: Manifest | None, c
     lineage = lineage_of(cfg)
     if clear:
         clear_harvest(run)
-    with staged_dir(synth_dir(run), "synth") as tmp:
-        record = {"format": FORMAT, "config": cfg.identity(), "lineage": lineage.to_record()}
-        (tmp / "truth.json").write_text(json.dumps(record, indent=1) + "\n")
-        save_file({f"layer.{L}": d for L, d in lineage.directions.items()}, str(tmp / "features.safetensors"))
     manifest = old or Manifest(
         model={"id": SYNTHETIC_MODEL_ID, "source": "strata synth", "architecture": "synthetic",
                "n_layers": cfg.layers, "d_model": cfg.d_model, "vocab_size": len(lineage.features) + 1,
@@ -242,7 +238,11 @@ def _write(cfg: SynthConfig, run: Path, keys: list[str], old: Manifest | None, c
         keys=keys, dims={k: cfg.d_model for k in keys}, dtype=cfg.dtype, context_length=cfg.context,
         config=cfg.identity(), corpus={"kind": "synthetic", "name": f"strata synth (seed {cfg.seed})"},
         versions=software_versions(), precision={"precision": "fp32", "reason": "synthetic: no model runs"})
-    save_manifest(run, manifest)  # before the first shard file
+    save_manifest(run, manifest)  # first: every file below is explained by it (load_truth names the repair)
+    with staged_dir(synth_dir(run), "synth") as tmp:
+        record = {"format": FORMAT, "config": cfg.identity(), "lineage": lineage.to_record()}
+        (tmp / "truth.json").write_text(json.dumps(record, indent=1) + "\n")
+        save_file({f"layer.{L}": d for L, d in lineage.directions.items()}, str(tmp / "features.safetensors"))
     shard_contexts = max(1, cfg.shard_tokens // cfg.context)
     n_contexts = cfg.tokens // cfg.context
     listed = {s.index: s for s in manifest.shards}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from activations import layout
+from activations.errors import StrataError
 from activations.reader import open_run
 from activations.synth import SynthConfig, is_synthetic, load_truth, shard_codes
 from activations.verify import verify_run
@@ -100,6 +101,13 @@ def test_synth_is_deterministic_and_resumes_byte_identical(small_synth, tmp_path
 
     assert repair_command(again).startswith(f"strata synth {again} --layers 3 ")
     assert repair_command(again).endswith("--resume")
+
+    # a lost record is named with its repair, which restores it
+    shutil.rmtree(again / "synth")
+    with pytest.raises(StrataError, match="record .* is missing; re-create it with `strata synth .* --resume`"):
+        load_truth(again)
+    assert strata("synth", again, *SMALL, "--split", "0.1", "--merge", "0.1", "--rotate", "0.1", "--resume") == 0
+    assert tree_hashes(again) == want
 
     other = tmp_path / "other"
     shutil.copytree(small_synth, other)
