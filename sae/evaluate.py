@@ -1,22 +1,24 @@
-"""`strata eval`: trained SAEs on the run's held-out shards.
+"""`strata eval`: trained SAEs on the run's held-out shards, one or more suites (sae/evals/suite.py lists them;
+`core` is the default: reconstruction, sparsity, CE/KL loss recovered, sae/evals/core.py).
 
-Per SAE and per key: FVU / explained variance, MSE (raw units), cosine, shrinkage, relative reconstruction
-bias, L0, alive/dead/dense fractions (metrics.py); then the downstream cost of the reconstruction: the SAE is
-spliced into the model at its key (activations.hooks.splice) on held-out contexts and compared with the clean
-forward and with zero-ablation of that key:
-    CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean);  KL recovered = (KL_zero - KL_sae) / KL_zero
-with KL(p_clean || p) averaged over predicted tokens. Written to RUN/train/<name>/eval.json.
+Results go to RUN/train/<name>/eval.json, written atomically after the suites ran. A suite's metrics sit in each
+SAE's `overall` and `per_key` beside the other suites' ("<suite>_<metric>" for suites other than core), and
+`suites` records, per suite, its status, seconds, metric names and details. Running one suite keeps the results
+of the others from an earlier eval of the same checkpoint on the same shards; a suite that fails (e.g. an
+unreachable explainer server) is recorded as failed, the others still run, and the command exits 2 with one
+line saying so.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import hashlib
+import json
+import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from annotated_types import Ge, Gt
 
 from activations import layout
@@ -24,12 +26,12 @@ from activations.atomic import atomic_write_json, existing_dir
 from activations.config import option as _f
 from activations.errors import StrataError
 from activations.lock import run_lock
-from activations.reader import ActivationReader, open_run
+from activations.reader import open_run
 from sae import train_folder
-from sae.checkpoint import load_saes
-from sae.metrics import LatentStats, ReconStats
+from sae.checkpoint import STATE, load_saes, saes_dir
+from sae.evals.suite import SUITES, SuiteContext, parse_suites, preflight, run_suite
 from sae.models import use_precision
-from sae.modes import Unit, check_exclude_first
+from sae.modes import check_exclude_first
 
 
 @dataclass
@@ -45,6 +47,8 @@ class EvalConfig:
     precision: Literal["auto", "fp32", "bf16"] = _f(
         "auto", "dtype of the SAE encoder matmul and the model forward: auto (bf16 where a one-off probe finds it "
                 ">= 1.5x faster than fp32 on this machine), fp32, bf16")
+    suite: str = _f("core", "comma-separated eval suites to run: " + ", ".join(SUITES) + " (the earlier results of "
+                            "suites not run are kept in eval.json)")
 
 
 def _resolve_name(cfg: EvalConfig) -> str:
@@ -57,128 +61,20 @@ def _resolve_name(cfg: EvalConfig) -> str:
     return names[0]
 
 
-@torch.no_grad()
-def reconstruction_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, device) -> dict:
-    units = [Unit(sid, sae) for sid, sae in saes.items()]
-    keys = sorted({k for u in units for k in u.needed_keys})
-    reader = ActivationReader(run, keys, cfg.batch_size, shards=heldout, shuffle=False,
-                              exclude_first=cfg.exclude_first)
-    recon = {u.sae_id: {} for u in units}
-    lat = {u.sae_id: LatentStats(u.sae.cfg.n_latents) for u in units}
-    seen = 0
-    for batch in reader:
-        acts = {k: v.to(device) for k, v in batch.acts.items()}
-        for u in units:
-            x, y = u.io(acts)
-            f = u.sae.encode_n(x)
-            r = u.sae.decode_n(f) + u.sae.skip_out(x)
-            lat[u.sae_id].update_dense(f)
-            scale = dict(zip(u.out_keys, u.sae.cfg.out_scales))
-            for key, (yk, rk) in u.parts(y, r).items():  # back to raw units, per key
-                recon[u.sae_id].setdefault(key, ReconStats()).update(yk / scale[key], rk / scale[key])
-        seen += batch.rows.numel()
-        if cfg.max_tokens and seen >= cfg.max_tokens:
-            break
-    out = {}
-    for u in units:
-        per_key = {k: s.summary() for k, s in recon[u.sae_id].items()}
-        summary = {m: float(np.mean([v[m] for v in per_key.values()])) for m in next(iter(per_key.values()))}
-        summary.update(lat[u.sae_id].summary())
-        out[u.sae_id] = {"overall": summary, "per_key": per_key, "tokens": seen,
-                         "log10_density": torch.log10(lat[u.sae_id].density() + 1e-10).tolist()}
-    return out
-
-
-def _contexts(run, heldout: list[int], n: int) -> torch.Tensor:
-    T = run.manifest.context_length
-    ids = []
-    for s in heldout:
-        rec = run.manifest.shards[s]
-        toks = run.read_tokens(rec.token_start, rec.token_start + rec.rows)["token_ids"]
-        usable = len(toks) // T * T
-        ids.append(toks[:usable].reshape(-1, T))
-    ids = np.concatenate(ids)[:n]
-    return torch.from_numpy(ids.astype(np.int64))
-
-
-def _ce_kl(logits: torch.Tensor, ids: torch.Tensor, clean_logp: torch.Tensor) -> tuple[float, float]:
-    logp = F.log_softmax(logits[:, :-1].float(), -1)
-    ce = F.nll_loss(logp.reshape(-1, logp.shape[-1]), ids[:, 1:].reshape(-1))
-    kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1).mean()
-    return float(ce), float(kl)
-
 
 @torch.no_grad()
-def downstream_metrics(run, saes: dict, heldout: list[int], cfg: EvalConfig, device,
-                       dtype: torch.dtype = torch.float32) -> dict:
-    from activations.hooks import capture, splice
-    from activations.model import load_model
-
-    lm = load_model(run.manifest.model["id"], device, dtype)
-    model = lm.model
-    ids = _contexts(run, heldout, cfg.ce_contexts).to(device)
-    if ids.numel() == 0:
-        return {}
-    clean = model(ids).logits
-    clean_logp = F.log_softmax(clean[:, :-1].float(), -1)
-    ce_clean, _ = _ce_kl(clean, ids, clean_logp)
-    first = max(0, cfg.exclude_first)
-
-    def keep_first(a, new):
-        """Positions the SAEs were not trained on (exclude_first) keep their clean activation, in both the
-        SAE and the zero-ablation pass, so loss recovered compares like with like."""
-        if first:
-            new = new.clone()
-            new[:, :first] = a[:, :first]
-        return new
-
-    out = {}
-    for sid, sae in saes.items():
-        c = sae.cfg
-        cross = None
-        if c.mode == "crosscoder":
-            acts = capture(model, c.in_keys, ids)
-            flat = torch.cat([acts[k].reshape(-1, acts[k].shape[-1]) for k in c.in_keys], 1)
-            cross = dict(zip(c.in_keys, sae.reconstruct(flat.float()).chunk(len(c.in_keys), 1)))
-        per_key = {}
-        for key in c.out_keys:
-            stash: dict = {}
-
-            def replace(a, key=key, c=c, sae=sae, cross=cross, stash=stash):
-                if cross is not None:
-                    new = cross[key].reshape(a.shape).to(a.dtype)
-                else:
-                    src = stash["x"] if c.mode == "transcoder" else a
-                    kw = {"key": key} if c.mode == "multilayer" else {}
-                    new = sae.reconstruct(src.reshape(-1, src.shape[-1]).float(), **kw).reshape(a.shape).to(a.dtype)
-                return keep_first(a, new)
-
-            with contextlib.ExitStack() as stack:
-                if c.mode == "transcoder":
-                    stack.enter_context(splice(model, c.in_keys[0], lambda a, stash=stash: stash.__setitem__("x", a) or a))
-                stack.enter_context(splice(model, key, replace))
-                ce_sae, kl_sae = _ce_kl(model(ids).logits, ids, clean_logp)
-            with splice(model, key, lambda a: keep_first(a, torch.zeros_like(a))):
-                ce_zero, kl_zero = _ce_kl(model(ids).logits, ids, clean_logp)
-            denom = ce_zero - ce_clean
-            per_key[key] = {"ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero, "kl_sae": kl_sae,
-                            "kl_zero": kl_zero,
-                            "ce_loss_recovered": (ce_zero - ce_sae) / denom if abs(denom) > 1e-9 else float("nan"),
-                            "kl_recovered": (kl_zero - kl_sae) / kl_zero if kl_zero > 1e-12 else float("nan")}
-        out[sid] = per_key
-    return out
-
-
 def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate train/<name> and write its eval.json, holding the run's "train-<name>" lock throughout (no
     training of that name can replace the checkpoint underneath)."""
+    suites = parse_suites(cfg.suite)
     name = _resolve_name(cfg)
+    preflight(suites, cfg.run_dir)
     run = open_run(cfg.run_dir)
     with run_lock(cfg.run_dir, f"strata eval --name {name}", scope=f"train-{name}"):
-        return _evaluate(cfg, run, name)
+        return _evaluate(cfg, run, name, suites)
 
 
-def _evaluate(cfg: EvalConfig, run, name: str) -> dict:
+def _evaluate(cfg: EvalConfig, run, name: str, suites: list[str]) -> dict:
     from activations.model import resolve_device
 
     tdir = layout.train_dir(cfg.run_dir, name)
@@ -196,20 +92,75 @@ def _evaluate(cfg: EvalConfig, run, name: str) -> dict:
     _, heldout = run.split(identity.get("heldout_fraction", 0.1))
     if not heldout:
         raise StrataError(f"{cfg.run_dir} has no held-out shard (it needs at least two shards); harvest more tokens")
-    result = {"name": name, "heldout_shards": heldout, "precision": prec.record(),
-              "saes": reconstruction_metrics(run, saes, heldout, cfg, device)}
-    if cfg.ce_contexts > 0:
-        for sid, per_key in downstream_metrics(run, saes, heldout, cfg, device, prec.dtype).items():
-            result["saes"][sid]["downstream"] = per_key
-            for key, m in per_key.items():
-                result["saes"][sid]["per_key"].setdefault(key, {}).update(m)
-            result["saes"][sid]["overall"]["ce_loss_recovered"] = float(np.mean([m["ce_loss_recovered"] for m in per_key.values()]))
-            result["saes"][sid]["overall"]["kl_recovered"] = float(np.mean([m["kl_recovered"] for m in per_key.values()]))
+    ctx = SuiteContext(cfg=cfg, run=run, name=name, train_dir=tdir, saes=saes, identity=identity, heldout=heldout,
+                       device=device, dtype=prec.dtype)
+    checkpoint = _checkpoint_id(cfg.run_dir, name)
+    result = _earlier(tdir, checkpoint, heldout)
+    result.update({"name": name, "heldout_shards": heldout, "precision": prec.record(), "checkpoint": checkpoint})
+    failed = []
+    for suite in suites:
+        t0 = time.perf_counter()
+        try:
+            out = run_suite(suite, ctx)
+        except StrataError as e:
+            failed.append(f"{suite} ({e})")
+            result["suites"][suite] = {"status": "failed", "error": str(e)}
+            continue
+        _merge(result, suite, out)
+        seconds = time.perf_counter() - t0
+        result["suites"][suite].update(status="ok", seconds=round(seconds, 2))
+        print(f"eval: {suite} done in {seconds:.1f} s")
     try:
         atomic_write_json(tdir / "eval.json", _finite(result))
     except OSError as e:
         raise StrataError(f"cannot write {tdir / 'eval.json'} ({e.strerror or e}); make {tdir} writable and rerun") from None
+    if failed:
+        done = [s for s in suites if result["suites"][s]["status"] == "ok"]
+        kept = f"; the results of {', '.join(done)} are in {tdir / 'eval.json'}" if done else ""
+        raise StrataError(f"eval suite failed: {'; '.join(failed)}{kept}")
     return result
+
+
+def _checkpoint_id(run_dir, name: str) -> str:
+    """What identifies the evaluated weights: a hash of the checkpoint's state.json (step, tokens seen, RNG)."""
+    path = saes_dir(run_dir, name).parent / STATE
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else ""
+
+
+def _earlier(tdir, checkpoint: str, heldout: list[int]) -> dict:
+    """The eval.json of an earlier eval of the same checkpoint on the same shards, whose suites' results are kept;
+    else an empty result."""
+    try:
+        old = json.loads((tdir / "eval.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and old.get("checkpoint") == checkpoint and old.get("heldout_shards") == heldout \
+            and isinstance(old.get("saes"), dict) and isinstance(old.get("suites"), dict):
+        return old
+    return {"saes": {}, "suites": {}}
+
+
+def _merge(result: dict, suite: str, out: dict) -> None:
+    """Put a suite's per-SAE results into eval.json's, replacing what the same suite wrote before."""
+    previous = result["suites"].get(suite, {}).get("metrics", [])
+    names = set()
+    for sid, r in out["saes"].items():
+        dst = result["saes"].setdefault(sid, {})
+        dst.setdefault("overall", {})
+        dst.setdefault("per_key", {})
+        for m in previous:
+            dst["overall"].pop(m, None)
+            for per in dst["per_key"].values():
+                per.pop(m, None)
+        dst["overall"].update(r.get("overall", {}))
+        names.update(r.get("overall", {}))
+        for key, metrics in r.get("per_key", {}).items():
+            dst["per_key"].setdefault(key, {}).update(metrics)
+            names.update(metrics)
+        for extra, v in r.items():  # anything else a suite keeps per SAE (core: tokens, log10_density, downstream)
+            if extra not in ("overall", "per_key"):
+                dst[extra] = v
+    result["suites"][suite] = {"metrics": sorted(names), "details": out.get("details", {})}
 
 
 def _finite(obj):
@@ -223,14 +174,29 @@ def _finite(obj):
 
 
 def format_report(result: dict) -> str:
+    """The printed summary: the core metrics per SAE (and per key), then each other suite's overall metrics."""
     lines = [f"eval of {result['name']} on held-out shards {result['heldout_shards']}"]
+    other = {s: r.get("metrics", []) for s, r in result.get("suites", {}).items() if s != "core" and r.get("status") == "ok"}
     for sid, r in result["saes"].items():
         o = r["overall"]
-        extra = f"  CE recovered {o['ce_loss_recovered']:.3f}  KL recovered {o['kl_recovered']:.3f}" if "ce_loss_recovered" in o else ""
-        lines.append(f"{sid:>16}: FVU {o['fvu']:.4f}  L0 {o['l0']:.1f}  cos {o['cosine']:.3f}  shrinkage {o['shrinkage']:.3f}"
-                     f"  alive {o['frac_alive']:.3f}{extra}")
-        if len(r["per_key"]) > 1:
-            for key, m in r["per_key"].items():
-                ce = f"  CE recovered {m['ce_loss_recovered']:.3f}" if "ce_loss_recovered" in m else ""
-                lines.append(f"{'':>18}{key}: FVU {m['fvu']:.4f}{ce}")
+        if "fvu" in o:
+            extra = f"  CE recovered {o['ce_loss_recovered']:.3f}  KL recovered {o['kl_recovered']:.3f}" \
+                if "ce_loss_recovered" in o else ""
+            lines.append(f"{sid:>16}: FVU {o['fvu']:.4f}  L0 {o['l0']:.1f}  cos {o['cosine']:.3f}"
+                         f"  shrinkage {o['shrinkage']:.3f}  alive {o['frac_alive']:.3f}{extra}")
+            if len(r["per_key"]) > 1:
+                for key, m in r["per_key"].items():
+                    ce = f"  CE recovered {m['ce_loss_recovered']:.3f}" if "ce_loss_recovered" in m else ""
+                    if "fvu" in m:
+                        lines.append(f"{'':>18}{key}: FVU {m['fvu']:.4f}{ce}")
+        else:
+            lines.append(f"{sid:>16}:")
+        for suite, names in other.items():
+            shown = [f"{m} {_fmt(o[m])}" for m in names if m in o]
+            if shown:
+                lines.append(f"{'':>18}{suite}: " + "  ".join(shown))
     return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)

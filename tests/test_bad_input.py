@@ -502,6 +502,13 @@ DASHBOARD_CASES: list[Case] = [
          "not an address of this machine"),
 ]
 
+# `strata eval --suite`
+EVAL_SUITE_CASES = [
+    Case("eval-unknown-suite", lambda w: ["eval", w.run, "--name", "t1", "--suite", "core,nope", "--device", "cpu"],
+         "unknown eval suite 'nope'; pick from: core"),
+    Case("eval-empty-suite", lambda w: ["eval", w.run, "--name", "t1", "--suite", " , ", "--device", "cpu"],
+         "--suite is empty"),
+]
 
 # ---------------------------------------------------------------- analyze --match (causal matches across depth)
 def _with_mlp_in_training(w: Workspace, tmp: Path) -> None:
@@ -530,8 +537,25 @@ CAUSAL_CASES: list[Case] = [
 ]
 
 
-ALL_CASES = CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES + DASHBOARD_CASES \
-    + CAUSAL_CASES
+# `strata synth` and `strata eval --suite truth`
+SYNTH_CASES = [
+    Case("truth-on-a-harvested-run", lambda w: ["eval", w.run, "--name", "t1", "--suite", "truth", "--device", "cpu"],
+         "is not a synthetic run"),
+    Case("truth-with-core-on-a-harvested-run",
+         lambda w: ["eval", w.run, "--name", "t1", "--suite", "core,truth", "--device", "cpu"], "strata synth"),
+    Case("synth-into-user-folder", lambda w: ["synth", w.user, "--tokens", "256"], "holds no Strata run"),
+    Case("synth-onto-a-run", lambda w: ["synth", w.run, "--tokens", "256"], "--overwrite"),
+    Case("synth-overwrite-trained-run", lambda w: ["synth", w.run, "--tokens", "256", "--overwrite"],
+         "would replace the activations"),
+    Case("synth-unknown-site", lambda w: ["synth", w.root / "cases/synth-unknown-site/R", "--sites", "resid,attn_out"],
+         "synth writes resid and optionally mlp_in, mlp_out"),
+    Case("synth-fewer-tokens-than-a-context", lambda w: ["synth", w.root / "cases/synth-few/R", "--tokens", "10"],
+         "less than one context"),
+    Case("synth-zero-layers", lambda w: ["synth", w.root / "cases/synth-zero-layers/R", "--layers", "0"], "layers"),
+]
+
+ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES + DASHBOARD_CASES
+             + EVAL_SUITE_CASES + SYNTH_CASES + CAUSAL_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

@@ -25,6 +25,7 @@ from activations import layout
 from activations.config import option as _f
 from activations.errors import StrataError
 from activations.lock import run_lock
+from activations.synth import SYNTHETIC_MODEL_ID
 from sae.analysis import depth
 from sae.analysis.explain import ExplainerError, TokenExplainer, make_explainer
 from sae.analysis.explain_index import (
@@ -108,6 +109,9 @@ def select_spans(run, data: str, heldout_fraction: float) -> tuple[list[tuple[in
 
 def load_lm(model_id: str, device):
     """(the run's model, "") or (None, why not). Never fails: the index is still useful without it."""
+    if model_id == SYNTHETIC_MODEL_ID:
+        return None, ("synthetic run (strata synth): no model, so no logit effects (tokens shown as ids); causal "
+                      "matches through the generator's known map between resid layers")
     from activations.model import load_model
 
     try:
@@ -310,22 +314,30 @@ def score_matches(cfg: AnalyzeConfig, run, saes: dict, res: dict, lm, spans, exc
         context_batches,
         context_starts,
         read_key,
+        truth_span,
         write_key,
     )
     from sae.analysis.saematch import sae_match
     from sae.analysis.stream import bank_paths
 
     notes = []
-    causal = lm is not None and cfg.causal_tokens >= int(run.manifest.context_length)
-    if not causal:
-        notes.append("causal effects not measured: " + ("no model" if lm is None else
-                     f"--causal-tokens {cfg.causal_tokens} is less than one context"))
+    T = int(run.manifest.context_length)
+    truth = None
+    if lm is None and run.manifest.model.get("id") == SYNTHETIC_MODEL_ID:
+        from activations.synth import load_truth
+
+        truth = load_truth(cfg.run_dir)
+    if cfg.causal_tokens < T:
+        notes.append(f"causal effects not measured: --causal-tokens {cfg.causal_tokens} is less than one context")
+    elif lm is None and truth is None:
+        notes.append("causal effects not measured: no model")
     for m in res["matches"]:
         up, down = saes[m["up"]], saes[m["down"]]
-        effect = None
-        if causal:
-            span = ModelSpan(lm.model, write_key(up), read_key(down))
-            T = int(run.manifest.context_length)
+        effect, span = None, None
+        if cfg.causal_tokens >= T:
+            span = ModelSpan(lm.model, write_key(up), read_key(down)) if lm is not None else \
+                truth_span(truth, write_key(up), read_key(down)) if truth is not None else None
+        if span is not None:
             fired = torch.cat([res["saes"][m["up"]]["top_row"], res["saes"][m["up"]]["sample_row"]], 1)
             starts = choose_contexts(context_starts(spans, T), fired, T, cfg.causal_tokens // T)
             batches = context_batches(run, starts, sorted({read_key(up), write_key(up)}), max(1, cfg.batch_size // T),
@@ -338,8 +350,7 @@ def score_matches(cfg: AnalyzeConfig, run, saes: dict, res: dict, lm, spans, exc
         _log(cfg, f"match {m['up']} -> {m['down']} ({m['kind']}): best match for "
                   f"{int((m['best_idx'] >= 0).sum()):,}/{len(m['best_idx']):,} features; agreement with it "
                   + ", ".join(f"{k} {v:.0%}" for k, v in m["agreement"].items()))
-    if causal:
-        res["paths"] = bank_paths(saes, res["matches"], "causal", cfg.min_effect)
+    res["paths"] = bank_paths(saes, res["matches"], cfg.min_link, cfg.min_effect)
     return notes
 
 

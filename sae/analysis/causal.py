@@ -12,9 +12,9 @@ where i was never ablated. The drop is read at the same token (an effect that at
 tokens is not counted).
 
 What computes x_b from x_a (a `span`): `ModelSpan` runs the run's own model from a to b on whole contexts,
-the stored activation at a spliced in (blocks before a resid key are skipped); `LinearSpan` applies a recorded linear
-map position by position (a synthetic run's known inter-layer map, a linear toy). The clean x_b goes through
-the same span, so a zero ablation has exactly zero effect.
+the stored activation at a spliced in (blocks before a resid key are skipped); `LinearSpan` applies a linear
+map position by position: a synthetic run's known map between resid layers (`truth_span`), a linear toy. The
+clean x_b goes through the same span, so a zero ablation has exactly zero effect.
 
 Cost, and what is batched: ablating one feature per forward pass would cost a forward per firing. Instead
 each *round* ablates, at every position, one of the upstream features active there (the one measured fewest
@@ -55,6 +55,28 @@ class LinearSpan:
     def __call__(self, ids_CT, x_CTd: torch.Tensor) -> torch.Tensor:
         y = x_CTd @ self.M_dd.to(x_CTd.device)
         return y if self.bias_d is None else y + self.bias_d.to(x_CTd.device)
+
+
+def truth_span(truth, a: str, b: str) -> LinearSpan | None:
+    """A synthetic run's (`strata synth`) known map from resid.A to resid.B, or None for other keys: per layer,
+    x -> coefficients of the live features (pseudo-inverse of their directions) -> each parent's coefficient
+    to its children (lineage edges: persist, rotate, split, merge) -> the children's directions. Exact when
+    the live features are at most d_model and independent; a least-norm reading of them otherwise."""
+    (sa, la), (sb, lb) = split_key(a), split_key(b)
+    if sa != "resid" or sb != "resid" or lb <= la:
+        return None
+    lin = truth.lineage
+    M = torch.eye(lin.d_model, dtype=torch.float64)
+    for L in range(la + 1, lb + 1):
+        prev, live = lin.live_ids(L - 1), lin.live_ids(L)
+        at_prev, at = {int(f): r for r, f in enumerate(prev)}, {int(f): r for r, f in enumerate(live)}
+        T = torch.zeros((len(prev), len(live)), dtype=torch.float64)
+        for p, c in lin.links(L):
+            T[at_prev[p], at[c]] = 1.0
+        D_prev = torch.from_numpy(lin.directions[L - 1][prev]).double()
+        D = torch.from_numpy(lin.directions[L][live]).double()
+        M = M @ torch.linalg.pinv(D_prev) @ T @ D
+    return LinearSpan(M.float())
 
 
 class _Passthrough(nn.Module):

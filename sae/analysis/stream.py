@@ -79,25 +79,27 @@ def index_saes(saes: dict, blocks: Iterable[Block], settings: IndexerSettings, d
             best, best_corr, best_cos = depth.best_matches(idx_c, cos.cpu(), corr)
             ra.update(match_next=b, match_idx=idx_c, match_cos=cos.cpu(), match_corr=corr, best_next_idx=best,
                       best_next_corr=best_corr, best_next_cos=best_cos)
-    return {"saes": out, "matches": matches, "paths": bank_paths(saes, matches, "correlation", min_link),
+    return {"saes": out, "matches": matches, "paths": bank_paths(saes, matches, min_link),
             "residual_similarity": resid.result(), "seconds": time.perf_counter() - t0, "blocks": n_blocks}
 
 
-def bank_paths(saes: dict, matches: list[dict], method: str, min_strength: float) -> list[dict]:
-    """Paths through each bank by chaining best matches: by causal effect (`best_idx`/`best_effect` of each
-    match, from analyze) or by activation correlation (the candidate with the highest correlation)."""
+def bank_paths(saes: dict, matches: list[dict], min_link: float, min_effect: float | None = None) -> list[dict]:
+    """Paths through each bank by chaining best matches: by causal effect where every link of the bank has
+    them (`best_idx` / `best_effect`, set by depth.finish_match; links kept at >= min_effect), otherwise by
+    activation correlation (each feature's most correlated candidate; links kept at >= min_link)."""
     by_pair = {(m["up"], m["down"]): m for m in matches}
     paths = []
     for bank in depth.banks(saes):
         links = [by_pair.get(p) for p in zip(bank, bank[1:])]
         if any(m is None for m in links):
             continue
-        if method == "causal":
+        causal = min_effect is not None and all("causal" in m.get("methods", ()) for m in links)
+        if causal:
             best = [(m["best_idx"].long(), m["best_effect"]) for m in links]
         else:
             best = [depth.best_matches(m["cand_idx"].long(), m["cand_cos"], m["cand_corr"])[:2] for m in links]
         sizes = [int(saes[s].cfg.n_latents) for s in bank]
-        p, score = depth.chain_paths([b[0] for b in best], [b[1] for b in best], sizes, min_link=min_strength)
-        paths.append({"saes": bank, "features": p, "score": score, "method": method})
+        p, score = depth.chain_paths([b[0] for b in best], [b[1] for b in best], sizes,
+                                     min_link=min_effect if causal else min_link)
+        paths.append({"saes": bank, "features": p, "score": score, "method": "causal" if causal else "correlation"})
     return paths
-
