@@ -171,7 +171,7 @@ def bench_causal(args, device) -> None:
         t_pass.append(res["seconds"])
         t_causal.append(causal(res))
         t_match.append(saematch(res))
-    measured = [float(np.isfinite(m["effect"]).all(1).float().mean()) for m in res["matches"]]
+    measured = [float(torch.isfinite(m["effect"]).all(1).float().mean()) for m in res["matches"]]
     tp, tc, tm = np.median(t_pass), np.median(t_causal), np.median(t_match)
     print(f"analysis pass (6 SAEs)  {tp:8.1f} s")
     print(f"causal scoring (5 pairs) {tc:7.1f} s   upstream features ablated at least once: {np.mean(measured):.0%}")
