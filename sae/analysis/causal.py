@@ -102,6 +102,7 @@ class ModelSpan:
         self.first = layer if site == "resid" else 0
         bl = blocks(model)
         seen = {}
+
         def probe(module, inputs, output):
             seen["tuple"] = isinstance(output, tuple)  # returns None: the output is left alone
 
@@ -138,9 +139,11 @@ def choose_contexts(starts: list[int], firing_rows: torch.Tensor, T: int, n: int
     and sampled rows), so that a small token budget still ablates most features. Sorted by row."""
     if len(starts) <= n:
         return list(starts)
-    col = {s // T: c for c, s in enumerate(starts)}
-    ctx = np.vectorize(lambda r: col.get(r // T, -1) if r >= 0 else -1)(firing_rows.cpu().numpy()) \
-        if firing_rows.numel() else np.zeros((0, 0), dtype=np.int64)
+    ctx_ids = np.asarray(starts, dtype=np.int64) // T
+    order = np.argsort(ctx_ids)
+    rows = firing_rows.cpu().numpy().astype(np.int64)
+    pos = np.clip(np.searchsorted(ctx_ids[order], rows // T), 0, len(order) - 1)
+    ctx = np.where((rows >= 0) & (ctx_ids[order][pos] == rows // T), order[pos], -1)  # [n_up, s]: which context
     holds = np.zeros((len(starts), len(ctx)), dtype=bool)  # context x feature: a firing of it lies there
     f, s = np.nonzero(ctx >= 0)
     holds[ctx[f, s], f] = True
