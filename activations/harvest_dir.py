@@ -123,6 +123,10 @@ def clear_leftovers(run) -> None:
 
 def resume_command(run, config: dict) -> str:
     """The `strata harvest ... --resume` command line that continues or repairs `run` (its identity flags)."""
+    if "synth" in config:  # a synthetic run is continued and repaired by `strata synth` (activations/synth.py)
+        from activations.synth import resume_command as synth_resume
+
+        return synth_resume(run, config)
     defaults = HarvestConfig().identity()
     flags = []
     for k, v in config.items():

@@ -9,8 +9,16 @@
    causal effects in the shared schema), and the Flow page (node cap changed between renders) and a feature
    page with its lineage panel are rendered the same way (target < 300 ms warm).
 
+3. (--causal) The causal check of matches (sae/analysis/causal.py) against the analysis pass, side by side:
+   a random-weight Llama of SmolLM2-135M's block shape (d=576, MLP 1536, 9 heads / 3 KV heads), a per-layer
+   bank of 6 TopK SAEs (2,304 latents, k=32) on resid.0-5, 16k tokens in contexts of 256. Timed: the analysis
+   pass over the bank (stats, bank correlations), the causal scoring of the 5 adjacent pairs through the
+   model's blocks (analyze's defaults: --causal-tokens, --causal-rounds), and SAE Match. Prints the ratios
+   (target: causal / pass <= 2).
+
     python scripts/bench_dashboard.py                       # 16k latents x 1M tokens, d=576
     python scripts/bench_dashboard.py --tokens 200000       # quicker
+    python scripts/bench_dashboard.py --causal              # causal matching cost vs the analysis pass
 """
 from __future__ import annotations
 
@@ -139,6 +147,83 @@ def time_feature_page(root: Path, features: list[int]) -> tuple[float, list[floa
     return cold, warm
 
 
+def smollm2_shaped_llama(n_blocks: int, vocab: int = 2048):
+    """A random-weight Llama with SmolLM2-135M's block shape (what one block between two SAEs costs)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=n_blocks,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def bench_causal(args, device) -> None:
+    from activations.hooks import capture
+    from sae.analysis.analyze import AnalyzeConfig
+    from sae.analysis.causal import ModelSpan, causal_effects, choose_contexts
+    from sae.analysis.saematch import sae_match
+
+    defaults = AnalyzeConfig()
+    n_saes, T, n_tokens, d = 6, 256, args.causal_tokens, 576
+    model = smollm2_shaped_llama(n_saes - 1).to(device)
+    keys = [f"resid.{i}" for i in range(n_saes)]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2048, (n_tokens // T, T), generator=g).to(device)
+    with torch.no_grad():
+        acts = {k: torch.cat([capture(model, keys, ids[s:s + 8])[k] for s in range(0, len(ids), 8)]) for k in keys}
+    saes = {}
+    for k in keys:
+        cfg = SAEConfig(arch="topk", d_in=d, d_out=d, n_latents=args.causal_latents, k=args.k, in_keys=[k],
+                        out_keys=[k], in_scales=[1 / float(acts[k].norm(dim=-1).mean()) * d ** 0.5],
+                        out_scales=[1 / float(acts[k].norm(dim=-1).mean()) * d ** 0.5])
+        saes[k] = build_sae(cfg).to(device).eval()
+    flat = {k: v.reshape(-1, d) for k, v in acts.items()}
+    tok = ids.reshape(-1).cpu()
+    settings = IndexerSettings()
+    print(f"\ncausal matching: {n_tokens:,} tokens (contexts of {T}), bank of {n_saes} TopK SAEs x "
+          f"{args.causal_latents:,} latents (k={args.k}) on a random Llama with SmolLM2-135M blocks; "
+          f"--causal-tokens {defaults.causal_tokens}, --causal-rounds {defaults.causal_rounds}; "
+          f"threads {torch.get_num_threads()}; timings on a shared machine: compare the ratios")
+
+    def analysis_pass():
+        blocks = array_blocks(flat, tok, torch.arange(len(tok)) // 300, torch.arange(len(tok)) // T, 1024,
+                              settings.window, device)
+        return index_saes(saes, blocks, settings, device)
+
+    def causal(res):
+        t0 = time.perf_counter()
+        for m in res["matches"]:
+            up, down = saes[m["up"]], saes[m["down"]]
+            span = ModelSpan(model, m["up_key"], m["down_key"])
+            fired = torch.cat([res["saes"][m["up"]]["top_row"], res["saes"][m["up"]]["sample_row"]], 1)
+            ctx = torch.tensor(choose_contexts(list(range(0, n_tokens - T + 1, T)), fired, T,
+                                               defaults.causal_tokens // T)) // T
+            batches = ((ids[ctx[s:s + 4]], {m["up_key"]: acts[m["up_key"]][ctx[s:s + 4]]})
+                       for s in range(0, len(ctx), 4))
+            effect, _ = causal_effects(up, down, span, batches, m["cand_idx"].to(device), defaults.causal_rounds)
+            m["effect"] = effect
+        return time.perf_counter() - t0
+
+    def saematch(res):
+        t0 = time.perf_counter()
+        for m in res["matches"]:
+            sae_match(saes[m["up"]], saes[m["down"]])
+        return time.perf_counter() - t0
+
+    t_pass, t_causal, t_match = [], [], []
+    for _ in range(args.repeats):  # alternated, so both see the same machine load
+        res = analysis_pass()
+        t_pass.append(res["seconds"])
+        t_causal.append(causal(res))
+        t_match.append(saematch(res))
+    measured = [float(torch.isfinite(m["effect"]).all(1).float().mean()) for m in res["matches"]]
+    tp, tc, tm = np.median(t_pass), np.median(t_causal), np.median(t_match)
+    print(f"analysis pass (6 SAEs)  {tp:8.1f} s")
+    print(f"causal scoring (5 pairs) {tc:7.1f} s   upstream features ablated at least once: {np.mean(measured):.0%}")
+    print(f"SAE Match (5 pairs)     {tm:8.1f} s")
+    print(f"ratio causal/pass       {tc / tp:8.2f}    (target <= 2); with SAE Match {(tc + tm) / tp:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1_000_000)
@@ -148,9 +233,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--device", default="auto")
     p.add_argument("--saes", type=int, default=4, help="SAEs of the bank the Flow page and lineage are timed on")
+    p.add_argument("--causal", action="store_true", help="only the causal-matching comparison (item 3)")
+    p.add_argument("--causal-tokens", type=int, default=16384)
+    p.add_argument("--causal-latents", type=int, default=2304)
+    p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
+    if args.causal:
+        return bench_causal(args, device)
 
     cfg = SAEConfig(arch="topk", d_in=args.d, d_out=args.d, n_latents=args.latents, k=args.k, in_keys=["resid.0"],
                     out_keys=["resid.0"], in_scales=[1.0], out_scales=[1.0])

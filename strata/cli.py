@@ -69,6 +69,20 @@ def add_harvest(sub):
                  HarvestConfig, "run directory to write (created if missing)", run)
 
 
+def add_synth(sub):
+    from activations.synth import SynthConfig
+
+    def run(cfg):
+        from activations.synth import synthesize
+
+        m = synthesize(cfg)
+        print(f"wrote {m.n_tokens:,} synthetic tokens x {len(m.keys)} keys to {cfg.run_dir} (truth in "
+              f"{cfg.run_dir}/synth/)")
+
+    add_run_verb(sub, "synth", "write a synthetic run made of known features across depth (the truth eval's test bed)",
+                 SynthConfig, "run directory to write (created if missing)", run)
+
+
 def add_verify(sub):
     p = sub.add_parser("verify", help="check a run's shards against its manifest (checksums, shapes, NaN/inf)")
     p.add_argument("run_dir")
@@ -221,7 +235,8 @@ def add_import(sub):
     p.set_defaults(run=run)
 
 
-VERBS = [add_demo, add_harvest, add_verify, add_info, add_analyze, add_dashboard, add_share, add_train, add_eval, add_export, add_import]
+VERBS = [add_demo, add_harvest, add_synth, add_verify, add_info, add_analyze, add_dashboard, add_share, add_train, add_eval,
+         add_export, add_import]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -579,8 +579,52 @@ EXPLORER: list[Case] = [
 ]
 
 
+# ---------------------------------------------------------------- analyze --match (causal matches across depth)
+def _with_mlp_in_training(w: Workspace, tmp: Path) -> None:
+    """Setup: a run copy with training run t2: per-layer SAEs on resid.1-2 and mlp_in.1-2."""
+    run = _run_copy(w, tmp)
+    assert main(["train", str(run), "--name", "t2", "--sites", "resid,mlp_in", "--layers", "1-2",
+                 "--max-tokens", "512", *FAST]) == 0
+
+
+def _match(case_id: str, pair: str, match: str, name: str = "topk-layer", setup=None) -> Case:
+    def argv(w: Workspace) -> list:
+        run = _case_dir(w, f"match-{case_id}") / "run" if setup else w.analyzed
+        return ["analyze", run, *(["--name", name] if name else []), "--match", pair, "--progress", "false",
+                "--device", "cpu"]
+    return Case(f"match-{case_id}", argv, match, setup=setup)
+
+
+CAUSAL_CASES: list[Case] = [
+    _match("backwards", "resid.2:resid.1", "put the upstream SAE first: --match resid.1:resid.2"),
+    _match("same-sae", "resid.1:resid.1", "pairs an SAE with itself"),
+    _match("unknown-sae", "resid.1:resid.9", "no SAE 'resid.9' in this training run"),
+    _match("not-a-pair", "resid.1", "is not UP:DOWN"),
+    _match("without-name", "resid.0:resid.2", "add --name", name=""),
+    _match("one-sae", "resid.0:resid.1", "depth views need two or more", name="topk-multilayer"),
+    _match("different-sites", "resid.1:mlp_in.2", "are not one space", name="t2", setup=_with_mlp_in_training),
+]
+
+
+# `strata synth` and `strata eval --suite truth`
+SYNTH_CASES = [
+    Case("truth-on-a-harvested-run", lambda w: ["eval", w.run, "--name", "t1", "--suite", "truth", "--device", "cpu"],
+         "is not a synthetic run"),
+    Case("truth-with-core-on-a-harvested-run",
+         lambda w: ["eval", w.run, "--name", "t1", "--suite", "core,truth", "--device", "cpu"], "strata synth"),
+    Case("synth-into-user-folder", lambda w: ["synth", w.user, "--tokens", "256"], "holds no Strata run"),
+    Case("synth-onto-a-run", lambda w: ["synth", w.run, "--tokens", "256"], "--overwrite"),
+    Case("synth-overwrite-trained-run", lambda w: ["synth", w.run, "--tokens", "256", "--overwrite"],
+         "would replace the activations"),
+    Case("synth-unknown-site", lambda w: ["synth", w.root / "cases/synth-unknown-site/R", "--sites", "resid,attn_out"],
+         "synth writes resid and optionally mlp_in, mlp_out"),
+    Case("synth-fewer-tokens-than-a-context", lambda w: ["synth", w.root / "cases/synth-few/R", "--tokens", "10"],
+         "less than one context"),
+    Case("synth-zero-layers", lambda w: ["synth", w.root / "cases/synth-zero-layers/R", "--layers", "0"], "layers"),
+]
+
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
-             + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER)
+             + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER + SYNTH_CASES + CAUSAL_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

@@ -12,6 +12,7 @@ from markupsafe import Markup
 from activations import layout
 from activations.errors import StrataError
 from activations.hooks import capture, key_depth, n_layers, split_key, unembedding
+from activations.synth import SYNTHETIC_MODEL_ID
 from dashboard import cache, data
 from dashboard.render import feature_href, grid, visible_token
 from dashboard.views.common import Ctx, html, need_index
@@ -158,6 +159,9 @@ def render(ctx: Ctx) -> None:
     st.header("Prompt explorer")
     if ctx.read_only:
         st.info("The prompt explorer is switched off in read-only mode (it runs the model on typed text).")
+        return
+    if data.manifest(ctx.run)["model"]["id"] == SYNTHETIC_MODEL_ID:
+        st.info("This run is synthetic (`strata synth`): there is no model to run typed text through.")
         return
     if not need_index(ctx):
         return

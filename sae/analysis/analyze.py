@@ -1,8 +1,10 @@
 """`strata analyze RUN`: index the features of every SAE of a training run into RUN/index/<name>.h5.
 
 Steps: load the SAEs (sae.checkpoint.load_saes), stream the held-out shards (or all) through them once
-(stream.py), add logit effects from the model's final norm and unembedding (causal LMs), explain and score
-every feature with the offline token explainer (explain.py), write the index atomically (index_file.py).
+(stream.py), add logit effects from the model's final norm and unembedding (causal LMs), score the matches
+between SAEs across depth by causal effect through the model (causal.py) and by SAE Match (saematch.py),
+explain and score every feature with the offline token explainer (explain.py), write the index atomically
+(index_file.py).
 A slower explainer (openai, transformers) runs after that, its explanations swapped into the written index
 (explain_index.py), so a rate limit or a dead server after the pass loses nothing: `--explain-only` continues.
 """
@@ -23,6 +25,8 @@ from activations import layout
 from activations.config import option as _f
 from activations.errors import StrataError
 from activations.lock import run_lock
+from activations.synth import SYNTHETIC_MODEL_ID
+from sae.analysis import depth
 from sae.analysis.explain import ExplainerError, TokenExplainer, make_explainer
 from sae.analysis.explain_index import (
     FALLBACK,
@@ -57,7 +61,18 @@ class AnalyzeConfig:
     neighbours: Annotated[int, Ge(0)] = _f(10, "nearest features by decoder cosine")
     logits: Annotated[int, Ge(0)] = _f(10, "promoted and suppressed tokens per feature (causal LMs)")
     match_candidates: Annotated[int, Gt(0)] = _f(5, "next-layer candidates (decoder cosine) per feature")
-    min_link: Annotated[float, Interval(ge=-1, le=1)] = _f(0.3, "least activation correlation that continues a path")
+    min_link: Annotated[float, Interval(ge=-1, le=1)] = _f(0.3, "least activation correlation that continues a path "
+                                                                "(where no causal effect was measured)")
+    match: str = _f("", "more SAE pairs to match, UP:DOWN by SAE id, comma-separated (e.g. resid.1:resid.3); "
+                        "adjacent SAEs of a bank and resid -> mlp_out/attn_out -> resid are matched anyway")
+    causal_tokens: Annotated[int, Ge(0)] = _f(4096, "analysed tokens (whole contexts, chosen to hold firings of as "
+                                                    "many upstream features as possible) on which upstream features "
+                                                    "are ablated through the model for the causal check (0 = skip)")
+    causal_rounds: Annotated[int, Gt(0)] = _f(2, "ablations per token in the causal check (each round ablates one "
+                                                 "active upstream feature at every position, one forward)")
+    min_effect: Annotated[float, Interval(ge=0, le=1)] = _f(0.2, "least causal effect of a best match and of a "
+                                                                 "path link")
+    saematch: bool = _f(True, "also match by SAE Match (weights only, one-to-one linear assignment)")
     explainer: Literal["tokens", "openai", "transformers", "none"] = _f(
         "tokens", "tokens (offline), openai (any OpenAI-compatible server), transformers (a local model), or none")
     explainer_model: str = _f("", "model for the openai/transformers explainers")
@@ -93,16 +108,23 @@ def select_spans(run, data: str, heldout_fraction: float) -> tuple[list[tuple[in
     return [(shards[i].token_start, shards[i].token_start + shards[i].rows) for i in ids], ids
 
 
-def load_vocab_and_unembedding(model_id: str, device) -> tuple[list[str] | None, object, str, object]:
-    """(decoded string of every token id, (norm, W_U) or None, note, the LoadedModel or None). Never fails: the
-    index is still useful."""
-    from activations.hooks import unembedding
+def load_lm(model_id: str, device):
+    """(the run's model, "") or (None, why not). Never fails: the index is still useful without it."""
+    if model_id == SYNTHETIC_MODEL_ID:
+        return None, ("synthetic run (strata synth): no model, so no logit effects (tokens shown as ids); causal "
+                      "matches through the generator's known map between resid layers")
     from activations.model import load_model
 
     try:
-        lm = load_model(model_id, device=device)
+        return load_model(model_id, device=device), ""
     except StrataError as e:
-        return None, None, f"model not loaded ({e}); no logit effects, tokens shown as ids", None
+        return None, f"model not loaded ({e}); no logit effects or causal matches, tokens shown as ids"
+
+
+def load_vocab_and_unembedding(lm) -> tuple[list[str] | None, object, str]:
+    """(decoded string of every token id, (norm, W_U) or None, note) of a loaded model."""
+    from activations.hooks import unembedding
+
     tok = lm.tokenizer
     vocab = tok.batch_decode([[i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
     if not lm.info.get("causal_lm"):
@@ -168,9 +190,12 @@ def analyze(cfg: AnalyzeConfig) -> list:
                           "or transformers")
     if cfg.name:
         layout.check_name(cfg.name)  # before any work
+    depth.parse_match(cfg.match)
     run = open_run(cfg.run_dir)
     device = resolve_device(cfg.device)
     names = [cfg.name] if cfg.name else train_names(cfg.run_dir)
+    if cfg.match and len(names) > 1:
+        raise StrataError(f"--match names SAEs of one training run; add --name (one of {', '.join(names)})")
     # the slow explainer is made (its flags checked, its model loaded) before the pass, used after each index is written
     slow = make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url, device=cfg.device) \
         if cfg.explainer not in ("none", FALLBACK) or cfg.explain_only else None
@@ -197,6 +222,7 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
         saes = {sid: sae.eval() for sid, sae in load_saes(cfg.run_dir, name, device).items()}
         if not saes:
             raise StrataError(f"training run {name!r} has no SAEs in its checkpoint; rerun `strata train`")
+        pairs = _pairs(cfg, name, saes)  # a bad --match is refused before any work
         prec = use_precision(saes, cfg.precision, cfg.batch_size, device)
         _log(cfg, f"{name}: {prec.line()}")
         keys = keys_needed(saes)
@@ -221,11 +247,18 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
         blocks = run_blocks(run, sorted(set(keys) | {k for p in residual_pairs for k in p}), spans,
                             cfg.batch_size, cfg.window, device, cfg.max_tokens)
         res = index_saes(saes, blocks, settings, device, residual_pairs, cfg.neighbours, cfg.match_candidates,
-                         cfg.min_link, progress)
+                         cfg.min_link, progress, pairs=pairs)
         _log(cfg, f"{name}: pass over {done[0]:,} tokens in {res['seconds']:.1f}s")
 
-        if vocab is None and not note:
-            vocab, unemb, note, lm = load_vocab_and_unembedding(run.manifest.model["id"], device)
+        if lm is None and not note:
+            lm, note = load_lm(run.manifest.model["id"], device)
+            if lm is not None:
+                vocab, unemb, note = load_vocab_and_unembedding(lm)
+        notes = [note] if note else []
+        if res["matches"]:
+            t1 = time.perf_counter()
+            notes += score_matches(cfg, run, saes, res, lm, spans, settings.exclude_first, device)
+            res["seconds_matches"] = time.perf_counter() - t1
         for sid, sae in saes.items():
             W = logit_direction(sae)
             if unemb is not None and W is not None and W.shape[1] == unemb[1].shape[1]:
@@ -242,11 +275,11 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
                           "match_next": res["saes"][sid].get("match_next")} for sid, sae in saes.items()}
         meta = {"train_name": name, "tokens": done[0], "data": cfg.data, "shards": shard_ids,
                 "config": asdict(cfg), "model": run.manifest.model, "seconds_pass": res["seconds"],
-                "seconds_total": time.perf_counter() - t0, "notes": [n for n in (note, head_note) if n],
-                "seconds_heads": seconds_heads,
+                "seconds_total": time.perf_counter() - t0, "notes": notes + ([head_note] if head_note else []),
+                "seconds_matches": res.get("seconds_matches", 0.0), "seconds_heads": seconds_heads,
                 "explainer": FALLBACK if cfg.explainer != "none" else "none", "precision": prec.record()}
         path = write_index(layout.index_path(cfg.run_dir, name), meta, res["saes"], sae_info, res["paths"],
-                           res["residual_similarity"], vocab)
+                           res["residual_similarity"], vocab, res["matches"])
         _log(cfg, f"{name}: wrote {path} ({time.perf_counter() - t0:.1f}s)")
         written.append(path)
         if slow is not None and not failed:  # after one failure the endpoint is not asked again for the next runs
@@ -285,6 +318,66 @@ def _attribute_heads(cfg: AnalyzeConfig, run, name: str, saes: dict, results: di
     seconds = time.perf_counter() - t0
     _log(cfg, f"{name}: attributed {', '.join(found)} to attention heads in {seconds:.1f}s")
     return seconds, ""
+
+
+def _pairs(cfg: AnalyzeConfig, name: str, saes: dict) -> list:
+    """The pairs to match (depth.match_pairs), the user's checked; before any work, so a bad pair writes nothing."""
+    user = depth.parse_match(cfg.match)
+    if user and len(saes) < 2:
+        (sid,) = saes
+        raise StrataError(f"--match: train/{name} has one SAE ({sid}); depth views need two or more per-layer SAEs "
+                          "(or a multi-layer SAE, whose layer profile needs no match): train more layers")
+    return depth.match_pairs(saes, user)
+
+
+def score_matches(cfg: AnalyzeConfig, run, saes: dict, res: dict, lm, spans, exclude_first: int, device) -> list:
+    """Causal effects (through the run's model, on cfg.causal_tokens analysed tokens) and SAE Match for every
+    match of the pass; best matches, agreement and paths (by causal effect where measured). Returns notes."""
+    from sae.analysis.causal import (
+        ModelSpan,
+        causal_effects,
+        choose_contexts,
+        context_batches,
+        context_starts,
+        read_key,
+        truth_span,
+        write_key,
+    )
+    from sae.analysis.saematch import sae_match
+    from sae.analysis.stream import bank_paths
+
+    notes = []
+    T = int(run.manifest.context_length)
+    truth = None
+    if lm is None and run.manifest.model.get("id") == SYNTHETIC_MODEL_ID:
+        from activations.synth import load_truth
+
+        truth = load_truth(cfg.run_dir)
+    if cfg.causal_tokens < T:
+        notes.append(f"causal effects not measured: --causal-tokens {cfg.causal_tokens} is less than one context")
+    elif lm is None and truth is None:
+        notes.append("causal effects not measured: no model")
+    for m in res["matches"]:
+        up, down = saes[m["up"]], saes[m["down"]]
+        effect, span = None, None
+        if cfg.causal_tokens >= T:
+            span = ModelSpan(lm.model, write_key(up), read_key(down)) if lm is not None else \
+                truth_span(truth, write_key(up), read_key(down)) if truth is not None else None
+        if span is not None:
+            fired = torch.cat([res["saes"][m["up"]]["top_row"], res["saes"][m["up"]]["sample_row"]], 1)
+            starts = choose_contexts(context_starts(spans, T), fired, T, cfg.causal_tokens // T)
+            batches = context_batches(run, starts, sorted({read_key(up), write_key(up)}), max(1, cfg.batch_size // T),
+                                      device)
+            effect, _ = causal_effects(up, down, span, batches, m["cand_idx"].to(device), cfg.causal_rounds,
+                                       exclude_first)
+            effect = effect.cpu()
+        sm = sae_match(up, down) if cfg.saematch else None
+        depth.finish_match(m, effect, sm, cfg.min_effect, cfg.min_link)
+        _log(cfg, f"match {m['up']} -> {m['down']} ({m['kind']}): best match for "
+                  f"{int((m['best_idx'] >= 0).sum()):,}/{len(m['best_idx']):,} features; agreement with it "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in m["agreement"].items()))
+    res["paths"] = bank_paths(saes, res["matches"], cfg.min_link, cfg.min_effect)
+    return notes
 
 
 def _explain_only(cfg: AnalyzeConfig, names: list, explainer) -> list:

@@ -19,7 +19,20 @@ feature's page reads a few small chunks):
         SAE): head_share [n, L, H], head_bias_share [n, L] (NaN = none there), head_contexts [n, L] int32
       attrs explained (JSON {explainer, features}): the first `features` explanations come from that explainer
   negatives/<sid>       tokens [m, window], codes [m, n]: random contexts kept to score explanations again
-  paths/<i>             features [P, n_saes] (-1 = none), score [P]; attrs saes (JSON list)
+  matches/<j>           one matched pair of SAEs (sae/analysis/depth.py: adjacent SAEs of a bank, cross-site pairs
+                        resid.L -> mlp_out.L / attn_out.L -> resid.L+1, pairs named with `--match UP:DOWN`);
+      attrs up, down (sae ids), up_key, down_key (activation keys), kind ("bank" | "cross-site" | "user"),
+            methods (JSON list of "cosine", "correlation", "causal", "saematch"), agreement (JSON {method:
+            fraction of the features with a best match whose own pick is that match})
+      first axis = upstream feature: cand_idx [n_up, m] int32 (downstream candidates by decoder cosine),
+      cand_cos, cand_corr, cand_effect [n_up, m] float32 (causal effect, causal.py; NaN = not measured),
+      best_idx [n_up] int32 (largest causal effect >= min_effect, or without causal effects the highest
+      correlation >= min_link; -1 = none), best_effect, best_corr, best_cos [n_up] float32,
+      saematch_idx [n_up] int32 (SAE Match assignment, -1 = unassigned), saematch_score [n_up] float32,
+      agree [n_up] uint8: bits of the methods whose own top pick is best_idx (1 cosine, 2 correlation,
+      4 causal, 8 saematch)
+  paths/<i>             features [P, n_saes] (-1 = none), score [P] (mean causal effect of the links, or mean
+                        correlation); attrs saes (JSON list), method ("causal" or "correlation")
 """
 from __future__ import annotations
 
@@ -33,6 +46,9 @@ from activations.atomic import atomic_path
 from activations.errors import StrataError
 
 FORMAT_VERSION = 1
+MATCH_ARRAYS = ("cand_idx", "cand_cos", "cand_corr", "cand_effect", "best_idx", "best_effect", "best_corr", "best_cos",
+                "saematch_idx", "saematch_score", "agree")
+MATCH_ATTRS = ("up", "down", "up_key", "down_key", "kind")
 SKIP = {"neg_tokens", "neg_codes", "vectors", "match_next", "sum", "sumsq"}
 NEGATIVES = {"neg_tokens": "tokens", "neg_codes": "codes"}  # not per feature: stored under negatives/<sid>
 STR = h5py.string_dtype("utf-8")
@@ -56,7 +72,7 @@ def _put(group, name, arr):
 
 
 def write_index(path, meta: dict, saes: dict, sae_info: dict, paths: list, residual_similarity: list,
-                vocab: list[str] | None) -> Path:
+                vocab: list[str] | None, matches: list | None = None) -> Path:
     """Write atomically: `path` holds a complete index or the previous one."""
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -81,8 +97,17 @@ def write_index(path, meta: dict, saes: dict, sae_info: dict, paths: list, resid
             for i, p in enumerate(paths):
                 g = f.create_group(f"paths/{i}")
                 g.attrs["saes"] = json.dumps(p["saes"])
+                g.attrs["method"] = p.get("method", "correlation")
                 _put(g, "features", p["features"])
                 _put(g, "score", p["score"])
+            for j, m in enumerate(matches or []):
+                g = f.create_group(f"matches/{j}")
+                for name in MATCH_ATTRS:
+                    g.attrs[name] = m[name]
+                g.attrs["methods"] = json.dumps(m["methods"])
+                g.attrs["agreement"] = json.dumps(m.get("agreement", {}))
+                for name in MATCH_ARRAYS:
+                    _put(g, name, m[name])
     return path
 
 
@@ -129,7 +154,8 @@ class FeatureIndex:
             if "vocab" in self.file else None
         self.sae_ids = list(self.file["saes"].keys()) if "saes" in self.file else []
         self._info = {sid: json.loads(self.file[f"saes/{sid}"].attrs["info"]) for sid in self.sae_ids}
-        self.paths = [{"saes": json.loads(g.attrs["saes"]), "features": g["features"][()], "score": g["score"][()]}
+        self.paths = [{"saes": json.loads(g.attrs["saes"]), "features": g["features"][()], "score": g["score"][()],
+                       "method": g.attrs.get("method", "correlation")}
                       for _, g in sorted(self.file["paths"].items(), key=lambda kv: int(kv[0]))] \
             if "paths" in self.file else []
 
@@ -179,46 +205,49 @@ class FeatureIndex:
         return json.loads(self.file[f"saes/{sid}"].attrs.get("explained", "{}"))
 
     def matches(self) -> list[dict]:
-        """Attributes of every matches/<j> group (a matched pair of SAEs), with "j"; [] for older indexes."""
+        """Attributes of every matches/<j> group, with "j" (methods and agreement parsed); [] for an index
+        written before causal matches (re-run `strata analyze` for them)."""
         if "matches" not in self.file:
             return []
         out = []
         for j, g in sorted(self.file["matches"].items(), key=lambda kv: int(kv[0])):
-            a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in g.attrs.items()}
-            a["methods"] = json.loads(a.get("methods", "[]"))
-            out.append({"j": int(j), **a})
+            a = {k: g.attrs[k] for k in MATCH_ATTRS}
+            out.append({"j": int(j), **a, "methods": json.loads(g.attrs["methods"]),
+                        "agreement": json.loads(g.attrs.get("agreement", "{}"))})
         return out
 
     def match_arrays(self, j: int) -> dict[str, np.ndarray]:
-        """Every dataset of matches/<j>: cand_{idx,cos,corr,effect}, best_{idx,effect,corr,cos}, saematch_*, agree."""
+        """Every dataset of matches/<j> (MATCH_ARRAYS)."""
+        if f"matches/{int(j)}" not in self.file:
+            raise StrataError(f"no match {j} in {self.path}; it has {len(self.matches())}")
         return {name: ds[()] for name, ds in self.file[f"matches/{int(j)}"].items()}
 
     def lineage(self, sid: str, i: int, top: int = 5) -> dict[str, list[dict]]:
-        """Feature i of `sid` in the matched pairs: "upstream" (features of other SAEs whose causal best match is
-        it) and "downstream" (its candidates), each entry {sae, feature, effect, corr, cos, agree, kind}, strongest
-        effect first (NaN last), at most `top` per direction."""
+        """Where feature i of `sid` comes from and goes: "upstream" = features of other SAEs whose best match
+        is (sid, i); "downstream" = its candidates in each SAE it is matched to. Each entry {sae, feature,
+        effect, corr, cos, agree, kind}, largest effect first (NaN last), at most `top` per direction.
+        A downstream entry's `agree` holds the bits of the methods whose own pick is that candidate."""
         up, down = [], []
         for m in self.matches():
             g = self.file[f"matches/{m['j']}"]
             if m["down"] == sid:
-                rows = np.nonzero(g["best_idx"][()] == i)[0]
-                for r in rows:
+                best = g["best_idx"][()]
+                for r in np.nonzero(best == i)[0]:
                     up.append({"sae": m["up"], "feature": int(r), "effect": float(g["best_effect"][r]),
                                "corr": float(g["best_corr"][r]), "cos": float(g["best_cos"][r]),
                                "agree": int(g["agree"][r]), "kind": m["kind"]})
             if m["up"] == sid:
-                cand, eff = g["cand_idx"][i], g["cand_effect"][i]
-                cos, corr, sm = g["cand_cos"][i], g["cand_corr"][i], int(g["saematch_idx"][i])
-                picks = {1: _pick(cand, cos), 2: _pick(cand, corr), 4: _pick(cand, eff), 8: sm}
+                cand, cos, corr, eff = (g[n][i] for n in ("cand_idx", "cand_cos", "cand_corr", "cand_effect"))
+                picks = {1: int(cand[0]), 2: _argbest(cand, corr), 4: int(g["best_idx"][i]) if "causal" in
+                         m["methods"] else -1, 8: int(g["saematch_idx"][i])}
                 for c in range(len(cand)):
-                    if cand[c] < 0:
-                        continue
                     agree = sum(bit for bit, pick in picks.items() if pick == int(cand[c]))
                     down.append({"sae": m["down"], "feature": int(cand[c]), "effect": float(eff[c]),
                                  "corr": float(corr[c]), "cos": float(cos[c]), "agree": agree, "kind": m["kind"]})
 
         def strongest(rows):
-            return sorted(rows, key=lambda e: -e["effect"] if np.isfinite(e["effect"]) else np.inf)[:top]
+            return sorted(rows, key=lambda e: (not np.isfinite(e["effect"]), -np.nan_to_num(e["effect"]),
+                                               -e["corr"]))[:top]
 
         return {"upstream": strongest(up), "downstream": strongest(down)}
 
@@ -228,7 +257,7 @@ class FeatureIndex:
         return f"<{t}>"
 
 
-def _pick(cand: np.ndarray, score: np.ndarray) -> int:
-    """The candidate with the highest finite score (-1 if none is finite)."""
-    ok = (cand >= 0) & np.isfinite(score)
+def _argbest(cand: np.ndarray, score: np.ndarray) -> int:
+    """The candidate with the highest finite score (-1 if none)."""
+    ok = np.isfinite(score)
     return int(cand[ok][np.argmax(score[ok])]) if ok.any() else -1

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from activations.reader import ActivationReader
+from activations.synth import is_synthetic
 from sae.evals.suite import SuiteContext
 from sae.metrics import LatentStats, ReconStats
 from sae.modes import Unit
@@ -25,7 +26,9 @@ from sae.modes import Unit
 @torch.no_grad()
 def run(ctx: SuiteContext) -> dict:
     saes = reconstruction_metrics(ctx.run, ctx.saes, ctx.heldout, ctx.cfg, ctx.device)
-    if ctx.cfg.ce_contexts > 0:
+    if ctx.cfg.ce_contexts > 0 and is_synthetic(ctx.run.manifest):
+        print("eval: synthetic run (strata synth): no model, so no CE/KL loss recovered")
+    elif ctx.cfg.ce_contexts > 0:
         for sid, per_key in downstream_metrics(ctx.run, ctx.saes, ctx.heldout, ctx.cfg, ctx.device, ctx.dtype).items():
             saes[sid]["downstream"] = per_key
             for key, m in per_key.items():

@@ -25,6 +25,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "probing": ("sae.evals.probing", "k-sparse probes (k = 1, 2, 5, 20 latents) vs a probe on the raw activations, "
                                      "on labelled tasks"),
     "autointerp": ("sae.evals.autointerp", "each sampled feature's explanation scored by detection and fuzzing"),
+    "truth": ("sae.evals.truth", "synthetic runs (strata synth): MMCS/F1 of recovered features, layer profiles, matches"),
 }
 
 
