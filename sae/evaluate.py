@@ -29,7 +29,7 @@ from activations.lock import run_lock
 from activations.reader import open_run
 from sae import train_folder
 from sae.checkpoint import STATE, load_saes, saes_dir
-from sae.evals.suite import SUITES, SuiteContext, parse_suites, preflight, run_suite
+from sae.evals.suite import SUITES, SuiteContext, check_suites, parse_suites, run_suite
 from sae.models import use_precision
 from sae.modes import check_exclude_first
 
@@ -68,8 +68,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     training of that name can replace the checkpoint underneath)."""
     suites = parse_suites(cfg.suite)
     name = _resolve_name(cfg)
-    preflight(suites, cfg.run_dir)
     run = open_run(cfg.run_dir)
+    check_suites(suites, cfg, run)
     with run_lock(cfg.run_dir, f"strata eval --name {name}", scope=f"train-{name}"):
         return _evaluate(cfg, run, name, suites)
 

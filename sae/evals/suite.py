@@ -3,8 +3,9 @@
 A suite is looked up by name and imported only when asked for (some need scikit-learn or a model). It gets a
 SuiteContext: the opened run, the loaded SAEs (compute precision already set), the held-out shards, the training
 identity (exclude_first, heldout_fraction, ...). It returns its metrics per SAE (see sae/evals/__init__.py); it
-may define `preflight(run_dir)` to refuse a run it cannot apply to before anything runs; it raises StrataError
-for a problem the user can fix, which fails that suite alone: the others still run and their results are written.
+raises StrataError for a problem the user can fix, which fails that suite alone: the others still run and
+their results are written. A suite module may also define `check(cfg, run)`, run for every requested suite before
+any of them: what it refuses stops the command before anything is written.
 """
 from __future__ import annotations
 
@@ -47,13 +48,13 @@ def parse_suites(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def preflight(names: list[str], run_dir) -> None:
-    """Each asked suite's optional `preflight(run_dir)`, before anything runs or is written: a suite that cannot
-    apply to this run at all (e.g. truth on a run that is not synthetic) refuses the command with StrataError."""
+def check_suites(names: list[str], cfg, run) -> None:
+    """Before any suite runs: each suite module's optional `check(cfg, run)` raises StrataError for input it cannot
+    use (a bad task file, explainer flags, a run without a model), so a command that cannot run writes nothing."""
     for name in names:
-        check = getattr(importlib.import_module(SUITES[name][0]), "preflight", None)
+        check = getattr(importlib.import_module(SUITES[name][0]), "check", None)
         if check is not None:
-            check(run_dir)
+            check(cfg, run)
 
 
 def run_suite(name: str, ctx: SuiteContext) -> dict:

@@ -46,9 +46,9 @@ ACTIVE_SHARE = 0.1  # "active at a key": >= 10% of the latent's busiest key (fir
 MATCH_METHODS = ("cosine", "correlation", "causal", "saematch")
 
 
-def preflight(run_dir) -> None:
-    """Refuse before anything runs: the run must be synthetic and hold its record."""
-    load_truth(run_dir)
+def check(cfg, run) -> None:
+    """Before anything runs: the run must be synthetic and hold its record."""
+    load_truth(run.path)
 
 
 @torch.no_grad()
