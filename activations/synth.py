@@ -23,7 +23,9 @@ Stable API (used by the truth eval suite and the feature-flow tests):
     Truth.lineage (synth_lineage.Lineage: features, edges, directions, live_ids, changed_ids, links),
     Truth.key_features(key) -> (feature ids [n], unit directions [n, d]) of the truth in that key's space,
     Truth.key_layer(key) -> the lineage layer of that key's features (mlp_out.L: L+1),
-    Truth.config (the SynthConfig as a dict)
+    Truth.config (the SynthConfig as a dict), shard_codes(cfg, lineage, shard, rows) -> the coefficients
+    [rows, n_features] behind shard `shard` (0 where a feature does not fire)
+Scoring against the truth (MMCS, F1, lineage links) lives in sae/evals/truth_scores.py.
 """
 from __future__ import annotations
 

@@ -5,10 +5,11 @@ Columns (sae/evals/truth.py; a true feature is recovered at decoder cosine >= 0.
 of recovered features (means over the SAEs and keys of that training run), layer-profile IoU against the true
 lifetimes (multi-layer SAEs, crosscoders), and for per-layer banks the F1 of the cross-layer matches that
 `strata analyze` wrote, per method found in the index, against the true lineage; FVU from the core suite; the
-training time. Every training uses the same flags apart from --arch and --mode.
+training time (config written to last checkpoint). Every training uses the same flags apart from --arch and --mode.
 
     python scripts/bench_synth.py [--out DIR] [--layers 3] [--d-model 32] [--features 64] [--tokens 65536]
                                   [--archs topk,batchtopk,jumprelu,relu] [--modes layer,multilayer,transcoder,crosscoder]
+    python scripts/bench_synth.py --out DIR --report     # the table of what a kept --out run has evaluated so far
 """
 from __future__ import annotations
 
@@ -39,17 +40,23 @@ def mean_of(saes: dict, metric: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def row(run: Path, arch: str, mode: str, train_flags: list, analyze: bool) -> dict:
+def train_and_eval(run: Path, arch: str, mode: str, train_flags: list, analyze: bool) -> dict:
     name = f"{arch}-{mode}"
-    t0 = time.perf_counter()
     strata("train", run, "--name", name, "--arch", arch, "--mode", mode, *train_flags)
-    seconds = time.perf_counter() - t0
     if analyze:
         strata("analyze", run, "--name", name, "--device", "cpu", "--explainer", "none", "--precision", "fp32")
     strata("eval", run, "--name", name, "--suite", "core,truth", "--device", "cpu", "--precision", "fp32")
-    result = json.loads((layout.train_dir(run, name) / "eval.json").read_text())
+    return read_row(run, name)
+
+
+def read_row(run: Path, name: str) -> dict:
+    """One table row from train/<name>/eval.json; training time from its config.json to its last checkpoint."""
+    tdir = layout.train_dir(run, name)
+    result = json.loads((tdir / "eval.json").read_text())
     saes = result["saes"]
     matching = result["suites"]["truth"]["details"].get("matching")
+    seconds = (tdir / "checkpoint" / "state.json").stat().st_mtime - (tdir / "config.json").stat().st_mtime
+    arch, _, mode = name.partition("-")
     return {"arch": arch, "mode": mode, "fvu": mean_of(saes, "fvu"), "mmcs": mean_of(saes, "truth_mmcs"),
             "recall": mean_of(saes, "truth_recall"), "precision": mean_of(saes, "truth_precision"),
             "f1": mean_of(saes, "truth_f1"), "profile_iou": mean_of(saes, "truth_profile_iou"),
@@ -88,7 +95,13 @@ def main_bench() -> None:
     ap.add_argument("--archs", default=ARCHS)
     ap.add_argument("--modes", default=MODES)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--report", action="store_true", help="only print the table of the trainings evaluated in --out")
     args = ap.parse_args()
+    if args.report:
+        run = Path(args.out) / "synth"
+        names = [f"{a}-{m}" for a in args.archs.split(",") for m in args.modes.split(",")]
+        print(table([read_row(run, n) for n in names if (layout.train_dir(run, n) / "eval.json").is_file()]))
+        return
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="strata-bench-synth-"))
     run = root / "synth"
@@ -100,7 +113,7 @@ def main_bench() -> None:
         print(f"synth: {time.perf_counter() - t0:.1f} s")
         flags = ["--n-latents", args.n_latents, "--k", args.k, "--batch-size", args.batch_size, "--epochs", args.epochs,
                  "--progress", "false", "--device", args.device, "--precision", "fp32", "--overwrite"]
-        rows = [row(run, arch, mode, flags, analyze=(mode == "layer"))
+        rows = [train_and_eval(run, arch, mode, flags, analyze=(mode == "layer"))
                 for arch in args.archs.split(",") for mode in args.modes.split(",")]
         print(f"\nstrata synth --layers {args.layers} --d-model {args.d_model} --features {args.features} "
               f"--tokens {args.tokens} "

@@ -47,8 +47,8 @@ MATCH_METHODS = ("cosine", "correlation", "causal", "saematch")
 
 
 def check(cfg, run) -> None:
-    """Refuse before anything runs: the run must be synthetic and hold its record."""
-    load_truth(cfg.run_dir)
+    """Before anything runs: the run must be synthetic and hold its record."""
+    load_truth(run.path)
 
 
 @torch.no_grad()
