@@ -128,11 +128,11 @@ def load_vocab_and_unembedding(lm) -> tuple[list[str] | None, object, str]:
     tok = lm.tokenizer
     vocab = tok.batch_decode([[i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
     if not lm.info.get("causal_lm"):
-        return vocab, None, "not a causal LM: no logit effects", lm
+        return vocab, None, "not a causal LM: no logit effects"
     try:
-        return vocab, unembedding(lm.model), "", lm
+        return vocab, unembedding(lm.model), ""
     except StrataError as e:
-        return vocab, None, str(e), lm
+        return vocab, None, str(e)
 
 
 @torch.no_grad()

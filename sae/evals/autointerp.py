@@ -139,14 +139,15 @@ def check(cfg, run) -> None:
 
 
 def run(ctx: SuiteContext) -> dict:
-    from sae.analysis.analyze import load_vocab_and_unembedding
+    from sae.analysis.analyze import load_lm, load_vocab_and_unembedding
 
     cfg = ctx.cfg
     # made first: a missing flag or an explainer model that will not load fails before the pass
     explainer = make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url, device=cfg.device)
     results = gather(ctx.run, ctx.saes, ctx.heldout, cfg, ctx.device)
     model_id = str((ctx.run.manifest.model or {}).get("id") or "")
-    vocab, _, note = load_vocab_and_unembedding(model_id, "cpu") if model_id else (None, None, "no model: token ids")
+    lm, note = load_lm(model_id, "cpu") if model_id else (None, "no model: token ids")
+    vocab = load_vocab_and_unembedding(lm)[0] if lm is not None else None
     saes, details = {}, {"explainer": explainer.name, "histogram_bins": BINS.tolist(), "per_feature": {},
                          "histograms": {}, "vocab_note": note}
     for sid, sae in ctx.saes.items():
