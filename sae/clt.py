@@ -67,9 +67,9 @@ def check_fits(n_layers: int, d: int, n: int, arch: str, device) -> str:
     """One line to print at the start; StrataError when training would not fit in memory."""
     p = size_plan(n_layers, d, n, arch)
     gib = p["train_bytes"] / 2**30
-    line = (f"clt: {n_layers} layers x {n} latents, {p['params'] / 1e6:.1f}M parameters (encoders "
-            f"{p['encoder_params'] / 1e6:.1f}M, decoders {p['decoder_params'] / 1e6:.1f}M over {n_pairs(n_layers)} "
-            f"layer pairs), {gib:.2f} GiB for weights, gradients and Adam")
+    line = (f"clt: {n_layers} layers x {n} latents, {p['params']:,} parameters (encoders {p['encoder_params']:,}, "
+            f"decoders {p['decoder_params']:,} over {n_pairs(n_layers)} layer pairs), {gib:.3f} GiB for weights, "
+            f"gradients and Adam")
     have = available_bytes(device)
     if p["train_bytes"] > 0.8 * have:
         raise StrataError(f"a CLT of {n_layers} layers x {n} latents needs {gib:.1f} GiB for weights, gradients and "
