@@ -108,6 +108,10 @@ def select_keys(cfg: TrainConfig, run_keys: list[str], n_layers: int) -> list[st
         upper = n_layers if site == "resid" else n_layers - 1
         for layer in parse_layers(cfg.layers, upper):
             key = f"{site}.{layer}"
+            if key not in run_keys and mlp:
+                raise StrataError(f"{cfg.mode} mode reads mlp_in and mlp_out but the run lacks {key} (harvested: "
+                                  f"{', '.join(run_keys)}); re-harvest with `strata harvest {cfg.run_dir} --sites "
+                                  f"mlp_in,mlp_out --layers {cfg.layers}` (plus the sites you already have)")
             if key not in run_keys:
                 raise StrataError(f"the run lacks {key} (harvested: {', '.join(run_keys)}); pick --sites/--layers "
                                   f"from those or re-harvest with them")
