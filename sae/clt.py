@@ -3,11 +3,13 @@ each latent of layer L writing, through its own decoder per target, into mlp_out
 mlp_out.M is reconstructed as b_dec[M] + sum over source layers s <= M of f_s @ W_dec[s -> M].
 
 Storage (memory explicit: decoders grow with the (source, target) pairs, n_layers (n_layers + 1) / 2 of them):
-    W_enc  [L, n, d]  latent-major per layer (the sparse encoder backward writes whole rows)
-    b_enc  [L, n]
-    W_dec  [n * L(L+1)/2, d]: the block of source s is rows offset(s) .. offset(s) + n (L - s), viewed as
-           [n, L - s, d] (latent i's decoders to targets s..L-1 are contiguous)
-    b_dec  [L, d]
+    W_enc_layers.<s>  [n, d]         encoder of source position s, latent-major (the sparse backward writes rows)
+    b_enc             [L, n]
+    W_dec_from.<s>    [n, L - s, d]  decoders of source s to targets s..L-1 (latent i's are contiguous)
+    b_dec             [L, d]
+One parameter per layer rather than one stacked tensor: the gradient of a slice of a parameter is materialised
+at the whole parameter's size, which made a stacked CLT step ~1.5x slower. W_enc ([L, n, d]) and W_dec
+([n L(L+1)/2, d], the blocks' rows in order) are read-only concatenations for inspection.
 plus log_threshold [L, n] (jumprelu) or threshold [L] (batchtopk inference). Layer indices inside the tensors
 are positions 0..L-1 in cfg.in_keys; the raw-unit API below takes model layer numbers (cfg.layers).
 
@@ -90,10 +92,9 @@ class CrossLayerTranscoder(SAE):
             raise StrataError(f"clt mode supports --arch {', '.join(CLT_ARCHS)}, not {cfg.arch}; pick one of those")
         n = self.n = cfg.n_latents // L
         d = self.d = cfg.d_in // L
-        self.offsets = [n * sum(L - t for t in range(s)) for s in range(L + 1)]
-        self.W_enc = nn.Parameter(torch.empty(L, n, d))
+        self.W_enc_layers = nn.ParameterList([nn.Parameter(torch.empty(n, d)) for _ in range(L)])
         self.b_enc = nn.Parameter(torch.zeros(L, n))
-        self.W_dec = nn.Parameter(torch.zeros(self.offsets[-1], d))
+        self.W_dec_from = nn.ParameterList([nn.Parameter(torch.zeros(n, L - s, d)) for s in range(L)])
         self.b_dec = nn.Parameter(torch.zeros(L, d))
         self.W_skip = None
         if cfg.arch == "jumprelu":
@@ -110,7 +111,19 @@ class CrossLayerTranscoder(SAE):
     # ------------------------------------------------------------------ layout
     def dec_block(self, s: int) -> torch.Tensor:
         """Decoders of source position s: [n, (L - s) * d] (a view; column block t - s writes target t)."""
-        return self.W_dec[self.offsets[s]:self.offsets[s + 1]].view(self.n, (self.n_layers - s) * self.d)
+        return self.W_dec_from[s].view(self.n, (self.n_layers - s) * self.d)
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        return torch.stack(list(self.W_enc_layers)).detach()
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        return torch.cat([w.reshape(-1, self.d) for w in self.W_dec_from]).detach()
+
+    @property
+    def _param(self) -> torch.Tensor:
+        return self.b_dec  # for device and dtype
 
     def _pos(self, layer: int) -> int:
         layers = self.cfg.layers
@@ -122,9 +135,11 @@ class CrossLayerTranscoder(SAE):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         enc = torch.randn(self.n_layers, self.n, self.d, generator=generator)
-        self.W_enc.copy_(enc / enc.norm(dim=2, keepdim=True))
+        for s, w in enumerate(self.W_enc_layers):
+            w.copy_(enc[s] / enc[s].norm(dim=1, keepdim=True))
         self.b_enc.zero_()
-        self.W_dec.zero_()  # as the per-layer transcoder: input and output spaces differ, decoders learned freely
+        for w in self.W_dec_from:  # as the per-layer transcoder: input and output spaces differ, decoders learned freely
+            w.zero_()
         self.b_dec.zero_()
 
     @torch.no_grad()
@@ -147,8 +162,14 @@ class CrossLayerTranscoder(SAE):
     def preacts(self, x: torch.Tensor) -> torch.Tensor:
         """Every layer's encoder on its block: [L, B, n], in self.compute_dtype's matmul."""
         dt = self.compute_dtype
-        pre = torch.bmm(self.layers_of(x).to(dt), self.W_enc.transpose(1, 2).to(dt))
-        return pre.float() + self.b_enc[:, None, :]
+        xs = self.layers_of(x)
+        if torch.is_grad_enabled():
+            pre = torch.stack([xs[s].to(dt) @ w.t().to(dt) for s, w in enumerate(self.W_enc_layers)])
+            return pre.float() + self.b_enc[:, None, :]
+        pre = torch.empty(self.n_layers, x.shape[0], self.n, dtype=dt, device=x.device)
+        for s, w in enumerate(self.W_enc_layers):
+            torch.matmul(xs[s].to(dt), w.t().to(dt), out=pre[s])
+        return pre.float().add_(self.b_enc[:, None, :])
 
     def activate(self, s: int, pre: torch.Tensor) -> torch.Tensor:
         """Dense activations of source position s from its pre-activations [B, n] (inference rule)."""
@@ -201,7 +222,7 @@ class CrossLayerTranscoder(SAE):
         if self.cfg.arch == "jumprelu":
             return self._forward_jumprelu(x, y, loss_fn)
         B, L, n, d = x.shape[0], self.n_layers, self.n, self.d
-        xs = self.layers_of(x)
+        xs = self.layers_of(x).contiguous()  # [L, B, d]: each layer's rows contiguous for the sparse backward
         with torch.no_grad():
             pre = self.preacts(x)
         recon = self.b_dec.reshape(1, L * d).repeat(B, 1)
@@ -214,7 +235,7 @@ class CrossLayerTranscoder(SAE):
             a_rows, a_cols, a_vals = rows, cols, vals
             if aux is not None:
                 a_rows, a_cols, a_vals = (torch.cat([p, q]) for p, q in zip((rows, cols, vals), aux))
-            g = kernels.gather_preacts(xs[s], None, self.W_enc[s].t(), self.b_enc[s], a_rows, a_cols, a_vals)
+            g = kernels.gather_preacts(xs[s], None, self.W_enc_layers[s].t(), self.b_enc[s], a_rows, a_cols, a_vals)
             nnz = cols.numel()
             recon[:, s * d:] += kernels.sparse_decode(g[:nnz], cols, kernels.row_offsets(rows, B), self.dec_block(s))
             if aux is not None:
@@ -255,13 +276,13 @@ class CrossLayerTranscoder(SAE):
     def _scale(self, keys: list, scales: list, key, d: int):
         if key is not None:
             return super()._scale(keys, scales, key, d)
-        return torch.tensor(scales, dtype=torch.float32, device=self.W_dec.device).repeat_interleave(self.d)
+        return torch.tensor(scales, dtype=torch.float32, device=self._param.device).repeat_interleave(self.d)
 
     def encode(self, x: torch.Tensor, key: str | None = None) -> torch.Tensor:
         """Raw mlp_in blocks [B, L d] -> latents [B, L n] (layer blocks in order)."""
         if key is not None:
             raise StrataError("a CLT encodes all its layers at once; use encode_layer(layer, x) for one layer")
-        return self.encode_n(x.to(self.W_dec.dtype) * self.in_scale())
+        return self.encode_n(x.to(self._param.dtype) * self.in_scale())
 
     def decode(self, f: torch.Tensor, key: str | None = None) -> torch.Tensor:
         return self.decode_n(f) / self.out_scale()
@@ -272,9 +293,9 @@ class CrossLayerTranscoder(SAE):
     def encode_layer(self, layer: int, x_TD: torch.Tensor) -> torch.Tensor:
         """Raw mlp_in.<layer> [T, d] -> that layer's latents [T, n]."""
         s = self._pos(layer)
-        xs = x_TD.to(self.W_dec.dtype) * float(self.cfg.in_scales[s])
+        xs = x_TD.to(self._param.dtype) * float(self.cfg.in_scales[s])
         dt = self.compute_dtype
-        pre = (xs.to(dt) @ self.W_enc[s].t().to(dt)).float() + self.b_enc[s]
+        pre = (xs.to(dt) @ self.W_enc_layers[s].t().to(dt)).float() + self.b_enc[s]
         return self.activate(s, pre)
 
     def decode_to(self, layer: int, acts_by_src: dict) -> torch.Tensor:
@@ -285,7 +306,7 @@ class CrossLayerTranscoder(SAE):
             s = self._pos(src)
             if s > t:
                 continue
-            part = acts.to(self.W_dec.dtype) @ self.dec_block(s)[:, (t - s) * self.d:(t - s + 1) * self.d]
+            part = acts.to(self._param.dtype) @ self.dec_block(s)[:, (t - s) * self.d:(t - s + 1) * self.d]
             out = part if out is None else out + part
         out = self.b_dec[t] if out is None else out + self.b_dec[t]
         return out / float(self.cfg.out_scales[t])
@@ -295,7 +316,7 @@ class CrossLayerTranscoder(SAE):
         s, t = self._pos(src), self._pos(tgt)
         if t < s:
             raise StrataError(f"a latent of layer {src} writes only to layers >= {src}, not {tgt}")
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.W_dec.device)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self._param.device)
         return self.dec_block(s)[idx, (t - s) * self.d:(t - s + 1) * self.d] / float(self.cfg.out_scales[t])
 
 

@@ -86,7 +86,8 @@ def test_sparse_training_step_equals_dense_autograd():
     cfg = clt_config()
     clt = build_sae(cfg)
     with torch.no_grad():
-        clt.W_dec.normal_(0, 0.2)
+        for w in clt.W_dec_from:
+            w.normal_(0, 0.2)
         clt.b_enc.normal_(0, 0.1)
     x, y = torch.randn(64, 48), torch.randn(64, 48)
     loss_fn = _block_sum_fvu(3)
