@@ -9,7 +9,7 @@ Storage (memory explicit: decoders grow with the (source, target) pairs, n_layer
     b_dec             [L, d]
 One parameter per layer rather than one stacked tensor: the gradient of a slice of a parameter is materialised
 at the whole parameter's size, which made a stacked CLT step ~1.5x slower. W_enc ([L, n, d]) and W_dec
-([n L(L+1)/2, d], the blocks' rows in order) are read-only concatenations for inspection.
+([L n, L d], one row per latent over all output blocks) are read-only copies for inspection and analysis.
 plus log_threshold [L, n] (jumprelu) or threshold [L] (batchtopk inference). Layer indices inside the tensors
 are positions 0..L-1 in cfg.in_keys; the raw-unit API below takes model layer numbers (cfg.layers).
 
@@ -119,7 +119,13 @@ class CrossLayerTranscoder(SAE):
 
     @property
     def W_dec(self) -> torch.Tensor:
-        return torch.cat([w.reshape(-1, self.d) for w in self.W_dec_from]).detach()
+        """Every latent's decoder over the concatenated mlp_out blocks, [L n, L d] (zero for targets before its
+        layer): one row per latent as other SAEs have, so decode_n(f) = f @ W_dec + b_dec. A copy, built on use."""
+        L, n, d = self.n_layers, self.n, self.d
+        full = torch.zeros(L * n, L * d, dtype=self.b_dec.dtype, device=self.b_dec.device)
+        for s in range(L):
+            full[s * n:(s + 1) * n, s * d:] = self.dec_block(s).detach()
+        return full
 
     @property
     def _param(self) -> torch.Tensor:

@@ -77,7 +77,11 @@ def test_clt_loss_falls_and_reports_each_output_layer(trained, capsys):
     assert sae.cfg.out_keys == ["mlp_out.0", "mlp_out.1", "mlp_out.2"]
     plan = size_plan(3, 32, 128)
     assert sum(p.numel() for p in sae.parameters()) == plan["params"]
-    assert sae.W_dec.shape == (128 * 6, 32)  # one decoder per (source, target >= source) pair
+    assert [tuple(w.shape) for w in sae.W_dec_from] == [(128, 3, 32), (128, 2, 32), (128, 1, 32)]  # target >= source
+    full = sae.W_dec  # one row per latent over the three mlp_out blocks, nothing written to earlier layers
+    assert full.shape == (3 * 128, 3 * 32) and not full[128:, :32].any() and not full[256:, :64].any()
+    f = torch.relu(torch.randn(4, 3 * 128))
+    torch.testing.assert_close(sae.decode_n(f), f @ full + sae.b_dec.reshape(1, -1))
 
 
 def test_sparse_training_step_equals_dense_autograd():
