@@ -277,3 +277,14 @@ def test_export_and_oversized_clt_are_refused(trained, tmp_path):
         export_saelens(trained, "clt", tmp_path / "out")
     with pytest.raises(StrataError, match="lower --expansion or --n-latents, or train fewer --layers"):
         check_fits(30, 4096, 2**20, "topk", "cpu")
+
+
+def test_analyze_indexes_a_clt_latent_per_row(trained):
+    import h5py
+
+    assert strata("analyze", trained, "--name", "clt", "--device", "cpu", "--progress", "false") == 0
+    with h5py.File(layout.index_path(trained, "clt"), "r") as f:
+        g = f["saes/clt"]
+        assert g["frequency"].shape == (3 * 128,)
+        nb = g["neighbour_idx"][:]
+        assert nb.shape[0] == 3 * 128 and nb.max() < 3 * 128
