@@ -47,10 +47,14 @@ def clt_config(L=3, d=16, n=32, k=3, arch="topk", k_aux=0, **kw) -> SAEConfig:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_run) -> Path:
     """A copy of the tiny harvest (mlp_in/mlp_out 0-2) with a TopK CLT "clt" and a per-layer transcoder set "tc"."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    run = copy_run(tiny_run, tmp_path_factory.mktemp("clt") / "run")
-    assert strata("train", run, "--mode", "clt", "--name", "clt", "--epochs", "2", "--log-every", "5", *FAST) == 0
-    assert strata("train", run, "--mode", "transcoder", "--name", "tc", "--epochs", "2", *FAST) == 0
+    try:
+        run = copy_run(tiny_run, tmp_path_factory.mktemp("clt") / "run")
+        assert strata("train", run, "--mode", "clt", "--name", "clt", "--epochs", "2", "--log-every", "5", *FAST) == 0
+        assert strata("train", run, "--mode", "transcoder", "--name", "tc", "--epochs", "2", *FAST) == 0
+    finally:
+        torch.set_num_threads(threads)
     return run
 
 
