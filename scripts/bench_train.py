@@ -4,14 +4,12 @@ Prints: what `--precision auto` picks on this machine and what resolving it cost
 own [B, d] x [d, n] shape) in fp32, bf16 and the auto choice; TopK training tokens/s at d=576, 4608 latents,
 k=32, batch 4096 (Adam, AuxK on, decoder unit-norm, grad clip: the real training step) in each, and its ratio
 to the roofline-implied tokens/s; then the per-layer bank's tokens/s per SAE as
-the number of layers grows (each SAE steps on its own layer's batch, as `strata train --mode layer` does);
-then a cross-layer transcoder over L layers (`--mode clt`, k per layer) beside L per-layer transcoders
-(`--mode transcoder`) of the same width on the same batches (--clt-layers).
+the number of layers grows (each SAE steps on its own layer's batch, as `strata train --mode layer` does).
 
 roofline-implied tokens/s = matmul FLOP/s / FLOP per token, FLOP per token = 2*d*n (dense encoder forward)
 + 10*k*d (sparse decode forward and backward, sparse encoder backward).
 
-    python scripts/bench_train.py [--steps 6] [--layers 1,2,4] [--clt-layers 4] [--threads N] [--quick]
+    python scripts/bench_train.py [--steps 6] [--layers 1,2,4] [--threads N] [--quick]
 """
 from __future__ import annotations
 
@@ -62,42 +60,10 @@ def train_tokens_per_s(d, n, k, B, dtype, steps: int, n_saes: int = 1) -> tuple[
     return B / min(times), B * len(times) / sum(times)
 
 
-def clt_vs_transcoders(L: int, d: int, n: int, k: int, B: int, steps: int) -> tuple[float, float]:
-    """(CLT tokens/s, per-layer transcoders tokens/s), fastest step of each: a token = all L layers of it."""
-    from sae.modes import _block_sum_fvu
-
-    common = dict(arch="topk", k=k, apply_b_dec_to_input=False, normalize_decoder=False, k_aux=d // 2)
-    clt = build_sae(SAEConfig(d_in=L * d, d_out=L * d, n_latents=L * n, mode="clt",
-                              in_keys=[f"mlp_in.{i}" for i in range(L)], out_keys=[f"mlp_out.{i}" for i in range(L)],
-                              in_scales=[1.0] * L, out_scales=[1.0] * L, **common))
-    bank = [build_sae(SAEConfig(d_in=d, d_out=d, n_latents=n, mode="transcoder", in_keys=[f"mlp_in.{i}"],
-                                out_keys=[f"mlp_out.{i}"], in_scales=[1.0], out_scales=[1.0], **common))
-            for i in range(L)]
-    torch.manual_seed(0)
-    x, y = torch.randn(B, L * d), torch.randn(B, L * d)
-    loss_fn = _block_sum_fvu(L)
-
-    def best_of(step_all):
-        step_all(0)
-        times = []
-        for s in range(1, steps + 1):
-            t = time.perf_counter()
-            step_all(s)
-            times.append(time.perf_counter() - t)
-        return B / min(times)
-
-    st = SAEStepper(clt, default_lr(n), total_steps=10_000, warmup_steps=0)
-    sts = [SAEStepper(sae, default_lr(n), total_steps=10_000, warmup_steps=0) for sae in bank]
-    clt_rate = best_of(lambda s: st.step(x, y, s, loss_fn))
-    bank_rate = best_of(lambda s: [t.step(x[:, i * d:(i + 1) * d], y[:, i * d:(i + 1) * d], s) for i, t in enumerate(sts)])
-    return clt_rate, bank_rate
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--layers", default="1,2,4")
-    ap.add_argument("--clt-layers", type=int, default=4, help="layers of the CLT vs per-layer transcoders (0 = skip)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for every measurement (0 = torch default); "
                     "on a shared machine use the number of idle cores")
@@ -123,11 +89,6 @@ def main():
         base = base or best * L
         print(f"per-layer bank, {L} SAE(s): {best:8.0f} batch tok/s, {best * L:8.0f} SAE-tok/s summed "
               f"({best * L / base:5.1%} of the 1-SAE rate), mean {mean:8.0f} batch tok/s")
-    if a.clt_layers:
-        L = a.clt_layers
-        clt_rate, bank_rate = clt_vs_transcoders(L, d, n, k, B, a.steps)
-        print(f"{L} layers, fp32: CLT {clt_rate:8.0f} tok/s vs {L} per-layer transcoders {bank_rate:8.0f} tok/s "
-              f"(CLT at {clt_rate / bank_rate:5.1%} of their rate; it has {(L + 1) / 2:.1f}x their decoder parameters)")
 
 
 if __name__ == "__main__":
