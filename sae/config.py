@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
-MODES = ("layer", "multilayer", "transcoder", "crosscoder")
+MODES = ("layer", "multilayer", "transcoder", "crosscoder", "clt")
 
 
 @dataclass

@@ -232,6 +232,9 @@ def format_report(result: dict) -> str:
                 if "ce_loss_recovered" in o else ""
             lines.append(f"{sid:>16}: FVU {o['fvu']:.4f}  L0 {o['l0']:.1f}  cos {o['cosine']:.3f}"
                          f"  shrinkage {o['shrinkage']:.3f}  alive {o['frac_alive']:.3f}{extra}")
+            if "ce_loss_recovered_all_mlps" in o:
+                lines.append(f"{'':>18}every MLP replaced at once (layers {r['all_mlps']['layers']}): CE recovered "
+                             f"{_fmt(o['ce_loss_recovered_all_mlps'])}  KL recovered {_fmt(o['kl_recovered_all_mlps'])}")
             if len(r["per_key"]) > 1:
                 for key, m in r["per_key"].items():
                     ce = f"  CE recovered {m['ce_loss_recovered']:.3f}" if "ce_loss_recovered" in m else ""

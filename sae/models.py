@@ -4,6 +4,7 @@ from __future__ import annotations
 from activations.errors import StrataError
 from activations.precision import Precision, resolve
 from sae.base import SAE
+from sae.clt import CrossLayerTranscoder
 from sae.config import ARCHS, SAEConfig
 from sae.jumprelu import JumpReLUSAE
 from sae.relu import ReLUSAE
@@ -16,6 +17,8 @@ SAE_CLASSES = {"relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jum
 def build_sae(cfg: SAEConfig) -> SAE:
     if cfg.arch not in SAE_CLASSES:
         raise StrataError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    if cfg.mode == "clt":
+        return CrossLayerTranscoder(cfg)
     if cfg.arch in ("topk", "batchtopk", "matryoshka") and (cfg.k is None or not 0 < cfg.k < cfg.n_latents):
         raise StrataError(f"k={cfg.k} must be between 1 and n_latents-1 ({cfg.n_latents - 1}); lower --k or raise --expansion")
     if cfg.arch == "matryoshka":

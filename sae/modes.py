@@ -7,6 +7,9 @@
 - transcoder:  encode mlp_in.L, reconstruct mlp_out.L (optional learned skip).
 - crosscoder:  one latent space reading the concatenation of every key of a token and writing all of them;
                loss = sum over layers of each layer's FVU.
+- clt:         cross-layer transcoder (sae/clt.py): x = the mlp_in blocks of every selected layer, y = their
+               mlp_out blocks; latents of layer L write mlp_out of L and every later layer; loss = sum over
+               output layers of each layer's FVU.
 A Unit is derived from its SAE's cfg alone, so a resumed or loaded SAE gets the same unit as a fresh one.
 
 Choices where peers differ: normalisation is one scalar per key with E||x||^2 = d (dictionary_learning), not
@@ -25,6 +28,7 @@ import torch
 from activations.errors import StrataError
 from activations.hooks import parse_layers, split_key
 from sae.base import SAE, fvu
+from sae.clt import CLT_ARCHS, check_fits
 from sae.config import SAEConfig
 from sae.train_config import TrainConfig
 
@@ -53,6 +57,11 @@ class Unit:
             x = torch.cat([acts[k] * s for k, s in zip(self.in_keys, self.in_s)], dim=1)
             self.loss_fn = _block_sum_fvu(len(self.in_keys))
             return x, x
+        if mode == "clt":
+            x = torch.cat([acts[k] * s for k, s in zip(self.in_keys, self.in_s)], dim=1)
+            y = torch.cat([acts[k] * s for k, s in zip(self.out_keys, self.out_s)], dim=1)
+            self.loss_fn = _block_sum_fvu(len(self.out_keys))
+            return x, y
         x = acts[self.in_keys[0]] * self.in_s[0]
         y = x if self.out_keys == self.in_keys else acts[self.out_keys[0]] * self.out_s[0]
         return x, y
@@ -64,6 +73,9 @@ class Unit:
         if mode == "crosscoder":
             n = len(self.in_keys)
             return dict(zip(self.in_keys, zip(y.chunk(n, dim=1), recon.chunk(n, dim=1))))
+        if mode == "clt":
+            n = len(self.out_keys)
+            return dict(zip(self.out_keys, zip(y.chunk(n, dim=1), recon.chunk(n, dim=1))))
         return {self.out_keys[0]: (y, recon)}
 
 
@@ -81,11 +93,16 @@ def _block_sum_fvu(n_layers: int):
 
 def select_keys(cfg: TrainConfig, run_keys: list[str], n_layers: int) -> list[str]:
     """Keys for sites x layers; 'all' layers means every harvested layer of the site."""
-    sites = ["mlp_in"] if cfg.mode == "transcoder" else [s.strip() for s in cfg.sites.split(",") if s.strip()]
+    mlp = cfg.mode in ("transcoder", "clt")
+    sites = ["mlp_in"] if mlp else [s.strip() for s in cfg.sites.split(",") if s.strip()]
     keys = []
     for site in sites:
         have = sorted((k for k in run_keys if k.rpartition(".")[0] == site), key=lambda k: split_key(k)[1])
         if cfg.layers.strip() in ("", "all"):
+            if not have and mlp:
+                raise StrataError(f"{cfg.mode} mode reads mlp_in and mlp_out but the run has no mlp_in activations "
+                                  f"(harvested: {', '.join(run_keys)}); re-harvest with `strata harvest "
+                                  f"{cfg.run_dir} --sites mlp_in,mlp_out` (plus the sites you already have)")
             if not have:
                 raise StrataError(f"the run has no {site} activations (harvested: {', '.join(run_keys)}); "
                                   f"re-harvest with --sites {site} or pick --sites from those")
@@ -94,15 +111,20 @@ def select_keys(cfg: TrainConfig, run_keys: list[str], n_layers: int) -> list[st
         upper = n_layers if site == "resid" else n_layers - 1
         for layer in parse_layers(cfg.layers, upper):
             key = f"{site}.{layer}"
+            if key not in run_keys and mlp:
+                raise StrataError(f"{cfg.mode} mode reads mlp_in and mlp_out but the run lacks {key} (harvested: "
+                                  f"{', '.join(run_keys)}); re-harvest with `strata harvest {cfg.run_dir} --sites "
+                                  f"mlp_in,mlp_out --layers {cfg.layers}` (plus the sites you already have)")
             if key not in run_keys:
                 raise StrataError(f"the run lacks {key} (harvested: {', '.join(run_keys)}); pick --sites/--layers "
                                   f"from those or re-harvest with them")
             keys.append(key)
-    if cfg.mode == "transcoder":
+    if mlp:
         for key in keys:
             out = "mlp_out." + key.rpartition(".")[2]
             if out not in run_keys:
-                raise StrataError(f"transcoder mode needs {out} for {key}; harvest with --sites mlp_in,mlp_out")
+                raise StrataError(f"{cfg.mode} mode needs {out} for {key}; re-harvest with `strata harvest "
+                                  f"{cfg.run_dir} --sites mlp_in,mlp_out` (plus the sites you already have)")
     return keys
 
 
@@ -150,8 +172,17 @@ def sae_configs(cfg: TrainConfig, keys: list[str], dims: dict, model: dict, cont
         D = d * len(keys)
         out["crosscoder"] = SAEConfig(d_in=D, d_out=D, mode="crosscoder", in_keys=keys, out_keys=keys,
                                       k_aux=min(k_aux(d), n // 2), **common)
+    elif cfg.mode == "clt":
+        if cfg.arch not in CLT_ARCHS:
+            raise StrataError(f"clt mode supports --arch {', '.join(CLT_ARCHS)}, not {cfg.arch}; pick one of those")
+        from activations.model import resolve_device
+        print(check_fits(len(keys), d, n, cfg.arch, resolve_device(cfg.device)))
+        outs = [f"mlp_out.{k.rpartition('.')[2]}" for k in keys]
+        c = dict(common, normalize_decoder=False, n_latents=n * len(keys))
+        out["clt"] = SAEConfig(d_in=d * len(keys), d_out=d * len(keys), mode="clt", in_keys=keys, out_keys=outs,
+                               apply_b_dec_to_input=False, k_aux=k_aux(d), **c)
     else:
-        raise StrataError(f"unknown mode {cfg.mode!r}; choose layer, multilayer, transcoder or crosscoder")
+        raise StrataError(f"unknown mode {cfg.mode!r}; choose layer, multilayer, transcoder, crosscoder or clt")
     seeds = cfg.seed_list()
     if seeds is None:
         return out

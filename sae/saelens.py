@@ -88,7 +88,7 @@ def export_saelens(run, name: str, out, only: str | None = None) -> list[Path]:
         if only not in saes:
             raise StrataError(f"no SAE {only!r} in {name}; it has {', '.join(saes)}")
         saes = {only: saes[only]}
-    bad = [sid for sid, s in saes.items() if s.cfg.mode in ("transcoder", "crosscoder")]
+    bad = [sid for sid, s in saes.items() if s.cfg.mode in ("transcoder", "crosscoder", "clt")]
     if bad:
         raise StrataError(f"SAELens has no folder format for our {saes[bad[0]].cfg.mode} {bad[0]}; "
                           "export per-layer or multi-layer SAEs (--sae)")

@@ -34,10 +34,12 @@ class TrainConfig:
     run_dir: str = _f("runs/default", "harvest run directory to train on", cli=False)
     name: str = _f("", "name of this training run: RUN/train/<name> (default: <arch>-<mode>)")
     arch: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = _f("topk", "SAE architecture")
-    mode: Literal["layer", "multilayer", "transcoder", "crosscoder"] = _f(
+    mode: Literal["layer", "multilayer", "transcoder", "crosscoder", "clt"] = _f(
         "layer", "layer (one SAE per key, one pass), multilayer (one SAE for all layers), "
-                 "transcoder (mlp_in.L -> mlp_out.L), crosscoder (all layers of a token)")
-    sites: Annotated[str, SITE_LIST] = _f("resid", "hook sites to train on (transcoder mode always reads mlp_in/mlp_out)")
+                 "transcoder (mlp_in.L -> mlp_out.L), crosscoder (all layers of a token), "
+                 "clt (cross-layer transcoder: mlp_in.L -> mlp_out of L and every later layer; topk, batchtopk, "
+                 "jumprelu; --k per layer, --n-latents per layer)")
+    sites: Annotated[str, SITE_LIST] = _f("resid", "hook sites to train on (transcoder and clt modes always read mlp_in/mlp_out)")
     layers: Annotated[str, LAYER_SPEC] = _f("all", "layers: 'all' or ints and ranges a-b[:step]")
     expansion: Annotated[int, Gt(0)] = _f(8, "latents per input dimension (n_latents = expansion * d) unless --n-latents")
     n_latents: Annotated[int, Ge(0)] = _f(0, "dictionary size (0 = expansion * d)")

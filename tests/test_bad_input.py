@@ -623,8 +623,46 @@ SYNTH_CASES = [
     Case("synth-zero-layers", lambda w: ["synth", w.root / "cases/synth-zero-layers/R", "--layers", "0"], "layers"),
 ]
 
+# `strata train --mode clt` (cross-layer transcoders)
+def _harvest_only(sites: str):
+    """A private tiny harvest of layers 0-1 with only `sites`."""
+    def setup(w: Workspace, tmp: Path) -> None:
+        import contextlib
+        import io
+
+        from conftest import harvest_tiny
+
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            harvest_tiny(tmp / "run", w.model, sites=sites, layers="0-1", max_tokens=2048)
+    return setup
+
+
+def _trained_clt(w: Workspace, tmp: Path) -> None:
+    shutil.copytree(w.run, tmp / "run", ignore=shutil.ignore_patterns("train", ".locks", ".strata.lock"))
+    assert main(["train", str(tmp / "run"), "--mode", "clt", "--name", "c", "--max-tokens", "512", *FAST]) == 0
+
+
+CLT_CASES = [
+    Case("clt-run-without-mlp-in", lambda w: ["train", w.root / "cases/clt-run-without-mlp-in/run", "--mode", "clt", *FAST],
+         "--sites mlp_in,mlp_out", setup=_harvest_only("resid")),
+    Case("clt-run-without-mlp-out", lambda w: ["train", w.root / "cases/clt-run-without-mlp-out/run", "--mode", "clt",
+                                               *FAST], "needs mlp_out.0 for mlp_in.0; re-harvest with `strata harvest",
+         setup=_harvest_only("mlp_in")),
+    Case("clt-layer-not-harvested", lambda w: ["train", w.root / "cases/clt-layer-not-harvested/run", "--mode", "clt",
+                                               "--layers", "1-2", *FAST],
+         "--sites mlp_in,mlp_out --layers 1-2` (plus the sites you already have)",
+         setup=_harvest_only("mlp_in,mlp_out")),
+    Case("clt-relu", lambda w: ["train", w.run, "--mode", "clt", "--arch", "relu", *FAST], "clt mode supports --arch"),
+    Case("clt-too-big", lambda w: ["train", w.run, "--mode", "clt", "--n-latents", "1000000000", *FAST],
+         "lower --expansion or --n-latents, or train fewer --layers"),
+    Case("clt-export", lambda w: ["export", w.root / "cases/clt-export/run", "--name", "c", "--out", w.root / "clt-out"],
+         "no folder format for our clt", setup=_trained_clt),
+]
+
+
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
-             + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER + SYNTH_CASES + CAUSAL_CASES)
+             + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER + SYNTH_CASES + CAUSAL_CASES
+             + CLT_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

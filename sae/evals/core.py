@@ -7,6 +7,11 @@ bias, L0, alive/dead/dense fractions (sae/metrics.py); then the SAE is spliced i
 that key:
     CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean);  KL recovered = (KL_zero - KL_sae) / KL_zero
 with KL(p_clean || p) averaged over predicted tokens.
+
+Replacement of every MLP at once (a CLT, or the run's per-layer transcoders as a set): the model runs with each
+covered layer's MLP output replaced by the reconstruction from the features of that forward (the encoder of
+layer L reads mlp_in.L as the replaced layers before it left it), compared with the clean forward and with all
+those MLP outputs zeroed: ce_loss_recovered_all_mlps / kl_recovered_all_mlps (same formulas).
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ def run(ctx: SuiteContext) -> dict:
                 saes[sid]["per_key"].setdefault(key, {}).update(m)
             saes[sid]["overall"]["ce_loss_recovered"] = float(np.mean([m["ce_loss_recovered"] for m in per_key.values()]))
             saes[sid]["overall"]["kl_recovered"] = float(np.mean([m["kl_recovered"] for m in per_key.values()]))
+        for sid, m in all_mlps_metrics(ctx.run, ctx.saes, ctx.heldout, ctx.cfg, ctx.device, ctx.dtype).items():
+            saes[sid]["all_mlps"] = m
+            saes[sid]["overall"]["ce_loss_recovered_all_mlps"] = m["ce_loss_recovered"]
+            saes[sid]["overall"]["kl_recovered_all_mlps"] = m["kl_recovered"]
     return {"saes": saes}
 
 
@@ -117,10 +126,10 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg, device,
     for sid, sae in saes.items():
         c = sae.cfg
         cross = None
-        if c.mode == "crosscoder":
+        if c.mode in ("crosscoder", "clt"):  # one key replaced at a time, from the clean inputs of every layer
             acts = capture(model, c.in_keys, ids)
             flat = torch.cat([acts[k].reshape(-1, acts[k].shape[-1]) for k in c.in_keys], 1)
-            cross = dict(zip(c.in_keys, sae.reconstruct(flat.float()).chunk(len(c.in_keys), 1)))
+            cross = dict(zip(c.out_keys, sae.reconstruct(flat.float()).chunk(len(c.out_keys), 1)))
         per_key = {}
         for key in c.out_keys:
             stash: dict = {}
@@ -147,4 +156,88 @@ def downstream_metrics(run, saes: dict, heldout: list[int], cfg, device,
                             "ce_loss_recovered": (ce_zero - ce_sae) / denom if abs(denom) > 1e-9 else float("nan"),
                             "kl_recovered": (kl_zero - kl_sae) / kl_zero if kl_zero > 1e-12 else float("nan")}
         out[sid] = per_key
+    return out
+
+
+def _keep_first(first: int):
+    def keep(a, new):
+        """Positions the SAEs were not trained on (exclude_first) keep the forward's own activation."""
+        if first:
+            new = new.clone()
+            new[:, :first] = a[:, :first]
+        return new
+    return keep
+
+
+@torch.no_grad()
+def replaced_forward(model, ids: torch.Tensor, system, layers: list[int], keep) -> torch.Tensor:
+    """Logits with the MLP output of every layer in `layers` replaced at once by `system` (a CLT or a
+    TranscoderSet: encode_layer / decode_to, raw units); system=None zeroes those MLP outputs instead."""
+    from activations.hooks import splice
+
+    acts, inputs = {}, {}
+
+    def read(a, layer):
+        x = a.reshape(-1, a.shape[-1]).float()
+        inputs[layer] = x
+        acts[layer] = system.encode_layer(layer, x)
+        return a
+
+    def write(a, layer):
+        if system is None:
+            return keep(a, torch.zeros_like(a))
+        new = system.decode_to(layer, acts)
+        if hasattr(system, "skip"):
+            new = new + system.skip(layer, inputs[layer])
+        return keep(a, new.reshape(a.shape).to(a.dtype))
+
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            if system is not None:
+                stack.enter_context(splice(model, f"mlp_in.{layer}", lambda a, layer=layer: read(a, layer)))
+            stack.enter_context(splice(model, f"mlp_out.{layer}", lambda a, layer=layer: write(a, layer)))
+        return model(ids).logits
+
+
+def replacement_systems(saes: dict) -> dict:
+    """{sae_id: system} for the every-MLP-at-once eval: each CLT, and the run's transcoders as one set (its result
+    is reported on each of them)."""
+    from sae.clt import TranscoderSet
+
+    systems = {sid: sae for sid, sae in saes.items() if sae.cfg.mode == "clt"}
+    trans = {sid: sae for sid, sae in saes.items() if sae.cfg.mode == "transcoder"}
+    if trans:
+        bank = TranscoderSet(trans)
+        systems.update({sid: bank for sid in trans})
+    return systems
+
+
+@torch.no_grad()
+def all_mlps_metrics(run, saes: dict, heldout: list[int], cfg, device, dtype: torch.dtype = torch.float32) -> dict:
+    from activations.model import load_model
+
+    systems = replacement_systems(saes)
+    if not systems:
+        return {}
+    model = load_model(run.manifest.model["id"], device, dtype).model
+    ids = _contexts(run, heldout, cfg.ce_contexts).to(device)
+    if ids.numel() == 0:
+        return {}
+    clean = model(ids).logits
+    clean_logp = F.log_softmax(clean[:, :-1].float(), -1)
+    ce_clean, _ = _ce_kl(clean, ids, clean_logp)
+    keep = _keep_first(max(0, cfg.exclude_first))
+    done: dict = {}
+    out = {}
+    for sid, system in systems.items():
+        if id(system) not in done:
+            layers = system.cfg.layers if hasattr(system, "cfg") else system.layers
+            ce_rep, kl_rep = _ce_kl(replaced_forward(model, ids, system, layers, keep), ids, clean_logp)
+            ce_zero, kl_zero = _ce_kl(replaced_forward(model, ids, None, layers, keep), ids, clean_logp)
+            denom = ce_zero - ce_clean
+            done[id(system)] = {
+                "layers": layers, "ce_clean": ce_clean, "ce_replaced": ce_rep, "ce_zero": ce_zero, "kl_replaced": kl_rep,
+                "kl_zero": kl_zero, "ce_loss_recovered": (ce_zero - ce_rep) / denom if abs(denom) > 1e-9 else float("nan"),
+                "kl_recovered": (kl_zero - kl_rep) / kl_zero if kl_zero > 1e-12 else float("nan")}
+        out[sid] = done[id(system)]
     return out
