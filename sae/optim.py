@@ -17,6 +17,12 @@ def default_lr(n_latents: int) -> float:
     return 2e-4 * math.sqrt(2**14 / n_latents)
 
 
+def latents_per_dictionary(cfg) -> int:
+    """The width the learning-rate rule scales with: a CLT holds one dictionary per layer (n_latents counts all
+    layers' latents), every other SAE one."""
+    return cfg.n_latents // len(cfg.in_keys) if cfg.mode == "clt" else cfg.n_latents
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay_fraction: float) -> float:
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps

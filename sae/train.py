@@ -33,7 +33,7 @@ from sae.logger import MetricsLogger
 from sae.metrics import LatentStats, ReconStats
 from sae.models import build_sae
 from sae.modes import Unit, check_exclude_first, norm_scale, sae_configs, select_keys, split_seed
-from sae.optim import NonFiniteLoss, SAEStepper, default_lr
+from sae.optim import NonFiniteLoss, SAEStepper, default_lr, latents_per_dictionary
 from sae.relu import ReLUSAE
 from sae.train_config import TrainConfig
 
@@ -218,7 +218,7 @@ def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_s
         u.sae.compute_dtype = prec.dtype
         if isinstance(u.sae, ReLUSAE):
             u.sae.l1_warmup_steps = cfg.l1_warmup_steps or max(1, total_steps // 20)
-        steppers[u.sae_id] = SAEStepper(u.sae, cfg.lr or default_lr(u.sae.cfg.n_latents), total_steps, warmup,
+        steppers[u.sae_id] = SAEStepper(u.sae, cfg.lr or default_lr(latents_per_dictionary(u.sae.cfg)), total_steps, warmup,
                                         cfg.decay_fraction, cfg.grad_clip, eps=cfg.adam_eps)
     steppers = par.wrap_steppers(steppers)
     if ckpt is not None:
