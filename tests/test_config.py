@@ -57,13 +57,13 @@ def test_strata_help_lists_every_verb(capsys):
     assert strata("--help") == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: strata")
-    assert set(verbs()) == {"demo", "harvest", "verify", "info", "analyze", "dashboard", "share", "train", "eval",
-                            "export", "import"}
+    assert set(verbs()) == {"demo", "harvest", "synth", "verify", "info", "analyze", "dashboard", "share", "train",
+                            "eval", "export", "import"}
     assert all(v in out for v in verbs())
 
 
-@pytest.mark.parametrize("verb", ["demo", "harvest", "verify", "info", "analyze", "dashboard", "share", "train",
-                                  "eval", "export", "import"])
+@pytest.mark.parametrize("verb", ["demo", "harvest", "synth", "verify", "info", "analyze", "dashboard", "share",
+                                  "train", "eval", "export", "import"])
 def test_every_verb_help_works(verb, capsys):
     assert strata(verb, "--help") == 0
     out = capsys.readouterr().out
