@@ -538,6 +538,12 @@ def _graph_made(w: Workspace, tmp: Path) -> None:
     assert main(["graph", str(w.root / "graph-run"), "--name", "tc", "--prompt", "The cat", "--graph-name", "kept"]) == 0
 
 
+def _users_graph_file(w: Workspace, tmp: Path) -> None:
+    folder = w.root / "graph-run" / "graphs" / "tc"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mine.json").write_text('{"my": "circuit notes"}\n')
+
+
 GRAPH_CASES = [
     _gcase("graph-prompt-too-long", ["--prompt", "word " * 40], "trained on 32-token contexts"),
     _gcase("graph-pin-no-such-feature", ["--prompt", "The cat", "--pin", "0:9999"], "feature 9999 does not exist"),
@@ -546,6 +552,8 @@ GRAPH_CASES = [
     _gcase("graph-no-prompt", [], "--prompt"),
     _gcase("graph-name-escapes", ["--prompt", "The cat", "--graph-name", "../x"], "is not allowed"),
     _gcase("graph-exists", ["--prompt", "The cat", "--graph-name", "kept"], "--overwrite", setup=_graph_made),
+    _gcase("graph-overwrite-user-file", ["--prompt", "The cat", "--graph-name", "mine", "--overwrite", "true"],
+           "replaces only graphs it wrote", setup=_users_graph_file),
     Case("graph-not-transcoders", lambda w: ["graph", w.run, "--name", "t1", "--prompt", "The cat"],
          "modes that support graphs: transcoder"),
     Case("graph-no-mlp-keys", lambda w: ["graph", w.root / "cases" / "graph-no-mlp-keys" / "R", "--name", "t1",

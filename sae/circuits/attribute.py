@@ -92,7 +92,7 @@ def _influence_order(rows: torch.Tensor, row_cols: torch.Tensor, n_logits: int, 
                      n_steps: int) -> torch.Tensor:
     """Influence on the logits of every source column, through the rows computed so far (normalised |weights|)."""
     a = rows.abs()
-    a = a / a.sum(1, keepdim=True).clamp_min(1e-10)
+    a.div_(a.sum(1, keepdim=True).clamp_min(1e-10))
     w = torch.zeros(rows.shape[0])
     w[:n_logits] = probs
     total = torch.zeros(rows.shape[1])

@@ -116,7 +116,7 @@ def make_graph(cfg: GraphConfig):
     from sae.circuits.adapter import TranscoderSet
     from sae.circuits.attribute import attribute
     from sae.circuits.frozen import check_architecture, clean_pass
-    from sae.circuits.graph_file import write_graph
+    from sae.circuits.graph_file import read_graph, write_graph
 
     t0 = time.perf_counter()
     run = cfg.run_dir
@@ -128,6 +128,8 @@ def make_graph(cfg: GraphConfig):
     path = layout.graph_path(run, cfg.name, graph_name)
     if path.exists() and not cfg.overwrite:
         raise StrataError(f"graph {path} exists; pick another --graph-name or pass --overwrite")
+    if path.exists():
+        read_graph(path)  # --overwrite replaces only a graph Strata wrote
     manifest = load_manifest(run)
     _check_harvest(run, manifest)
     pins = parse_pins(cfg.pin)

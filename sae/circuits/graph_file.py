@@ -44,11 +44,13 @@ def read_graph(path) -> dict:
     except FileNotFoundError:
         raise StrataError(f"no graph at {path}; make one with `strata graph RUN --name N --prompt ...`") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise StrataError(f"{path} is unreadable ({str(e)[:100]}); make the graph again with --overwrite") from None
+        raise StrataError(f"{path} is not a {SCHEMA} graph ({str(e)[:100]}); Strata replaces only graphs it wrote: "
+                          f"move the file away, or choose another --graph-name") from None
     ok = (isinstance(doc, dict) and isinstance(doc.get("metadata"), dict) and doc["metadata"].get("schema") == SCHEMA
           and isinstance(doc.get("nodes"), list) and isinstance(doc.get("links"), list))
     if not ok:
-        raise StrataError(f"{path} is not a {SCHEMA} graph; make the graph again with --overwrite")
+        raise StrataError(f"{path} is not a {SCHEMA} graph; Strata replaces only graphs it wrote: move the file "
+                          f"away, or choose another --graph-name")
     return doc
 
 
