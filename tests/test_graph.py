@@ -203,3 +203,41 @@ def test_feature_budget_visits_the_most_influential_first(setup, att):
     cols_full = torch.cat([full_pos, torch.arange(att.visited.numel(), att.visited.numel() + att.n_layers * att.T + att.T)])
     assert cols_small.numel() == cols_full.numel()
     assert torch.allclose(small.adjacency[:20, :cols_small.numel()], att.adjacency[full_pos][:, cols_full], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_graph_on_real_smollm2_with_two_transcoders(tmp_path):
+    run = tmp_path / "smol"
+    assert main(["harvest", str(run), "--layers", "0-1", "--sites", "mlp_in,mlp_out", "--context", "32",
+                 "--max-tokens", "2048", "--shard-tokens", "1024", "--progress", "false"]) == 0
+    assert main(["train", str(run), "--mode", "transcoder", "--name", "tc", "--arch", "topk", "--k", "16",
+                 "--expansion", "2", "--batch-size", "512", "--heldout-fraction", "0", "--progress", "false"]) == 0
+    prompt = "The capital of France is"
+    assert main(["graph", str(run), "--name", "tc", "--prompt", prompt, "--max-feature-nodes", "256"]) == 0
+    doc = read_graph(layout.graph_path(run, "tc", "the-capital-of-france-is"))
+    m = doc["metadata"]
+    assert [u["layer"] for u in m["uncovered_layers"]] == list(range(2, 30))  # MLPs 2-29 frozen as error nodes
+    lm = load_model("smollm2-135m", "cpu")
+    ids = torch.tensor(lm.tokenizer(prompt).input_ids)
+    assert m["prompt_ids"] == ids.tolist()
+    probs = lm.model(ids[None]).logits[0, -1].softmax(-1)
+    top = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
+    assert top[0]["feature"] == int(probs.argmax()) and top[0]["token_prob"] == pytest.approx(float(probs.max()), rel=1e-3)
+    feats = [n for n in doc["nodes"] if n["feature_type"] == "transcoder"]
+    assert feats and {n["layer"] for n in feats} <= {"0", "1"}
+    assert 0 < m["influence_kept"] <= 1 and 0 < m["replacement_score"] < 1
+    # the replacement on the real model reproduces its logits, and a kept edge is the measured effect
+    adapter = TranscoderSet(load_saes(run, "tc"))
+    clean = clean_pass(lm.model, ids)
+    const, skips, errors = frozen_mlps(adapter, clean, _active_features(adapter, clean))
+    base = replacement_forward(lm.model, clean, const, skips, {})[1]
+    assert torch.allclose(base[-1], lm.model(ids[None]).logits[0, -1], atol=1e-3)
+    feat_ids = {n["node_id"]: n for n in feats}
+    link = next(lk for lk in doc["links"] if lk["source"] in feat_ids and lk["target"].startswith("L_"))
+    src = feat_ids[link["source"]]
+    tok, L = int(link["target"].split("_")[1]), int(src["layer"])
+    w = torch.zeros_like(clean.embed_TD)
+    w[src["ctx_idx"]] = src["activation"] * adapter.decoder_vectors(L, L, torch.tensor([src["feature"]]))[0]
+    moved = replacement_forward(lm.model, clean, const, skips, {L: w})[1]
+    measured = float((moved[-1, tok] - moved[-1].mean()) - (base[-1, tok] - base[-1].mean()))
+    assert link["weight"] == pytest.approx(measured, rel=1e-2, abs=1e-4)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.circuits.frozen import CleanPass, replacement_forward
+from sae.circuits.frozen import CleanPass, prefix, replacement_forward
 
 
 @dataclass
@@ -147,34 +147,37 @@ def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, m
     logit_ids, logit_probs = top_logits(clean.logits_TV[-1], max_logits, logit_coverage)
     K, F = logit_ids.numel(), src.F
 
-    # one forward pass of the frozen model, with zero writes as the gradient entry points
-    writes = {"E": torch.zeros(T, D, requires_grad=True)}
-    writes |= {L: torch.zeros(T, D, requires_grad=True) for L in range(n_layers)}
-    with torch.enable_grad():
-        xs, logits_TV = replacement_forward(model, clean, const, skips, writes)
-        last = logits_TV[-1]
-        y_logit = last[logit_ids] - last.mean()
-        y_feat = {}
-        for L in adapter.layers:
-            sel = (src.layer == L).nonzero().squeeze(1)
-            if sel.numel():
-                enc = adapter.encoder_vectors(L, src.idx[sel]).to(xs[L].dtype)
-                y_feat[L] = (sel, (xs[L][src.pos[sel]] * enc).sum(-1))
+    enc_by_layer = {L: adapter.encoder_vectors(L, src.idx[src.layer == L]) for L in adapter.layers}
+    first_of_layer = {L: int((src.layer < L).sum()) for L in adapter.layers}
 
-    def rows_for(y: torch.Tensor, picks: torch.Tensor, depth: int) -> torch.Tensor:
-        keys = ["E"] + list(range(depth))
-        out = []
-        for a in range(0, picks.numel(), batch_size):
-            p = picks[a:a + batch_size]
-            seeds = torch.zeros(p.numel(), y.numel())
-            seeds[torch.arange(p.numel()), p] = 1.0
-            g = torch.autograd.grad(y, [writes[k] for k in keys], seeds, retain_graph=True, is_grads_batched=True)
-            out.append(src.columns(dict(zip(keys, g))))
-        return torch.cat(out)
+    def rows_for(layer: int | None, targets: torch.Tensor) -> torch.Tensor:
+        """Rows of logit targets (layer None: indices into logit_ids) or of features of one layer (indices into
+        the F features), in batches of nearby positions: a batch runs the frozen model on the prefix up to its last
+        position and up to its layer only (nothing later can reach it)."""
+        pos = torch.full_like(targets, T - 1) if layer is None else src.pos[targets]
+        order = pos.argsort(stable=True)
+        out = torch.zeros(targets.numel(), src.n_cols)
+        for a in range(0, targets.numel(), batch_size):
+            b = order[a:a + batch_size]
+            P = int(pos[b].max()) + 1
+            keys = ["E"] + list(range(n_layers if layer is None else layer))
+            writes = {k: torch.zeros(P, D, requires_grad=True) for k in keys}
+            with torch.enable_grad():
+                xs, logits = replacement_forward(model, prefix(clean, P), [c[:P] for c in const], skips, writes,
+                                                 upto=layer)
+                if layer is None:
+                    y = logits[-1, logit_ids[targets[b]]] - logits[-1].mean()
+                else:
+                    enc = enc_by_layer[layer][targets[b] - first_of_layer[layer]]
+                    y = (xs[layer][pos[b]] * enc).sum(-1)
+                g = torch.autograd.grad(y, [writes[k] for k in keys], torch.eye(b.numel()), is_grads_batched=True)
+            grads = {k: torch.nn.functional.pad(v, (0, 0, 0, T - P)) for k, v in zip(keys, g)}
+            out[b] = src.columns(grads)
+        return out
 
     budget = min(max_feature_nodes, F)
     rows = torch.zeros(K + budget, src.n_cols)
-    rows[:K] = rows_for(y_logit, torch.arange(K), n_layers)
+    rows[:K] = rows_for(None, torch.arange(K))
     visited = torch.zeros(F, dtype=torch.bool)
     order: list[int] = []
     first = must_visit if must_visit is not None else torch.zeros(0, dtype=torch.long)
@@ -191,10 +194,8 @@ def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, m
             pick = infl.topk(step).indices
         for L in sorted({int(v) for v in src.layer[pick]}):
             mine = pick[src.layer[pick] == L]
-            sel, y = y_feat[L]
-            local = torch.searchsorted(sel, mine)
             start = K + len(order)
-            rows[start:start + mine.numel()] = rows_for(y, local, L)
+            rows[start:start + mine.numel()] = rows_for(L, mine)
             order += mine.tolist()
             visited[mine] = True
             if progress is not None:

@@ -101,6 +101,14 @@ def clean_pass(model: nn.Module, ids: torch.Tensor) -> CleanPass:
     return CleanPass(ids, embed, attn_scale, patterns, mlp_scale, mlp_in, mlp_out, fs, logits)
 
 
+def prefix(clean: CleanPass, P: int) -> CleanPass:
+    """The clean pass of the first P positions (causal: the same numbers as the whole prompt's)."""
+    return CleanPass(clean.ids[:P], clean.embed_TD[:P], [s[:P] for s in clean.attn_scale],
+                     [p[:, :P, :P] for p in clean.patterns], [s[:P] for s in clean.mlp_scale],
+                     [x[:P] for x in clean.mlp_in], [y[:P] for y in clean.mlp_out], clean.final_scale[:P],
+                     clean.logits_TV[:P])
+
+
 def replacement_forward(model: nn.Module, clean: CleanPass, mlp_const: list, skips: list, writes: dict,
                         upto: int | None = None):
     """The frozen linear residual stream. `mlp_const[L]` [T, D] is the constant part of MLP L's output;
