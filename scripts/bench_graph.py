@@ -79,7 +79,8 @@ def main_bench() -> None:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
     wall = time.perf_counter() - t0
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_gib, cpu = usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime
     doc = json.loads(layout.graph_path(run, args.name, "bench").read_text())
     m = doc["metadata"]
     print("machine: shared 2-core CPU (other jobs running; figures are noisy)")
@@ -87,6 +88,7 @@ def main_bench() -> None:
     print(f"layers with transcoders {len(m['saes'])} (uncovered: {[u['layer'] for u in m['uncovered_layers']]})")
     print(f"active features         {m['n_active_features']} (rows computed for at most {m['max_feature_nodes']})")
     print(f"seconds (child, total)  {wall:.1f}   (inside the verb, model load included: {m['seconds']:.1f})")
+    print(f"CPU seconds (user+sys)  {cpu:.1f}   (on an idle 2-core machine the wall time is about half of this)")
     print(f"peak RSS                {peak_gib:.2f} GiB")
     print(f"nodes before / after    {m['n_nodes_before']} / {len(doc['nodes'])}")
     print(f"edges before / after    {m['n_edges_before']} / {len(doc['links'])}")

@@ -40,7 +40,6 @@ class GraphConfig:
     pin: str = _f("", "features always kept: LAYER:FEATURE[@POS], comma separated (e.g. 3:17,5:2@4)")
     batch_size: Annotated[int, Gt(0)] = _f(32, "targets per batched backward pass")
     threads: Annotated[int, Ge(0)] = _f(0, "CPU threads (0 = torch's default)")
-    device: str = _f("cpu", "cpu, cuda, auto")
     overwrite: bool = _f(False, "replace an existing graph of the same name")
 
 
@@ -135,9 +134,7 @@ def make_graph(cfg: GraphConfig):
     pins = parse_pins(cfg.pin)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from activations.model import resolve_device
-
-    device = resolve_device(cfg.device)
+    device = torch.device("cpu")  # the attribution runs on the CPU (the graph's matrices live there)
     adapter = TranscoderSet(load_saes(run, cfg.name, device))
     lm = load_model(manifest.model["id"], device, torch.float32)
     check_architecture(lm.model)
