@@ -47,44 +47,57 @@ def top_logits(logits_V: torch.Tensor, max_logits: int, coverage: float) -> tupl
 
 
 class _Sources:
-    """The write vectors of every source, and how to turn gradients at the write points into their columns."""
+    """The write vectors of every source, and how to turn gradients at the write points into their columns.
+    The features of a source layer are laid out per position, padded to the most active features at one
+    position ([T, kmax, D]), so each position's effects are one small matmul (no [targets x features x D] gather)."""
 
     def __init__(self, clean: CleanPass, adapter, feats: tuple, errors_LTD: torch.Tensor):
         self.clean, self.adapter, self.errors = clean, adapter, errors_LTD
         self.layer, self.pos, self.idx, self.act = feats
-        self.F, (self.n_layers, self.T, _) = self.layer.numel(), errors_LTD.shape
+        self.F, (self.n_layers, self.T, D) = self.layer.numel(), errors_LTD.shape
         self.n_cols = self.F + self.n_layers * self.T + self.T
-        # per source layer: (column slice, positions, [(target layer, act x decoder vectors [m, D])])
+        # per source layer: (columns [T, kmax] (-1 = padding), [(target layer, act x decoder vectors [T, kmax, D])])
         self.by_layer = []
         for src in adapter.layers:
             sel = (self.layer == src).nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
+            pos = self.pos[sel]
+            counts = torch.bincount(pos, minlength=self.T)
+            slot = torch.arange(sel.numel()) - (counts.cumsum(0) - counts)[pos]  # rank within its position
+            cols = torch.full((self.T, int(counts.max())), -1, dtype=torch.long)
+            cols[pos, slot] = sel
             writes = []
             for tgt in range(src, self.n_layers):
                 dec = adapter.decoder_vectors(src, tgt, self.idx[sel])
                 if dec is not None:
-                    writes.append((tgt, self.act[sel, None] * dec))
-            self.by_layer.append((sel, self.pos[sel], writes))
+                    vec = torch.zeros(self.T, cols.shape[1], D)
+                    vec[pos, slot] = self.act[sel, None] * dec
+                    writes.append((tgt, vec))
+            self.by_layer.append((cols, writes))
 
-    def columns(self, grads: dict, chunk: int = 2048) -> torch.Tensor:
-        """grads: write point ("E" or layer) -> [n, T, D] (missing = zero) -> direct effects [n, n_cols]."""
-        n = next(iter(grads.values())).shape[0]
+    def columns(self, grads: dict) -> torch.Tensor:
+        """grads: write point ("E" or layer) -> [n, P, D] for the first P positions (missing = zero; later
+        positions cannot reach the targets) -> direct effects [n, n_cols]."""
+        n, P, _ = next(iter(grads.values())).shape
         out = torch.zeros(n, self.n_cols)
-        for sel, pos, writes in self.by_layer:
-            for tgt, vec_MD in writes:
-                if tgt not in grads:
-                    continue
-                g = grads[tgt]
-                for a in range(0, sel.numel(), chunk):
-                    b = min(a + chunk, sel.numel())
-                    out[:, sel[a:b]] += torch.einsum("nmd,md->nm", g[:, pos[a:b]], vec_MD[a:b])
+        for cols, writes in self.by_layer:
+            acc = None
+            for tgt, vec_TKD in writes:
+                if tgt in grads:
+                    e = torch.bmm(grads[tgt].transpose(0, 1), vec_TKD[:P].transpose(1, 2))  # [P, n, kmax]
+                    acc = e if acc is None else acc + e
+            if acc is not None:
+                c = cols[:P]
+                valid = c >= 0
+                out[:, c[valid]] = acc.permute(1, 0, 2)[:, valid]
         for L in range(self.n_layers):
             if L in grads:
                 start = self.F + L * self.T
-                out[:, start:start + self.T] = (grads[L] * self.errors[L]).sum(-1)
+                out[:, start:start + P] = (grads[L] * self.errors[L, :P]).sum(-1)
         if "E" in grads:
-            out[:, self.F + self.n_layers * self.T:] = (grads["E"] * self.clean.embed_TD).sum(-1)
+            start = self.F + self.n_layers * self.T
+            out[:, start:start + P] = (grads["E"] * self.clean.embed_TD[:P]).sum(-1)
         return out
 
 
@@ -171,8 +184,7 @@ def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, m
                     enc = enc_by_layer[layer][targets[b] - first_of_layer[layer]]
                     y = (xs[layer][pos[b]] * enc).sum(-1)
                 g = torch.autograd.grad(y, [writes[k] for k in keys], torch.eye(b.numel()), is_grads_batched=True)
-            grads = {k: torch.nn.functional.pad(v, (0, 0, 0, T - P)) for k, v in zip(keys, g)}
-            out[b] = src.columns(grads)
+            out[b] = src.columns(dict(zip(keys, g)))
         return out
 
     budget = min(max_feature_nodes, F)
