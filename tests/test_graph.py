@@ -213,7 +213,9 @@ def test_graph_on_real_smollm2_with_two_transcoders(tmp_path):
     assert main(["train", str(run), "--mode", "transcoder", "--name", "tc", "--arch", "topk", "--k", "16",
                  "--expansion", "2", "--batch-size", "512", "--heldout-fraction", "0", "--progress", "false"]) == 0
     prompt = "The capital of France is"
-    assert main(["graph", str(run), "--name", "tc", "--prompt", prompt, "--max-feature-nodes", "256"]) == 0
+    # thresholds 1: nothing pruned (with 28 of 30 MLPs frozen as error nodes, pruning would keep mostly errors)
+    assert main(["graph", str(run), "--name", "tc", "--prompt", prompt, "--max-feature-nodes", "256",
+                 "--node-threshold", "1", "--edge-threshold", "1"]) == 0
     doc = read_graph(layout.graph_path(run, "tc", "the-capital-of-france-is"))
     m = doc["metadata"]
     assert [u["layer"] for u in m["uncovered_layers"]] == list(range(2, 30))  # MLPs 2-29 frozen as error nodes

@@ -76,7 +76,7 @@ def prune(adj: torch.Tensor, logit_probs: torch.Tensor, n_features: int, n_token
         if bool((before == nodes).all()):
             break
     total = float(node_infl[:N - K].sum())
-    kept = float(node_infl[:N - K][nodes[:N - K]].sum()) / total if total > 0 else 1.0
+    kept = min(1.0, float(node_infl[:N - K][nodes[:N - K]].sum()) / total) if total > 0 else 1.0
     return Pruned(nodes, edges, node_infl, kept)
 
 
