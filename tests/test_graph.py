@@ -14,7 +14,7 @@ from activations.manifest import load_manifest
 from activations.model import load_model
 from sae.checkpoint import load_saes
 from sae.circuits.adapter import TranscoderSet
-from sae.circuits.attribute import _active_features, attribute, frozen_mlps
+from sae.circuits.attribute import active_features, attribute, frozen_mlps
 from sae.circuits.frozen import clean_pass, replacement_forward
 from sae.circuits.graph_file import read_graph, save_qparams
 from sae.circuits.prune import graph_scores, normalize, prune
@@ -51,7 +51,7 @@ def att(setup):
 def test_replacement_with_error_nodes_reproduces_clean_logits(setup):
     lm, adapter, clean = setup
     reference = lm.model(clean.ids[None]).logits[0]
-    feats = _active_features(adapter, clean)
+    feats = active_features(adapter, clean)
     const, skips, errors = frozen_mlps(adapter, clean, feats)
     _, logits = replacement_forward(lm.model, clean, const, skips, {})
     assert torch.allclose(logits, reference, atol=1e-5), float((logits - reference).abs().max())
@@ -150,7 +150,7 @@ def test_scores_as_circuit_tracer_defines_them():
 
 def test_graph_cli_writes_the_shared_schema(tc_run, setup, capsys):
     lm, adapter, clean = setup
-    layer, pos, idx, act = _active_features(adapter, clean)
+    layer, pos, idx, act = active_features(adapter, clean)
     weakest = int(act.argmin())  # the feature least likely to survive pruning by itself
     pin = f"{int(layer[weakest])}:{int(idx[weakest])}@{int(pos[weakest])}"
     assert main(["graph", str(tc_run), "--name", "tc", "--prompt", PROMPT, "--pin", pin]) == 0
@@ -231,7 +231,7 @@ def test_graph_on_real_smollm2_with_two_transcoders(tmp_path):
     # the replacement on the real model reproduces its logits, and a kept edge is the measured effect
     adapter = TranscoderSet(load_saes(run, "tc"))
     clean = clean_pass(lm.model, ids)
-    const, skips, errors = frozen_mlps(adapter, clean, _active_features(adapter, clean))
+    const, skips, errors = frozen_mlps(adapter, clean, active_features(adapter, clean))
     base = replacement_forward(lm.model, clean, const, skips, {})[1]
     assert torch.allclose(base[-1], lm.model(ids[None]).logits[0, -1], atol=1e-3)
     feat_ids = {n["node_id"]: n for n in feats}

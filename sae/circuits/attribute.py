@@ -5,9 +5,10 @@ Nodes: token embeddings (one per position), active features (activation > 0 at a
 output), and the top output logits. The direct effect of a source on a target is the source's write (embedding
 vector; activation x decoder vector; error vector) pushed through the frozen linear residual path
 (frozen.replacement_forward) to the target: a feature's pre-activation (its encoder direction at its layer and
-position) or a logit minus the mean logit at the last position. One forward pass builds the graph; each backward
-pass is batched over many targets (a batch of one-hot seeds, `is_grads_batched`), and yields the gradient at every
-write point [n_targets, T, D], dotted with the sources' write vectors. Only rows of visited targets are kept, over
+position) or a logit minus the mean logit at the last position. Targets are taken in batches of nearby positions
+of one layer; each batch runs the frozen model on the prompt's prefix up to its last position and up to its layer,
+then one backward pass batched over its targets (one-hot seeds, `is_grads_batched`) yields the gradient at every
+write point [n_targets, P, D], dotted with the sources' write vectors. Only rows of visited targets are kept, over
 the columns of every source: memory is (visited targets) x (active features + errors + tokens), never latents x
 positions squared. When more features are active than `max_feature_nodes`, targets are visited in order of their
 estimated influence on the logits (recomputed as rows arrive), as circuit-tracer does.
@@ -120,7 +121,7 @@ def _influence_order(rows: torch.Tensor, row_cols: torch.Tensor, n_logits: int, 
 
 
 @torch.no_grad()
-def _active_features(adapter, clean: CleanPass):
+def active_features(adapter, clean: CleanPass):
     layers, pos, idx, act = [], [], [], []
     for L in adapter.layers:
         a_TN = adapter.encode_layer(L, clean.mlp_in[L])
@@ -150,11 +151,10 @@ def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
 
 
 def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, max_logits: int = 10,
-              logit_coverage: float = 0.95, batch_size: int = 32, must_visit: torch.Tensor | None = None,
-              progress=None) -> Attribution:
+              logit_coverage: float = 0.95, batch_size: int = 32, must_visit: torch.Tensor | None = None) -> Attribution:
     T, D = clean.embed_TD.shape
     n_layers = len(clean.mlp_out)
-    feats = _active_features(adapter, clean)
+    feats = active_features(adapter, clean)
     const, skips, errors = frozen_mlps(adapter, clean, feats)
     src = _Sources(clean, adapter, feats, errors)
     logit_ids, logit_probs = top_logits(clean.logits_TV[-1], max_logits, logit_coverage)
@@ -210,8 +210,6 @@ def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, m
             rows[start:start + mine.numel()] = rows_for(L, mine)
             order += mine.tolist()
             visited[mine] = True
-            if progress is not None:
-                progress(len(order), budget)
     order_t = torch.tensor(order, dtype=torch.long)
     keep = order_t.argsort()  # node order: features sorted by (layer, position, latent) as they were found
     visited_sorted = order_t[keep]

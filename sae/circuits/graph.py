@@ -113,7 +113,7 @@ def make_graph(cfg: GraphConfig):
     from activations.model import load_model
     from sae.checkpoint import load_saes
     from sae.circuits.adapter import TranscoderSet
-    from sae.circuits.attribute import attribute
+    from sae.circuits.attribute import active_features, attribute
     from sae.circuits.frozen import check_architecture, clean_pass
     from sae.circuits.graph_file import read_graph, write_graph
 
@@ -146,9 +146,7 @@ def make_graph(cfg: GraphConfig):
                           f"{limit} tokens. Nothing was written")
     with run_lock(run, f"strata graph --name {cfg.name}", scope=f"graph-{cfg.name}"):
         clean = clean_pass(lm.model, ids)
-        from sae.circuits.attribute import _active_features
-
-        pinned_feats = _pinned(pins, adapter, _active_features(adapter, clean)) if pins else None
+        pinned_feats = _pinned(pins, adapter, active_features(adapter, clean)) if pins else None
         att = attribute(lm.model, clean, adapter, cfg.max_feature_nodes, cfg.max_logits, cfg.logit_coverage,
                         cfg.batch_size, must_visit=pinned_feats)
         doc = assemble(att, lm, clean, adapter, cfg, _explanations(run, cfg.name, adapter), pinned_feats)
