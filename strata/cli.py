@@ -128,6 +128,20 @@ def add_demo(sub):
 
 
 # ---------------------------------------------------------------- verbs added by later stages go below
+def add_graph(sub):
+    from sae.circuits.graph import GraphConfig
+
+    def run(cfg):
+        from sae.circuits.graph import make_graph
+
+        path, meta = make_graph(cfg)
+        print(f"wrote {path}: {len(meta['prompt_ids'])} tokens, {meta['n_nodes_before']} nodes before pruning, "
+              f"influence kept {meta['influence_kept']:.3f}, replacement {meta['replacement_score']:.3f}, "
+              f"completeness {meta['completeness_score']:.3f} ({meta['seconds']:.1f} s)")
+
+    add_run_verb(sub, "graph", "attribution graph of one prompt on a run's transcoders (RUN/graphs/<name>/<graph>.json)",
+                 GraphConfig, "run directory with train/<name> (mode transcoder)", run)
+
 
 
 # ---------------------------------------------------------------- analyze / dashboard / share (sae/analysis, dashboard/)
@@ -236,7 +250,7 @@ def add_import(sub):
 
 
 VERBS = [add_demo, add_harvest, add_synth, add_verify, add_info, add_analyze, add_dashboard, add_share, add_train, add_eval,
-         add_export, add_import]
+         add_export, add_import, add_graph]
 
 
 def build_parser() -> argparse.ArgumentParser:

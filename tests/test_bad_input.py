@@ -660,9 +660,59 @@ CLT_CASES = [
 ]
 
 
+# ---------------------------------------------------------------- `strata graph` (sae/circuits)
+def _graph_run(w: Workspace) -> Path:
+    """ws.root/graph-run: a copy of the harvest with transcoders on MLPs 0 and 2 (made once, before a snapshot)."""
+    run = w.root / "graph-run"
+    if not (run / "train" / "tc").is_dir():
+        shutil.copytree(w.run, run, ignore=shutil.ignore_patterns("train", ".locks", ".strata.lock", "README-mine.txt"))
+        assert main(["train", str(run), "--mode", "transcoder", "--layers", "0,2", "--name", "tc", "--max-tokens", "1024",
+                     *FAST]) == 0
+    return run
+
+
+def _gcase(case_id: str, tail: list, match: str, setup=None) -> Case:
+    def prepare(w: Workspace, tmp: Path) -> None:
+        _graph_run(w)
+        if setup is not None:
+            setup(w, tmp)
+    return Case(case_id, lambda w: ["graph", w.root / "graph-run", "--name", "tc", *tail], match, prepare)
+
+
+def _resid_only_harvest(w: Workspace, tmp: Path) -> None:
+    assert main(["harvest", str(tmp / "R"), "--model", str(w.model), *HARVEST]) == 0
+
+
+def _graph_made(w: Workspace, tmp: Path) -> None:
+    assert main(["graph", str(w.root / "graph-run"), "--name", "tc", "--prompt", "The cat", "--graph-name", "kept"]) == 0
+
+
+def _users_graph_file(w: Workspace, tmp: Path) -> None:
+    folder = w.root / "graph-run" / "graphs" / "tc"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mine.json").write_text('{"my": "circuit notes"}\n')
+
+
+GRAPH_CASES = [
+    _gcase("graph-prompt-too-long", ["--prompt", "word " * 40], "trained on 32-token contexts"),
+    _gcase("graph-pin-no-such-feature", ["--prompt", "The cat", "--pin", "0:9999"], "feature 9999 does not exist"),
+    _gcase("graph-pin-uncovered-layer", ["--prompt", "The cat", "--pin", "1:3"], "layer 1 has no transcoder"),
+    _gcase("graph-pin-bad-syntax", ["--prompt", "The cat", "--pin", "three"], "LAYER:FEATURE"),
+    _gcase("graph-no-prompt", [], "--prompt"),
+    _gcase("graph-name-escapes", ["--prompt", "The cat", "--graph-name", "../x"], "is not allowed"),
+    _gcase("graph-exists", ["--prompt", "The cat", "--graph-name", "kept"], "--overwrite", setup=_graph_made),
+    _gcase("graph-overwrite-user-file", ["--prompt", "The cat", "--graph-name", "mine", "--overwrite", "true"],
+           "replaces only graphs it wrote", setup=_users_graph_file),
+    Case("graph-not-transcoders", lambda w: ["graph", w.run, "--name", "t1", "--prompt", "The cat"],
+         "modes that support graphs: transcoder"),
+    Case("graph-no-mlp-keys", lambda w: ["graph", w.root / "cases" / "graph-no-mlp-keys" / "R", "--name", "t1",
+                                         "--prompt", "The cat"], "--sites mlp_in,mlp_out,resid", setup=_resid_only_harvest),
+]
+
+
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
              + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER + SYNTH_CASES + CAUSAL_CASES
-             + CLT_CASES)
+             + CLT_CASES + GRAPH_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

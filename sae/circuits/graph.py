@@ -1,0 +1,214 @@
+"""`strata graph RUN --name N --prompt "..."`: the attribution graph of one prompt on a run's transcoders.
+
+Layers without a transcoder: their MLP output is frozen at its clean value and appears as one error node per
+position ("mlp reconstruction error" holding the whole MLP output), so the replacement still reproduces the clean
+logits exactly; metadata.uncovered_layers lists them. A prompt longer than the transcoders' training context is
+refused (their features were never trained on later positions).
+"""
+from __future__ import annotations
+
+import datetime
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+from annotated_types import Ge, Gt, Interval
+
+from activations import layout
+from activations.config import option as _f
+from activations.errors import StrataError
+from activations.lock import run_lock
+from activations.manifest import load_manifest, software_versions
+
+UNCOVERED = "MLP output frozen at its clean value: one error node per position holds all of it"
+
+
+@dataclass
+class GraphConfig:
+    run_dir: str = _f("runs/default", "run directory with train/<name> (transcoders)", cli=False)
+    name: str = _f("", "training run whose transcoders replace the MLPs (RUN/train/<name>)")
+    prompt: str = _f("", "the prompt to explain (its last position's top logits are the graph's outputs)")
+    graph_name: str = _f("", "graph file name: RUN/graphs/<name>/<graph-name>.json (default: a slug of the prompt)")
+    max_feature_nodes: Annotated[int, Gt(0)] = _f(2048, "features whose inputs are computed (most influential first)")
+    max_logits: Annotated[int, Gt(0)] = _f(10, "at most this many output logits")
+    logit_coverage: Annotated[float, Interval(gt=0, le=1)] = _f(0.95, "top logits until their probability sums to this")
+    node_threshold: Annotated[float, Interval(gt=0, le=1)] = _f(0.8, "keep the nodes holding this share of the influence")
+    edge_threshold: Annotated[float, Interval(gt=0, le=1)] = _f(0.98, "then the edges holding this share")
+    pin: str = _f("", "features always kept: LAYER:FEATURE[@POS], comma separated (e.g. 3:17,5:2@4)")
+    batch_size: Annotated[int, Gt(0)] = _f(32, "targets per batched backward pass")
+    threads: Annotated[int, Ge(0)] = _f(0, "CPU threads (0 = torch's default)")
+    overwrite: bool = _f(False, "replace an existing graph of the same name")
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:48].strip("-")
+    return s or "graph"
+
+
+def parse_pins(spec: str) -> list[tuple[int, int, int | None]]:
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        m = re.fullmatch(r"(\d+):(\d+)(?:@(\d+))?", part)
+        if not m:
+            raise StrataError(f"bad --pin {part!r}; write LAYER:FEATURE or LAYER:FEATURE@POS, e.g. 3:17@4")
+        out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)) if m.group(3) else None))
+    return out
+
+
+def _check_harvest(run, manifest) -> None:
+    sites = {k.rpartition(".")[0] for k in manifest.keys}
+    missing = [s for s in ("mlp_in", "mlp_out") if s not in sites]
+    if missing:
+        have = ",".join(sorted(sites | {"mlp_in", "mlp_out"}))
+        raise StrataError(f"the harvest in {run} has no {' or '.join(missing)} keys, which transcoders read and "
+                          f"predict: harvest with `strata harvest {run} --sites {have}`, then train with "
+                          f"`--mode transcoder`")
+
+
+def _pinned(pins, adapter, feats) -> torch.Tensor:
+    layer, pos, idx = feats[:3]
+    out = []
+    for L, i, p in pins:
+        if L not in adapter.layers:
+            raise StrataError(f"--pin {L}:{i}: layer {L} has no transcoder; pin features of layers {adapter.layers}")
+        n = adapter.n_latents(L)
+        if not 0 <= i < n:
+            raise StrataError(f"--pin {L}:{i}: feature {i} does not exist in {adapter.sae_id(L)} (0-{n - 1}); "
+                              f"pick one in range")
+        hit = (layer == L) & (idx == i) & ((pos == p) if p is not None else True)
+        if not bool(hit.any()):
+            where = f" at position {p}" if p is not None else ""
+            raise StrataError(f"--pin {L}:{i}: feature {i} of {adapter.sae_id(L)} does not fire{where} on this prompt; "
+                              f"pin a feature that is active")
+        out.append(hit.nonzero().squeeze(1))
+    return torch.cat(out).unique() if out else torch.zeros(0, dtype=torch.long)
+
+
+def _explanations(run, name: str, adapter) -> dict:
+    from sae.analysis.index_file import FeatureIndex
+
+    path = layout.index_path(run, name)
+    if not path.is_file():
+        return {}
+    try:
+        idx = FeatureIndex(path)
+    except StrataError:
+        return {}
+    try:
+        out = {}
+        for L in adapter.layers:
+            sid = adapter.sae_id(L)
+            if sid in idx.sae_ids and idx.has(sid, "explanation"):
+                out[L] = idx.column(sid, "explanation")
+        return out
+    finally:
+        idx.close()
+
+
+def make_graph(cfg: GraphConfig):
+    """Validate everything, then build, prune and write the graph; returns (path, metadata)."""
+    from activations.model import load_model
+    from sae.checkpoint import load_saes
+    from sae.circuits.adapter import TranscoderSet
+    from sae.circuits.attribute import active_features, attribute
+    from sae.circuits.frozen import check_architecture, clean_pass
+    from sae.circuits.graph_file import read_graph, write_graph
+
+    t0 = time.perf_counter()
+    run = cfg.run_dir
+    if not cfg.name:
+        raise StrataError("say which training run's transcoders to use: --name <train name>")
+    if not cfg.prompt.strip():
+        raise StrataError("give the prompt to explain: --prompt \"...\"")
+    graph_name = cfg.graph_name or slug(cfg.prompt)
+    path = layout.graph_path(run, cfg.name, graph_name)
+    if path.exists() and not cfg.overwrite:
+        raise StrataError(f"graph {path} exists; pick another --graph-name or pass --overwrite")
+    if path.exists():
+        read_graph(path)  # --overwrite replaces only a graph Strata wrote
+    manifest = load_manifest(run)
+    _check_harvest(run, manifest)
+    pins = parse_pins(cfg.pin)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cpu")  # the attribution runs on the CPU (the graph's matrices live there)
+    adapter = TranscoderSet(load_saes(run, cfg.name, device))
+    lm = load_model(manifest.model["id"], device, torch.float32)
+    check_architecture(lm.model)
+    ids = torch.tensor(lm.tokenizer(cfg.prompt).input_ids, dtype=torch.long, device=device)
+    limit = adapter.context_length() or manifest.context_length
+    if ids.numel() > limit:
+        raise StrataError(f"the prompt is {ids.numel()} tokens but the transcoders of {cfg.name} were trained on "
+                          f"{limit}-token contexts (positions beyond are untrained); shorten the prompt to at most "
+                          f"{limit} tokens. Nothing was written")
+    with run_lock(run, f"strata graph --name {cfg.name}", scope=f"graph-{cfg.name}"):
+        clean = clean_pass(lm.model, ids)
+        pinned_feats = _pinned(pins, adapter, active_features(adapter, clean)) if pins else None
+        att = attribute(lm.model, clean, adapter, cfg.max_feature_nodes, cfg.max_logits, cfg.logit_coverage,
+                        cfg.batch_size, must_visit=pinned_feats)
+        doc = assemble(att, lm, clean, adapter, cfg, _explanations(run, cfg.name, adapter), pinned_feats)
+        n_layers = att.n_layers
+        meta = dict(doc["metadata"], slug=graph_name, scan=f"strata:{Path(run).resolve().name}/{cfg.name}",
+                    prompt=cfg.prompt, model=manifest.model["id"], train=cfg.name,
+                    saes=[adapter.sae_id(L) for L in adapter.layers], mode=adapter.mode,
+                    uncovered_layers=[{"layer": L, "treatment": UNCOVERED} for L in range(n_layers)
+                                      if L not in adapter.layers],
+                    node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold,
+                    seconds=round(time.perf_counter() - t0, 3),
+                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    strata_version=software_versions().get("saestrata", "dev"))
+        write_graph(path, meta, doc["nodes"], doc["links"], doc["pinned"])
+    return path, meta
+
+
+def assemble(att, lm, clean, adapter, cfg: GraphConfig, clerps: dict, pinned_feats) -> dict:
+    """Prune the attribution and turn the kept nodes and edges into the JSON's nodes and links."""
+    from sae.circuits.graph_file import node
+    from sae.circuits.prune import graph_scores, prune
+
+    T, n_layers, K = att.T, att.n_layers, att.logit_ids.numel()
+    Fv = att.visited.numel()
+    n_err = n_layers * T
+    pinned_nodes = None
+    if pinned_feats is not None:
+        pinned_nodes = torch.searchsorted(att.visited, pinned_feats)
+    pr = prune(att.adjacency, att.logit_probs, Fv, T, cfg.node_threshold, cfg.edge_threshold, pinned_nodes)
+    replacement, completeness = graph_scores(att.adjacency, att.logit_probs, Fv, n_err)
+    tok = lm.tokenizer
+    ids = clean.ids.tolist()
+    nodes = []
+    for j, f in enumerate(att.visited.tolist()):
+        L, p, i = int(att.feat_layer[f]), int(att.feat_pos[f]), int(att.feat_idx[f])
+        clerp = str(clerps[L][i]) if L in clerps and i < len(clerps[L]) else ""
+        nodes.append(node("transcoder", str(L), i, p, sae=adapter.sae_id(L), activation=float(att.feat_act[f]),
+                          influence=float(pr.influence[j]), clerp=clerp))
+    for L in range(n_layers):
+        for p in range(T):
+            nodes.append(node("mlp reconstruction error", str(L), -1, p,
+                              activation=float(att.error_vectors[L, p].norm()),
+                              influence=float(pr.influence[Fv + L * T + p])))
+    for p in range(T):
+        nodes.append(node("embedding", "E", ids[p], p, influence=float(pr.influence[Fv + n_err + p])))
+    for k in range(K):
+        t = int(att.logit_ids[k])
+        nodes.append(node("logit", str(n_layers), t, T - 1, token_prob=float(att.logit_probs[k]),
+                          clerp=f"output {tok.decode([t])!r} (p={float(att.logit_probs[k]):.3f})"))
+    for n in nodes:
+        if n["feature_type"] == "embedding":
+            n["node_id"] = f"E_{n['feature']}_{n['ctx_idx']}"
+        elif n["feature_type"] == "logit":
+            n["node_id"] = f"L_{n['feature']}_{n['ctx_idx']}"
+    keep = pr.node_mask.nonzero().squeeze(1).tolist()
+    tgt, src = pr.edge_mask.nonzero(as_tuple=True)
+    links = [{"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(att.adjacency[t, s])}
+             for t, s in zip(tgt.tolist(), src.tolist())]
+    kept_nodes = [nodes[j] for j in keep]
+    pinned = [nodes[int(j)]["node_id"] for j in pinned_nodes] if pinned_nodes is not None else []
+    meta = {"prompt_tokens": [tok.decode([t]) for t in ids], "prompt_ids": ids, "influence_kept": pr.influence_kept,
+            "replacement_score": replacement, "completeness_score": completeness,
+            "n_nodes_before": len(nodes), "n_edges_before": int((att.adjacency != 0).sum()),
+            "n_active_features": int(att.feat_layer.numel()), "max_feature_nodes": cfg.max_feature_nodes}
+    return {"metadata": meta, "nodes": kept_nodes, "links": links, "pinned": pinned}
