@@ -113,3 +113,12 @@ def lock_path(run) -> Path:
 def scope_lock_path(run, scope: str) -> Path:
     """Held exclusively by one writer of a part of the run, e.g. scope "train-<name>"."""
     return Path(run) / ".locks" / f"{check_name(scope, 'lock scope')}.lock"
+
+
+def graphs_root(run) -> Path:
+    return Path(run) / "graphs"
+
+
+def graph_path(run, train: str, graph: str) -> Path:
+    """Attribution graph JSON written by `strata graph` (sae/circuits/graph_file.py)."""
+    return graphs_root(run) / check_name(train) / f"{check_name(graph, 'graph name')}.json"
