@@ -157,9 +157,10 @@ def _add_edits(hooks: _Hooks, saes: dict, edits: list[Edit], seen: dict) -> None
             for e in _group:
                 f_T = f_Tn[:, e.feature]
                 change_T = (e.alpha - 1.0) * f_T
-                if e.pos is not None:
-                    change_T = torch.zeros_like(f_T).index_copy_(0, torch.tensor([e.pos % len(f_T)], device=f_T.device),
-                                                                 change_T[e.pos % len(f_T)].reshape(1))
+                if e.pos is not None:  # one position: every other one keeps its value
+                    only_T = torch.zeros_like(f_T)
+                    only_T[e.pos] = 1.0
+                    change_T = change_T * only_T
                 delta_Td += change_T[:, None] * direction(_sae, e.feature, _site.edit_key).to(x.device)[None, :]
             return x + delta_Td.to(x.dtype)[None]
 
@@ -181,7 +182,8 @@ def _add_readers(hooks: _Hooks, saes: dict, after: float, seen: dict) -> list[tu
 
 
 @torch.no_grad()
-def _pass(model, ids_1T, saes, edits, after) -> tuple[torch.Tensor, dict]:
+def _pass(model, ids_1T, saes, edits, after) -> tuple[torch.Tensor, dict, dict]:
+    """(logits [T, vocab], codes of the readers deeper than `after`, codes each edited SAE read)."""
     seen: dict = {}
     hooks = _Hooks(model)
     slots = _add_readers(hooks, saes, after, seen)  # readers first: they see the activation before an edit there
