@@ -93,6 +93,12 @@ def test_templates_escape_by_default():
         nodes=[{"sae": "<svg/onload=alert(1)>", "target": {"href": None, "text": "<img src=x onerror=alert(1)>"},
                 "explanation": "</table><script>alert(2)</script>", "density": 0.5}])
     assert_no_active_markup(out.split("</head>")[1])
+    out = TEMPLATES.get_template("circuit.html").render(
+        css="", root="", train="<b>t</b>", name="<i>g</i>", prompt="<script>alert(3)</script>", n_links=1, figure="",
+        supernodes=[{"label": "<svg/onload=alert(1)>", "members": ["<img src=x onerror=alert(1)>"]}],
+        nodes=[{"node_id": "<b>1_2_3</b>", "label": "</table><script>alert(2)</script>", "layer": "1", "ctx_idx": 3,
+                "influence": 0.5, "href": "x\" onclick=\"alert(1)"}])
+    assert_no_active_markup(out.split("</head>")[1])
     out = TEMPLATES.get_template("runs.html").render(
         css="", root="", run_name="<b>run</b>", runs=[
             {"name": "<svg/onload=alert(1)>", "href": "x\" onclick=\"alert(1)", "model": "<b>m</b>", "tokens": 1,
@@ -420,13 +426,13 @@ def test_a_saved_graph_is_in_the_bundle(circuit_bundle):
     from test_circuits_page import GRAPH, TRAIN
 
     run, doc = circuit_bundle
-    share = run / "share"
-    page = (share / "graphs" / TRAIN / f"{GRAPH}.html").read_text()
-    assert f'href="graphs/{TRAIN}/{GRAPH}.html"' in (share / "index.html").read_text()
-    assert '<script src="../../assets/plotly.min.js"></script>' in page and "https://" not in page.split("<body>")[1]
+    share = run / "share" / "train" / TRAIN
+    page = (share / "graphs" / f"{GRAPH}.html").read_text()
+    assert f'href="graphs/{GRAPH}.html"' in (share / "index.html").read_text()
+    assert '<script src="../../../assets/plotly.min.js"></script>' in page and "https://" not in page.split("<body>")[1]
     assert "colour &lt;then&gt; fox" in page  # the supernode, named in the table (escaped) and boxed in the figure
     c = doc["nodes"][-3]
-    assert f'<a href="../../resid.2/{c["feature"]}.html">{c["node_id"]}</a>' in page
+    assert f'<a href="../resid.2/{c["feature"]}.html">{c["node_id"]}</a>' in page
     assert page.count("<tr>") == 1 + 1 + 1 + len(doc["nodes"])  # supernode table (head + 1) + node table
 
 
@@ -435,7 +441,7 @@ def test_clicking_a_circuit_node_in_the_bundle_opens_its_feature_page(circuit_bu
     from test_circuits_page import GRAPH, TRAIN
 
     run, doc = circuit_bundle
-    page.goto((run / "share" / "graphs" / TRAIN / f"{GRAPH}.html").as_uri())
+    page.goto((run / "share" / "train" / TRAIN / "graphs" / f"{GRAPH}.html").as_uri())
     points = page.locator(".js-plotly-plot .scatterlayer .trace").last.locator(".point")
     points.first.wait_for()
     assert points.count() == len(doc["nodes"])
@@ -444,5 +450,5 @@ def test_clicking_a_circuit_node_in_the_bundle_opens_its_feature_page(circuit_bu
                         ".customdata.map(c => c[0])")
     c = doc["nodes"][-3]
     points.nth(ids.index(c["node_id"])).click(force=True)
-    page.wait_for_url(f"**/share/resid.2/{c['feature']}.html")
+    page.wait_for_url(f"**/share/train/{TRAIN}/resid.2/{c['feature']}.html")
     assert page.locator(".strata-ctx .tok").count() > 0
