@@ -13,7 +13,8 @@ Several edits apply in one forward pass; a deeper edit sees the values its upstr
 `intervene` runs the clean and the edited pass and reports the change of the top logits at one position and of
 the features of the run's other SAEs that read deeper than the shallowest edit. `steer` adds alpha x a feature's
 decoder direction at its edit key at every position while generating greedily, beside the clean continuation.
-A crosscoder reads every layer at once, so its features have no single place to edit: it is refused.
+A crosscoder or a cross-layer transcoder reads or writes several layers at once, so its features have no single
+place to edit: they are refused.
 """
 from __future__ import annotations
 
@@ -85,6 +86,9 @@ def site_of(sae, sae_id: str, key: str | None) -> Site:
         if key not in cfg.in_keys:
             raise StrataError(f"key {key!r} is not one of SAE {sae_id}'s layers; use one of {', '.join(cfg.in_keys)}")
         return Site(key, key)
+    if len(cfg.in_keys) != 1 or len(cfg.out_keys) != 1:
+        raise StrataError(f"SAE {sae_id} ({cfg.mode}) reads or writes several keys at once, so its features have no "
+                          f"single place to edit; intervene on a per-layer, multi-layer SAE or a per-layer transcoder")
     if key is not None and key != cfg.out_keys[0]:
         raise StrataError(f"SAE {sae_id} writes only {cfg.out_keys[0]}; drop /{key} from the edit")
     return Site(cfg.in_keys[0], cfg.out_keys[0])
@@ -172,8 +176,8 @@ def _add_readers(hooks: _Hooks, saes: dict, after: float, seen: dict) -> list[tu
     """Record the input of every single-key (SAE, key) slot that reads deeper than `after`."""
     slots = []
     for sid, sae in saes.items():
-        if sae.cfg.mode == "crosscoder":
-            continue
+        if sae.cfg.mode != "multilayer" and (len(sae.cfg.in_keys) != 1 or len(sae.cfg.out_keys) != 1):
+            continue  # crosscoders and cross-layer transcoders read several keys at once
         for key in (sae.cfg.in_keys if sae.cfg.mode == "multilayer" else sae.cfg.in_keys[:1]):
             if key_depth(key) > after:
                 slots.append((sid, key))
