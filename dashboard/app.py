@@ -20,12 +20,12 @@ import streamlit as st  # noqa: E402
 from activations.errors import StrataError  # noqa: E402
 from dashboard import data  # noqa: E402
 from dashboard.render import CSS  # noqa: E402
-from dashboard.views import features, flow, heads, overview, prompt  # noqa: E402
+from dashboard.views import circuits, features, flow, heads, overview, prompt  # noqa: E402
 from dashboard.views.common import Ctx  # noqa: E402
 
 PAGES = {"overview": ("Overview", overview.render), "features": ("Features", features.render),
          "flow": ("Flow", flow.render), "heads": ("Heads", heads.render),
-         "prompt": ("Prompt explorer", prompt.render)}
+         "prompt": ("Prompt explorer", prompt.render), "circuits": ("Circuits", circuits.render)}
 
 
 def settings() -> tuple[str | None, bool]:

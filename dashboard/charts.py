@@ -153,3 +153,133 @@ def frontier(points: list[dict], front: list[dict], x: str = "L0", y: str = "FVU
     fig.update_layout(title=f"{x}-{y} frontier", xaxis_title=x, yaxis_title=y, xaxis_type="log" if log_x else "linear",
                       **LAYOUT)
     return fig
+
+
+# ---------------------------------------------------------------- attribution graph (the Circuits page)
+NODE_COLOURS = {"embedding": "#64748b", "mlp reconstruction error": "#cbd5e1", "transcoder": "#7c3aed",
+                "cross layer transcoder": "#7c3aed", "logit": "#16a34a"}
+
+
+def graph_layer(node: dict, n_layers: int) -> float:
+    """y of a node: embeddings (layer "E") at -1, features and errors at their layer, logits at n_layers."""
+    layer = str(node["layer"])
+    return -1.0 if layer == "E" else float(layer) if layer.lstrip("-").isdigit() else float(n_layers)
+
+
+def node_label(node: dict) -> str:
+    """A node's short name: its explanation when it has one, else what it is."""
+    kind = node["feature_type"]
+    if node.get("clerp"):
+        return str(node["clerp"])
+    if kind == "embedding":
+        return "emb"
+    if kind == "logit":
+        return f"logit {node['feature']}"
+    if kind == "mlp reconstruction error":
+        return f"err L{node['layer']}"
+    return f"L{node['layer']} #{node['feature']}"
+
+
+def circuit_positions(graph: dict) -> dict[str, tuple[float, float]]:
+    """node_id -> (x, y): x = token position (nodes sharing a layer and position spread side by side within
+    it), y = layer (embeddings at the bottom, logits at the top)."""
+    nodes = graph["nodes"]
+    n_layers = max([int(n["layer"]) for n in nodes if str(n["layer"]).isdigit()
+                    and n["feature_type"] == "logit"] or [0])
+    cells: dict[tuple, list[dict]] = {}
+    for n in nodes:
+        cells.setdefault((graph_layer(n, n_layers), int(n["ctx_idx"])), []).append(n)
+    pos = {}
+    for (y, x), members in cells.items():
+        members = sorted(members, key=lambda n: (n["feature_type"] != "mlp reconstruction error", -abs(n.get("influence") or 0)))
+        width = min(0.8, 0.16 * len(members))
+        for i, n in enumerate(members):
+            dx = 0.0 if len(members) == 1 else -width / 2 + width * i / (len(members) - 1)
+            pos[n["node_id"]] = (x + dx, y)
+    return pos
+
+
+def strongest_links(graph: dict, node_id: str, top: int = 5) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs) of a node: the links into and out of it with the largest |weight|, at most `top` each."""
+    ins = [ln for ln in graph["links"] if ln["target"] == node_id]
+    outs = [ln for ln in graph["links"] if ln["source"] == node_id]
+    return (sorted(ins, key=lambda ln: -abs(ln["weight"]))[:top], sorted(outs, key=lambda ln: -abs(ln["weight"]))[:top])
+
+
+def circuit_figure(graph: dict, selected: str | None = None, hover: dict | None = None,
+                   hrefs: dict | None = None) -> go.Figure:
+    """The pruned graph laid out by token position (x) and layer (y); links as lines (width ~ |weight|, blue
+    excites, red inhibits); nodes labelled with their explanation; supernodes boxed and named. With a node
+    `selected`, only its strongest inputs and outputs are drawn, the rest of the graph faded. `hover`: node_id ->
+    extra hover text (e.g. top contexts, already escaped); `hrefs`: node_id -> link put into the customdata."""
+    hover, hrefs = hover or {}, hrefs or {}
+    pos = circuit_positions(graph)
+    by_id = {n["node_id"]: n for n in graph["nodes"]}
+    links = [ln for ln in graph["links"] if ln["source"] in pos and ln["target"] in pos]
+    lit: set[str] = set()
+    if selected in by_id:
+        ins, outs = strongest_links(graph, selected)
+        links = ins + outs
+        lit = {selected} | {ln["source"] for ln in ins} | {ln["target"] for ln in outs}
+    w_max = max((abs(ln["weight"]) for ln in links), default=1.0) or 1.0
+    fig = go.Figure()
+    bins: dict[tuple, tuple[list, list]] = {}
+    for ln in links:
+        width = 1 + round(4 * abs(ln["weight"]) / w_max)  # five widths, so each is one trace
+        xs, ys = bins.setdefault((ln["weight"] >= 0, width), ([], []))
+        (x0, y0), (x1, y1) = pos[ln["source"]], pos[ln["target"]]
+        xs += [x0, x1, None]
+        ys += [y0, y1, None]
+    for (positive, width), (xs, ys) in sorted(bins.items()):
+        colour = "rgba(37, 99, 235, 0.55)" if positive else "rgba(220, 38, 38, 0.55)"
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"width": width, "color": colour}, hoverinfo="skip",
+                                 showlegend=False))
+    member_of = {i: s[0] for s in graph.get("qParams", {}).get("supernodes", []) for i in s[1:]}
+    ids = list(pos)
+    nodes = [by_id[i] for i in ids]
+    faded = bool(lit)
+    fig.add_trace(go.Scatter(
+        x=[pos[i][0] for i in ids], y=[pos[i][1] for i in ids], mode="markers+text",
+        text=[short(node_label(n), 24) for n in nodes], textposition="top center", textfont={"size": 10},
+        marker={"size": [16 if n["node_id"] == selected else 11 for n in nodes],
+                "color": [NODE_COLOURS.get(n["feature_type"], "#7c3aed") for n in nodes],
+                "opacity": [1.0 if not faded or n["node_id"] in lit else 0.25 for n in nodes],
+                "line": {"width": [3 if n["node_id"] in member_of else 1 for n in nodes],
+                         "color": ["#f59e0b" if n["node_id"] in member_of else "#1e293b" for n in nodes]}},
+        customdata=[[n["node_id"], hrefs.get(n["node_id"], "")] for n in nodes],
+        hovertext=[_node_hover(n, member_of.get(n["node_id"]), hover.get(n["node_id"], "")) for n in nodes],
+        hovertemplate="%{hovertext}<extra></extra>", showlegend=False, name="nodes"))
+    for label, *members in graph.get("qParams", {}).get("supernodes", []):
+        pts = [pos[i] for i in members if i in pos]
+        if pts:
+            x0, x1 = min(p[0] for p in pts) - 0.3, max(p[0] for p in pts) + 0.3
+            y0, y1 = min(p[1] for p in pts) - 0.3, max(p[1] for p in pts) + 0.3
+            fig.add_shape(type="rect", x0=x0, x1=x1, y0=y0, y1=y1, line={"color": "#f59e0b", "dash": "dot"})
+            fig.add_annotation(x=(x0 + x1) / 2, y=y1, text=short(label, 30), showarrow=False, yshift=8,
+                               font={"color": "#b45309", "size": 11})
+    meta = graph.get("metadata", {})
+    tokens = meta.get("prompt_tokens") or []
+    layers = sorted({pos[i][1] for i in ids})
+    fig.update_layout(
+        title=short(f"{meta.get('slug', '')}: {meta.get('prompt', '')}", 90),
+        xaxis={"tickmode": "array", "tickvals": list(range(len(tokens))),
+               "ticktext": [short(t, 12) for t in tokens], "title": "token position"},
+        yaxis={"tickmode": "array", "tickvals": layers,
+               "ticktext": ["E" if y < 0 else ("logits" if any(by_id[i]["feature_type"] == "logit" and pos[i][1] == y
+                                                                for i in ids) else f"{int(y)}") for y in layers],
+               "title": "layer"},
+        **{**LAYOUT, "height": max(420, 60 * len(layers))})
+    return fig
+
+
+def _node_hover(node: dict, supernode: str | None, extra: str) -> str:
+    kind = node["feature_type"]
+    lines = [f"<b>{short(node_label(node), 80)}</b>", f"{kind} · layer {node['layer']} · position {node['ctx_idx']}"]
+    if kind in ("transcoder", "cross layer transcoder"):
+        lines.append(f"{short(node.get('sae', ''), 40)} #{node['feature']} · activation {float(node.get('activation') or 0):.3g}")
+    if kind == "logit":
+        lines.append(f"token {node['feature']} · p = {float(node.get('token_prob') or 0):.3f}")
+    lines.append(f"influence {float(node.get('influence') or 0):.3g}")
+    if supernode:
+        lines.append(f"supernode: {short(supernode, 40)}")
+    return "<br>".join(lines + ([extra] if extra else []))

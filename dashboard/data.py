@@ -186,3 +186,43 @@ def sweep_summaries(run) -> dict[str, list[dict]]:
             continue
         out[folder.name] = [m for m in members if isinstance(m, dict)]
     return out
+
+
+# ---------------------------------------------------------------- attribution graphs (RUN/graphs/<train>/<graph>.json)
+GRAPH_SCHEMA = "strata-graph/1"
+
+
+def graph_names(run) -> list[tuple[str, str]]:
+    """(train name, graph name) of every graph file on disk, sorted (names Strata would not give are skipped)."""
+    root = inside(run, layout.graphs_root(run))
+    if not root.is_dir():
+        return []
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and layout.valid_name(p.name) and within(run, p)):
+        for f in sorted(folder.glob("*.json")):
+            if layout.valid_name(f.stem) and within(run, f):
+                out.append((folder.name, f.stem))
+    return out
+
+
+def read_graph(run, train: str, graph: str) -> dict:
+    """A graph file (schema strata-graph/1: metadata, nodes, links, qParams; see README), checked for the fields
+    the Circuits page reads; qParams gets its defaults when missing."""
+    path = inside(run, layout.graph_path(run, train, graph))
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StrataError(f"no graph {graph!r} for training run {train!r} ({path}); make one with `strata graph`") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StrataError(f"{path} is not a readable graph file ({str(e)[:80]}); make it again with `strata graph`") from None
+    ok = (isinstance(doc, dict) and isinstance(doc.get("metadata"), dict)
+          and doc["metadata"].get("schema") == GRAPH_SCHEMA and isinstance(doc.get("nodes"), list)
+          and isinstance(doc.get("links"), list)
+          and all(isinstance(n, dict) and {"node_id", "feature_type", "layer", "ctx_idx"} <= set(n) for n in doc["nodes"]))
+    if not ok:
+        raise StrataError(f"{path} is not a {GRAPH_SCHEMA} graph; make it again with `strata graph`")
+    q = doc.get("qParams") if isinstance(doc.get("qParams"), dict) else {}
+    doc["qParams"] = {"pinnedIds": list(q.get("pinnedIds") or []), "supernodes": list(q.get("supernodes") or []),
+                      "linkType": q.get("linkType", "both"), **{k: v for k, v in q.items()
+                                                                 if k not in ("pinnedIds", "supernodes", "linkType")}}
+    return doc

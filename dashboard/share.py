@@ -5,6 +5,8 @@ no Python and no network. Every training run with a feature index is shared (or 
   train/<name>/index.html            that run's chosen features, per SAE, with their explanations
   train/<name>/<sae>/<feature>.html  one page per feature, with its lineage (and heads, for attn_out SAEs)
   train/<name>/flow.html             the flow graph of matched features, when the index has any
+  train/<name>/graphs/<graph>.html   every saved attribution graph of that run (RUN/graphs/<name>/<graph>.json) as
+                                     the Circuits page draws it, supernodes shown
   assets/plotly.min.js               copied from the installed plotly package (no CDN)
 
 Written to a temporary folder and swapped in whole; the output folder may only be missing, empty, or an earlier
@@ -240,8 +242,29 @@ def flow_page(idx: FeatureIndex, shared: dict[str, set], train: str, explanation
         figure=fig_html(charts.flow_figure(fl, hrefs), OPEN_NODE), nodes=[nodes[k] for k in order])
 
 
+# a click on a circuit node opens its feature page: customdata is [node_id, href] (href "" when not shared)
+OPEN_CIRCUIT_NODE = OPEN_NODE.replace("p.customdata[0]", "p.customdata[1]")
+
+
+def circuit_page(graph: dict, train: str, name: str, shared: dict[str, set]) -> str:
+    """One saved graph of training run `train` as the Circuits page draws it (train/<name>/graphs/<graph>.html); a
+    feature whose page is in the bundle links to it."""
+    hrefs = {}
+    for n in graph["nodes"]:
+        sid, f = n.get("sae"), int(n.get("feature", -1))
+        if sid and f in shared.get(sid, ()):
+            hrefs[n["node_id"]] = f"../{safe_name(sid)}/{f}.html"
+    nodes = [{"node_id": n["node_id"], "label": charts.node_label(n), "layer": n["layer"], "ctx_idx": n["ctx_idx"],
+              "influence": float(n.get("influence") or 0), "href": hrefs.get(n["node_id"])} for n in graph["nodes"]]
+    return TEMPLATES.get_template("circuit.html").render(
+        css=CSS, root="../../../", train=train, name=name, prompt=graph["metadata"].get("prompt", ""),
+        n_links=len(graph["links"]), nodes=nodes,
+        supernodes=[{"label": g[0], "members": g[1:]} for g in graph["qParams"]["supernodes"]],
+        figure=fig_html(charts.circuit_figure(graph, hrefs=hrefs), OPEN_CIRCUIT_NODE))
+
+
 def index_page(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_name: str, note: str = "",
-               flow: bool = False) -> str:
+               flow: bool = False, circuits: list[dict] = ()) -> str:
     """train/<name>/index.html: the run's chosen features, per SAE (in the order chosen for a best:N selection)."""
     saes = []
     for sid, feats in chosen.items():
@@ -256,7 +279,7 @@ def index_page(idx: FeatureIndex, chosen: dict[str, list[int]], train: str, run_
     return TEMPLATES.get_template("index.html").render(
         css=CSS, root="../../", home="../../index.html", run_name=run_name, train=train,
         tokens=int(idx.meta.get("tokens", 0)), model=str(idx.meta.get("model", {}).get("id", "?")),
-        residual_figure=residual, saes=saes, selection=note, flow=flow)
+        residual_figure=residual, saes=saes, selection=note, flow=flow, circuits=list(circuits))
 
 
 def runs_page(runs: list[dict], run_name: str) -> str:
@@ -303,6 +326,7 @@ def write_share(run, features: str = DEFAULT_SPEC, train: str | None = None, out
         for r in runs:  # every selection is checked before anything is written
             r["chosen"] = select_features(r["idx"], features, only_present=len(runs) > 1)
             r["note"] = selection_note(r["idx"], features)
+            r["graphs"] = {g: data.read_graph(run, t, g) for t, g in data.graph_names(run) if t == r["name"]}
         _check_named_saes(features, runs)
         _write_bundle(runs, run.name, final)
     return final
@@ -330,7 +354,13 @@ def _write_run(r: dict, run_name: str, folder: Path) -> None:
     flow = flow_page(idx, shared, name, explanations)
     if flow is not None:
         (folder / "flow.html").write_text(flow, encoding="utf-8")
-    (folder / "index.html").write_text(index_page(idx, chosen, name, run_name, r["note"], flow is not None),
+    circuits = []
+    for g, graph in r.get("graphs", {}).items():
+        (folder / "graphs").mkdir(exist_ok=True)
+        (folder / "graphs" / f"{g}.html").write_text(circuit_page(graph, name, g, shared), encoding="utf-8")
+        circuits.append({"train": name, "name": g, "href": f"graphs/{g}.html",
+                         "prompt": str(graph["metadata"].get("prompt", ""))})
+    (folder / "index.html").write_text(index_page(idx, chosen, name, run_name, r["note"], flow is not None, circuits),
                                        encoding="utf-8")
 
 

@@ -193,6 +193,18 @@ def add_share(sub):
 
 
 
+def add_intervene(sub):
+    from sae.circuits.intervene import InterveneConfig
+
+    def run(cfg):
+        from sae.circuits.intervene import run_intervention
+
+        print(run_intervention(cfg))
+
+    add_run_verb(sub, "intervene", "zero or scale SAE features on a prompt and show the change in logits and deeper "
+                 "features; steer generation with a feature", InterveneConfig, "run directory with train/<name>", run)
+
+
 # ---------------------------------------------------------------- train / eval / export / import (sae/)
 def add_train(sub):
     from sae.train_config import TrainConfig
@@ -250,7 +262,7 @@ def add_import(sub):
 
 
 VERBS = [add_demo, add_harvest, add_synth, add_verify, add_info, add_analyze, add_dashboard, add_share, add_train, add_eval,
-         add_export, add_import, add_graph]
+         add_export, add_import, add_graph, add_intervene]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -710,9 +710,32 @@ GRAPH_CASES = [
 ]
 
 
+# `strata intervene` (sae/circuits/intervene.py): refused before the model loads
+def _intervene(w, edit, *more):
+    return ["intervene", w.analyzed, "--name", "topk-layer", "--prompt", "a b c", "--edit", edit, "--device", "cpu", *more]
+
+
+INTERVENE_CASES = [
+    Case("intervene-feature-does-not-exist", lambda w: _intervene(w, "resid.1:99999*0"),
+         "feature 99999 does not exist: SAE resid.1 has features 0-"),
+    Case("intervene-negative-feature", lambda w: _intervene(w, "resid.1:-3"), "feature -3 does not exist"),
+    Case("intervene-alpha-inf", lambda w: _intervene(w, "resid.1:2*inf"), "not a finite number"),
+    Case("intervene-alpha-nan", lambda w: _intervene(w, "resid.1:2@0*nan"), "not a finite number"),
+    Case("intervene-steer-alpha-nan", lambda w: _intervene(w, "", "--steer", "resid.2:1*nan"), "not a finite number"),
+    Case("intervene-alpha-not-a-number", lambda w: _intervene(w, "resid.1:2*lots"), "is not a number"),
+    Case("intervene-unknown-sae", lambda w: _intervene(w, "resid.9:2"), "use one of resid.0"),
+    Case("intervene-garbled-edit", lambda w: _intervene(w, "resid.1 feature 2"), "cannot read the edit"),
+    Case("intervene-multilayer-without-key", lambda w: ["intervene", w.analyzed, "--name", "topk-multilayer", "--prompt",
+                                                        "a b", "--edit", "multilayer:1"], "say which layer"),
+    Case("intervene-nothing-to-do", lambda w: _intervene(w, " ; "), "nothing to do"),
+    Case("intervene-unknown-train", lambda w: ["intervene", w.analyzed, "--name", "nope", "--prompt", "a", "--edit",
+                                               "resid.1:2"], "no trained SAEs"),
+]
+
+
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
              + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER + SYNTH_CASES + CAUSAL_CASES
-             + CLT_CASES + GRAPH_CASES)
+             + CLT_CASES + GRAPH_CASES + INTERVENE_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

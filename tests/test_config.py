@@ -58,17 +58,17 @@ def test_strata_help_lists_every_verb(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: strata")
     assert set(verbs()) == {"demo", "harvest", "synth", "verify", "info", "analyze", "dashboard", "share", "train",
-                            "eval", "export", "import", "graph"}
+                            "eval", "export", "import", "graph", "intervene"}
     assert all(v in out for v in verbs())
 
 
 @pytest.mark.parametrize("verb", ["demo", "harvest", "synth", "verify", "info", "analyze", "dashboard", "share",
-                                  "train", "eval", "export", "import", "graph"])
+                                  "train", "eval", "export", "import", "graph", "intervene"])
 def test_every_verb_help_works(verb, capsys):
     assert strata(verb, "--help") == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: strata {verb}")
-    if verb in ("demo", "harvest", "train", "eval", "analyze", "graph"):  # config verbs: every field documented
+    if verb in ("demo", "harvest", "train", "eval", "analyze", "graph", "intervene"):  # config verbs: every field documented
         assert "--config FILE" in out and "default:" in out
     if verb == "train":
         assert "5% of the steps" in out  # the literal % that crashed argparse's formatter

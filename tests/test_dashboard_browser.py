@@ -293,3 +293,49 @@ def test_features_page_opens_on_an_interpretable_feature_in_chromium(tmp_path_fa
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_circuits_page_click_a_node_and_intervene_in_chromium(analyzed_run, tmp_path, page):
+    """A researcher opens a saved graph on the Circuits page, clicks a feature node to see its strongest links and
+    its feature page's link, then zeroes that feature and reads the change of the top logits."""
+    import json
+    import shutil
+
+    from test_circuits_page import GRAPH, TRAIN, write_graph_file
+
+    from activations import layout
+    from dashboard.serve import serve_dashboard, wait_until_up
+
+    run = tmp_path / "run"
+    shutil.copytree(analyzed_run, run, ignore=shutil.ignore_patterns("share", ".locks", ".strata.lock"))
+    doc = write_graph_file(run)
+    target = doc["nodes"][-3]  # "says fox": resid.2's feature at the last position
+    port = free_port()
+    proc = serve_dashboard(run, port=port, host="127.0.0.1", block=False)
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90)
+        page.set_default_timeout(LOAD_MS)
+        page.goto(f"http://127.0.0.1:{port}/?page=circuits&graph={TRAIN}/{GRAPH}")
+        points = page.locator(".js-plotly-plot .scatterlayer .trace").last.locator(".point")
+        points.first.wait_for()
+        assert points.count() == len(doc["nodes"])
+        labels = page.locator(".js-plotly-plot .scatterlayer .textpoint").evaluate_all("ns => ns.map(n => n.textContent)")
+        assert "says fox" in labels and "<b>brown</b> & colours" in labels  # the explanation, as text
+        xs = page.evaluate("() => document.querySelector('.js-plotly-plot').data.find(t => t.name === 'nodes')"
+                           ".customdata.map(c => c[0])")
+        points.nth(xs.index(target["node_id"])).click(force=True)
+        link = page.get_by_role("link", name=f"open feature resid.2 #{target['feature']}")
+        link.wait_for()
+        assert link.get_attribute("href") == f"?page=features&train={TRAIN}&sae=resid.2&f={target['feature']}"
+        page.get_by_text("strongest inputs").wait_for()
+        edit = page.get_by_role("textbox", name="features to edit")
+        expect(edit).to_have_value(f"resid.2:{target['feature']}@{target['ctx_idx']}*0")
+        page.get_by_role("button", name="Run intervention").click()
+        table = page.locator("table.strata-grid").filter(has=page.locator("th", has_text="p edited"))
+        table.wait_for()
+        assert table.locator("tr").count() == 11  # the ten largest logit changes
+        assert json.loads(layout.graph_path(run, TRAIN, GRAPH).read_text()) == doc  # looking and intervening write nothing
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+

@@ -93,6 +93,12 @@ def test_templates_escape_by_default():
         nodes=[{"sae": "<svg/onload=alert(1)>", "target": {"href": None, "text": "<img src=x onerror=alert(1)>"},
                 "explanation": "</table><script>alert(2)</script>", "density": 0.5}])
     assert_no_active_markup(out.split("</head>")[1])
+    out = TEMPLATES.get_template("circuit.html").render(
+        css="", root="", train="<b>t</b>", name="<i>g</i>", prompt="<script>alert(3)</script>", n_links=1, figure="",
+        supernodes=[{"label": "<svg/onload=alert(1)>", "members": ["<img src=x onerror=alert(1)>"]}],
+        nodes=[{"node_id": "<b>1_2_3</b>", "label": "</table><script>alert(2)</script>", "layer": "1", "ctx_idx": 3,
+                "influence": 0.5, "href": "x\" onclick=\"alert(1)"}])
+    assert_no_active_markup(out.split("</head>")[1])
     out = TEMPLATES.get_template("runs.html").render(
         css="", root="", run_name="<b>run</b>", runs=[
             {"name": "<svg/onload=alert(1)>", "href": "x\" onclick=\"alert(1)", "model": "<b>m</b>", "tokens": 1,
@@ -395,3 +401,54 @@ def test_bundle_heads_panel_opens_in_chromium(heads_bundle, page):
     assert table.locator("tr").count() == 1 + min(10, int((rec["top_row"] >= 0).sum()))
     assert table.locator("tr").nth(1).locator("td").all_inner_texts()[2:] == \
         [f"{float(s):+.2f}" for s in [*rec["top_head_share"][0], rec["top_head_bias_share"][0]]]
+
+
+@pytest.fixture(scope="module")
+def circuit_bundle(analyzed_run, tmp_path_factory):
+    """A copy of the analysed tiny run with a saved graph (one supernode) and a bundle sharing its features."""
+    import shutil
+
+    from test_circuits_page import GRAPH, TRAIN, write_graph_file
+
+    from dashboard.supernodes import save_qparams
+
+    run = tmp_path_factory.mktemp("share-circuit") / "run"
+    shutil.copytree(analyzed_run, run, ignore=shutil.ignore_patterns("share", ".locks", ".strata.lock"))
+    doc = write_graph_file(run)
+    a, b, c = doc["nodes"][-5:-2]
+    save_qparams(run, TRAIN, GRAPH, [["colour <then> fox", a["node_id"], c["node_id"]]], [])
+    spec = f"resid.1:{a['feature']},{b['feature']};resid.2:{c['feature']}"
+    assert main(["share", str(run), "--name", TRAIN, "--features", spec]) == 0
+    return run, doc
+
+
+def test_a_saved_graph_is_in_the_bundle(circuit_bundle):
+    from test_circuits_page import GRAPH, TRAIN
+
+    run, doc = circuit_bundle
+    share = run / "share" / "train" / TRAIN
+    page = (share / "graphs" / f"{GRAPH}.html").read_text()
+    assert f'href="graphs/{GRAPH}.html"' in (share / "index.html").read_text()
+    assert '<script src="../../../assets/plotly.min.js"></script>' in page and "https://" not in page.split("<body>")[1]
+    assert "colour &lt;then&gt; fox" in page  # the supernode, named in the table (escaped) and boxed in the figure
+    c = doc["nodes"][-3]
+    assert f'<a href="../resid.2/{c["feature"]}.html">{c["node_id"]}</a>' in page
+    assert page.count("<tr>") == 1 + 1 + 1 + len(doc["nodes"])  # supernode table (head + 1) + node table
+
+
+@needs_chromium
+def test_clicking_a_circuit_node_in_the_bundle_opens_its_feature_page(circuit_bundle, page):
+    from test_circuits_page import GRAPH, TRAIN
+
+    run, doc = circuit_bundle
+    page.goto((run / "share" / "train" / TRAIN / "graphs" / f"{GRAPH}.html").as_uri())
+    points = page.locator(".js-plotly-plot .scatterlayer .trace").last.locator(".point")
+    points.first.wait_for()
+    assert points.count() == len(doc["nodes"])
+    assert page.locator(".js-plotly-plot .annotation-text", has_text="colour <then> fox").count() == 1
+    ids = page.evaluate("() => document.querySelector('.js-plotly-plot').data.find(t => t.name === 'nodes')"
+                        ".customdata.map(c => c[0])")
+    c = doc["nodes"][-3]
+    points.nth(ids.index(c["node_id"])).click(force=True)
+    page.wait_for_url(f"**/share/train/{TRAIN}/resid.2/{c['feature']}.html")
+    assert page.locator(".strata-ctx .tok").count() > 0

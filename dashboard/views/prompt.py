@@ -15,6 +15,7 @@ from activations.hooks import capture, key_depth, n_layers, split_key, unembeddi
 from activations.synth import SYNTHETIC_MODEL_ID
 from dashboard import cache, data
 from dashboard.render import feature_href, grid, visible_token
+from dashboard.views import intervene_panel
 from dashboard.views.common import Ctx, html, need_index
 from sae.analysis.analyze import trained_exclude_first
 from sae.analysis.feature_chain import matched_chain
@@ -202,6 +203,7 @@ def render(ctx: Ctx) -> None:
     html(grid_html(result, ctx.train, explanations, first, idx.token_str))
     render_token_detail(result, explanations, first)
     render_across_depth(result, idx, explanations, first)
+    intervene_panel.render(ctx, text)
 
 
 def render_token_detail(result: dict, explanations: dict, first: int) -> None:
