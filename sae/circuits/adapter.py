@@ -18,7 +18,8 @@ CAPABLE_MODES = ("transcoder",)
 
 
 class TranscoderSet:
-    """One per-layer transcoder per covered layer (mode "transcoder": mlp_in.L -> mlp_out.L)."""
+    """One per-layer transcoder per covered layer (mode "transcoder": mlp_in.L -> mlp_out.L) behind the interface
+    above; attribution graphs (sae/circuits) and the every-MLP-replaced eval (sae/evals/core.py) use it."""
 
     mode = "transcoder"
 
@@ -57,8 +58,13 @@ class TranscoderSet:
         return sae.encode(x_TD, sae.cfg.in_keys[0])
 
     def decode_to(self, layer: int, acts_by_src: dict) -> torch.Tensor:
+        """mlp_out.<layer> from that layer's own latents (other layers' latents do not write here; without its
+        latents, the decoder bias alone)."""
         sae = self.by_layer[layer][1]
-        return sae.decode(acts_by_src[layer], sae.cfg.out_keys[0])
+        acts = acts_by_src.get(layer)
+        if acts is None:
+            return sae.b_dec / sae.out_scale(sae.cfg.out_keys[0])
+        return sae.decode(acts, sae.cfg.out_keys[0])
 
     def decoder_vectors(self, src: int, tgt: int, idx: torch.Tensor) -> torch.Tensor | None:
         if src != tgt:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from activations.errors import StrataError
 from activations.reader import ActivationReader
 from activations.synth import is_synthetic
 from sae.evals.suite import SuiteContext
@@ -187,8 +188,9 @@ def replaced_forward(model, ids: torch.Tensor, system, layers: list[int], keep) 
         if system is None:
             return keep(a, torch.zeros_like(a))
         new = system.decode_to(layer, acts)
-        if hasattr(system, "skip"):
-            new = new + system.skip(layer, inputs[layer])
+        skip = system.skip(layer) if hasattr(system, "skip") else None  # a transcoder's optional linear skip term
+        if skip is not None:
+            new = new + skip(inputs[layer])
         return keep(a, new.reshape(a.shape).to(a.dtype))
 
     with contextlib.ExitStack() as stack:
@@ -202,12 +204,15 @@ def replaced_forward(model, ids: torch.Tensor, system, layers: list[int], keep) 
 def replacement_systems(saes: dict) -> dict:
     """{sae_id: system} for the every-MLP-at-once eval: each CLT, and the run's transcoders as one set (its result
     is reported on each of them)."""
-    from sae.clt import TranscoderSet
+    from sae.circuits.adapter import TranscoderSet
 
     systems = {sid: sae for sid, sae in saes.items() if sae.cfg.mode == "clt"}
     trans = {sid: sae for sid, sae in saes.items() if sae.cfg.mode == "transcoder"}
     if trans:
-        bank = TranscoderSet(trans)
+        try:
+            bank = TranscoderSet(trans)
+        except StrataError:  # not one mlp_in.L -> mlp_out.L transcoder per layer: no every-MLP-at-once figure
+            return systems
         systems.update({sid: bank for sid in trans})
     return systems
 
