@@ -99,20 +99,29 @@ def _ce_kl(logits: torch.Tensor, ids: torch.Tensor, clean_logp: torch.Tensor) ->
     return float(ce), float(kl)
 
 
+def clean_pass(run, heldout: list[int], cfg, device, dtype: torch.dtype):
+    """(model, held-out context ids, clean log-probs, clean CE) that the spliced passes are compared with; None
+    when the held-out shards hold no whole context."""
+    from activations.model import load_model
+
+    model = load_model(run.manifest.model["id"], device, dtype).model
+    ids = _contexts(run, heldout, cfg.ce_contexts).to(device)
+    if ids.numel() == 0:
+        return None
+    clean = model(ids).logits
+    clean_logp = F.log_softmax(clean[:, :-1].float(), -1)
+    return model, ids, clean_logp, _ce_kl(clean, ids, clean_logp)[0]
+
+
 @torch.no_grad()
 def downstream_metrics(run, saes: dict, heldout: list[int], cfg, device,
                        dtype: torch.dtype = torch.float32) -> dict:
     from activations.hooks import capture, splice
-    from activations.model import load_model
 
-    lm = load_model(run.manifest.model["id"], device, dtype)
-    model = lm.model
-    ids = _contexts(run, heldout, cfg.ce_contexts).to(device)
-    if ids.numel() == 0:
+    clean = clean_pass(run, heldout, cfg, device, dtype)
+    if clean is None:
         return {}
-    clean = model(ids).logits
-    clean_logp = F.log_softmax(clean[:, :-1].float(), -1)
-    ce_clean, _ = _ce_kl(clean, ids, clean_logp)
+    model, ids, clean_logp, ce_clean = clean
     first = max(0, cfg.exclude_first)
 
     def keep_first(a, new):
@@ -219,18 +228,13 @@ def replacement_systems(saes: dict) -> dict:
 
 @torch.no_grad()
 def all_mlps_metrics(run, saes: dict, heldout: list[int], cfg, device, dtype: torch.dtype = torch.float32) -> dict:
-    from activations.model import load_model
-
     systems = replacement_systems(saes)
     if not systems:
         return {}
-    model = load_model(run.manifest.model["id"], device, dtype).model
-    ids = _contexts(run, heldout, cfg.ce_contexts).to(device)
-    if ids.numel() == 0:
+    clean = clean_pass(run, heldout, cfg, device, dtype)
+    if clean is None:
         return {}
-    clean = model(ids).logits
-    clean_logp = F.log_softmax(clean[:, :-1].float(), -1)
-    ce_clean, _ = _ce_kl(clean, ids, clean_logp)
+    model, ids, clean_logp, ce_clean = clean
     keep = _keep_first(max(0, cfg.exclude_first))
     done: dict = {}
     out = {}
