@@ -207,16 +207,6 @@ class CrossLayerTranscoder(SAE):
         vals, cols = pre.topk(k, dim=1, sorted=False)
         return torch.arange(B, device=pre.device).repeat_interleave(k), cols.reshape(-1), vals.reshape(-1).clamp_(min=0)
 
-    def _aux_select(self, s: int, pre: torch.Tensor):
-        dead = self.dead_mask()[s * self.n:(s + 1) * self.n]
-        if self.cfg.k_aux <= 0 or not bool(dead.any()):
-            return None
-        ids = dead.nonzero().squeeze(1).to(pre.device)
-        ka = min(self.cfg.k_aux, ids.numel())
-        vals, j = pre[:, ids].topk(ka, dim=1, sorted=False)
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(ka)
-        return rows, ids[j].reshape(-1), vals.reshape(-1).clamp_(min=0)
-
     @torch.no_grad()
     def _update_threshold(self, s: int, vals: torch.Tensor) -> None:
         pos = vals[vals > 0]
@@ -235,7 +225,8 @@ class CrossLayerTranscoder(SAE):
         fired, active_total, aux_jobs = [], 0, []
         for s in range(L):
             rows, cols, vals = self._select(s, pre[s])
-            aux = self._aux_select(s, pre[s]) if self.training else None
+            aux = kernels.aux_select(pre[s], self.dead_mask()[s * self.n:(s + 1) * self.n], self.cfg.k_aux) \
+                if self.training else None
             if self.training and self.cfg.arch == "batchtopk":
                 self._update_threshold(s, vals)
             a_rows, a_cols, a_vals = rows, cols, vals

@@ -158,3 +158,15 @@ def row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """CSR row starts for entries sorted by row."""
     counts = torch.bincount(rows, minlength=n_rows)
     return torch.cumsum(counts, 0) - counts
+
+
+def aux_select(pre_BN: torch.Tensor, dead_N: torch.Tensor, k_aux: int):
+    """AuxK's picks: the k_aux largest pre-activations of each row among the dead latents, as (rows, cols, values
+    clamped at 0), or None when AuxK is off or no latent is dead."""
+    if k_aux <= 0 or not bool(dead_N.any()):
+        return None
+    ids = dead_N.nonzero().squeeze(1).to(pre_BN.device)
+    ka = min(k_aux, ids.numel())
+    vals, j = pre_BN[:, ids].topk(ka, dim=1, sorted=False)
+    rows = torch.arange(pre_BN.shape[0], device=pre_BN.device).repeat_interleave(ka)
+    return rows, ids[j].reshape(-1), vals.reshape(-1).clamp_(min=0)

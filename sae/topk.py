@@ -31,16 +31,6 @@ class TopKSAE(SAE):
         f[rows, cols] = vals
         return f
 
-    def _aux_select(self, pre: torch.Tensor):
-        dead = self.dead_mask()
-        if self.cfg.k_aux <= 0 or not bool(dead.any()):
-            return None
-        dead_ids = dead.nonzero().squeeze(1).to(pre.device)
-        ka = min(self.cfg.k_aux, dead_ids.numel())
-        vals, j = pre[:, dead_ids].topk(ka, dim=1, sorted=False)
-        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(ka)
-        return rows, dead_ids[j].reshape(-1), vals.reshape(-1).clamp_(min=0)
-
     def _exact(self, x_c, rows, cols, n_rows):
         pre = kernels.sampled_preacts(x_c, self.W_enc, self.b_enc, cols, kernels.row_offsets(rows, n_rows))
         return pre.clamp_(min=0)
@@ -58,7 +48,7 @@ class TopKSAE(SAE):
             x_c = self.centered(x)
             pre = self.selection_preacts(x_c)
             rows, cols, vals = self.select(pre)
-            aux = self._aux_select(pre) if self.training else None
+            aux = kernels.aux_select(pre, self.dead_mask(), self.cfg.k_aux) if self.training else None
             del pre
             if vals.dtype != torch.float32:  # chosen in bf16: the chosen values exactly, in fp32
                 vals = self._exact(x_c, rows, cols, B)
