@@ -44,6 +44,7 @@ from activations.config import HarvestConfig
 from activations.corpus import describe, documents
 from activations.errors import StrataError
 from activations.harvest_dir import (
+    check_same_identity,
     check_target,
     clear_harvest,
     clear_leftovers,
@@ -176,10 +177,7 @@ def _check_claimed(cfg: HarvestConfig, world: World, run: Path) -> None:
         same = old.config == cfg.identity()
         raise StrataError(f"{run} already holds {'this' if same else 'a different'} run ({old.n_tokens} tokens of "
                           f"{old.model['id']}); pass --resume to continue it or --overwrite to replace it")
-    diffs = [f"{k}: {old.config.get(k)!r} -> {v!r}" for k, v in cfg.identity().items() if old.config.get(k) != v]
-    if diffs:
-        raise StrataError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); "
-                          f"continue it with `{resume_command(run, old.config)}`, or pass --overwrite")
+    check_same_identity(run, old.config, cfg.identity())
 
 
 def _remove_created(run: Path, created: Path | None) -> None:

@@ -133,3 +133,12 @@ def resume_command(run, config: dict) -> str:
         if k in defaults and v != defaults[k] and v is not None:
             flags += [f"--{k.replace('_', '-')}", str(v)]
     return shlex.join(["strata", "harvest", str(run), *flags, "--resume"])
+
+
+def check_same_identity(run, old_config: dict, identity: dict) -> None:
+    """A resume must ask for the run it continues: StrataError naming every field that differs, and the command
+    that does continue it."""
+    diffs = [f"{k}: {old_config.get(k)!r} -> {v!r}" for k, v in identity.items() if old_config.get(k) != v]
+    if diffs:
+        raise StrataError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); "
+                          f"continue it with `{resume_command(run, old_config)}`, or pass --overwrite")

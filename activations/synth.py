@@ -43,7 +43,7 @@ from activations import layout
 from activations.atomic import atomic_path, staged_dir
 from activations.config import option
 from activations.errors import StrataError
-from activations.harvest_dir import check_target, clear_harvest
+from activations.harvest_dir import check_same_identity, check_target, clear_harvest
 from activations.lock import run_lock
 from activations.manifest import (
     Manifest,
@@ -202,10 +202,7 @@ def synthesize(cfg: SynthConfig) -> Manifest:
             if not cfg.resume:
                 raise StrataError(f"{run} already holds a run ({old.n_tokens} tokens of {old.model.get('id')}); pass "
                                   f"--resume to continue it or --overwrite to replace it")
-            diffs = [f"{k}: {old.config.get(k)!r} -> {v!r}" for k, v in cfg.identity().items() if old.config.get(k) != v]
-            if diffs:
-                raise StrataError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); continue it "
-                                  f"with `{resume_command(run, old.config)}`, or pass --overwrite")
+            check_same_identity(run, old.config, cfg.identity())
         try:
             return _write(cfg, run, keys, old if cfg.resume else None, clear=holds_run and cfg.overwrite)
         except BaseException:
