@@ -142,22 +142,29 @@ def capture(model: nn.Module, keys: list[str], input_ids: torch.Tensor, attentio
             past_key_values=None) -> dict[str, torch.Tensor]:
     """Run the model on `input_ids` and return {key: activation [batch, tokens, d]} (detached). With
     `past_key_values` (a transformers cache of a prefix, which the call extends), `input_ids` continue that prefix."""
-    out: dict[str, torch.Tensor] = {}
+    return capture_at(model, {key: _hook_point(model, key) for key in keys}, input_ids, attention_mask,
+                      past_key_values)
+
+
+def capture_at(model: nn.Module, points: dict, input_ids: torch.Tensor, attention_mask=None,
+               past_key_values=None) -> dict:
+    """{name: tensor} for `points` {name: (module, "pre" | "post")}: the input ("pre") or output ("post") of each
+    module, detached, from one forward pass that stops as soon as every one is in hand."""
+    out: dict = {}
     handles = []
-    wanted = set(keys)
+    wanted = set(points)
 
-    def record(key, value):
-        out[key] = value.detach()
+    def record(name, value):
+        out[name] = value.detach()
         if wanted.issubset(out):
-            raise _StopForward  # every key is in hand: skip the rest of the model
+            raise _StopForward  # every point is in hand: skip the rest of the model
 
-    for key in keys:
-        mod, kind = _hook_point(model, key)
+    for name, (mod, kind) in points.items():
         if kind == "pre":
             handles.append(mod.register_forward_pre_hook(
-                lambda m, a, kw, _k=key: record(_k, _input_of(a, kw)), with_kwargs=True))
+                lambda m, a, kw, _k=name: record(_k, _input_of(a, kw)), with_kwargs=True))
         else:
-            handles.append(mod.register_forward_hook(lambda m, a, o, _k=key: record(_k, _first(o))))
+            handles.append(mod.register_forward_hook(lambda m, a, o, _k=name: record(_k, _first(o))))
     try:
         with torch.no_grad():
             if past_key_values is None:
@@ -165,8 +172,8 @@ def capture(model: nn.Module, keys: list[str], input_ids: torch.Tensor, attentio
             else:  # transformers >= 5.24 names the argument `cache`, earlier versions `past_key_values`
                 import inspect
 
-                name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{name: past_key_values})
+                arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{arg: past_key_values})
     except _StopForward:
         pass
     finally:
@@ -174,7 +181,8 @@ def capture(model: nn.Module, keys: list[str], input_ids: torch.Tensor, attentio
             h.remove()
     missing = wanted - set(out)
     if missing:
-        raise StrataError(f"the forward pass never reached {sorted(missing)[0]}; this model routes around that site")
+        raise StrataError(f"the forward pass never reached {sorted(missing, key=str)[0]}; this model routes around "
+                          "that site")
     return out
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from activations.errors import StrataError
-from activations.hooks import attention_module, split_key
+from activations.hooks import attention_module, capture_at, split_key
 
 _OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense")
 FIELDS = ("top_head_share", "top_head_bias_share", "head_share", "head_bias_share", "head_contexts")
@@ -66,38 +66,17 @@ def output_projection(model: nn.Module, layer: int) -> tuple[nn.Module, torch.Te
                       f"{', '.join(_OUT_PROJ_NAMES)}; head attribution is not supported for this model")
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def capture_z(model: nn.Module, layers: list[int], input_ids: torch.Tensor,
               dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
     """{layer: z [batch, tokens, n_heads * d_head]} (float32): the input of each layer's attention output
     projection, from one forward pass (matmuls in `dtype` by autocast, weights untouched) that stops once the
     deepest layer's z is in hand."""
-    out: dict[int, torch.Tensor] = {}
-    wanted = set(layers)
-
-    def record(layer, args, kwargs):
-        out[layer] = (args[0] if args else next(iter(kwargs.values()))).detach().float()
-        if wanted.issubset(out):
-            raise _Stop
-
-    handles = [output_projection(model, layer)[0].register_forward_pre_hook(
-        lambda m, a, kw, _l=layer: record(_l, a, kw), with_kwargs=True) for layer in wanted]
-    try:
-        with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            model(input_ids=input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = wanted - set(out)
-    if missing:
-        raise StrataError(f"the forward pass never reached the attention output projection of layer {min(missing)}")
-    return out
+    points = {f"the attention output projection of layer {layer}": (output_projection(model, layer)[0], "pre")
+              for layer in sorted(set(layers))}
+    with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        got = capture_at(model, points, input_ids)
+    return {layer: got[name].float() for layer, name in zip(sorted(set(layers)), points)}
 
 
 def head_outputs(z: torch.Tensor, W_O: torch.Tensor, heads: int) -> torch.Tensor:
