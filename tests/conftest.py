@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,16 @@ def tiny_run(tmp_path_factory, tiny_llama) -> Path:
     run = tmp_path_factory.mktemp("runs") / "tiny"
     harvest_tiny(run, tiny_llama)
     return run
+
+
+@pytest.fixture
+def run(tmp_path, tiny_run) -> Path:
+    """A private copy of the shared tiny harvest (resid 0-3, mlp_in/mlp_out 0-2; 6 shards of 1024 tokens, d=32),
+    without anything made from it."""
+    dest = tmp_path / "run"
+    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("train", "index", "share", "sweeps", ".locks",
+                                                                   ".strata.lock"))
+    return dest
 
 
 @pytest.fixture(scope="session")

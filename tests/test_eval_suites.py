@@ -3,7 +3,6 @@ suite that fails is recorded while the rest still finish."""
 from __future__ import annotations
 
 import json
-import shutil
 import textwrap
 
 import pytest
@@ -23,9 +22,7 @@ def strata(*args) -> int:
 
 
 @pytest.fixture
-def trained(tmp_path, tiny_run):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("train", "index", "share"))
+def trained(run):
     assert strata("train", run, "--name", "t", "--layers", "1,2", *FAST) == 0
     return run
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +30,6 @@ def private_cache(tmp_path, monkeypatch) -> Path:
     """Each test probes into its own cache folder (never the user's ~/.cache/strata)."""
     monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture
-def run(tmp_path, tiny_run) -> Path:
-    dest = tmp_path / "run"
-    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("train", "index", "share"))
-    return dest
 
 
 def strata(*args) -> int:

@@ -6,7 +6,6 @@ as the real SAELens where it is installed."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ from strata.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 D, N, K = 32, 96, 8
-
-
-@pytest.fixture
-def run(tmp_path, tiny_run) -> Path:
-    dest = tmp_path / "run"
-    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("train", "index", "share", ".locks", ".strata.lock"))
-    return dest
 
 
 def strata(*args) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,6 @@ from activations import layout
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"
 BASE = "base: {arch: topk, layers: '2', batch_size: 256, max_tokens: 1024, expansion: 4, device: cpu}\n"
-
-
-@pytest.fixture
-def run(tmp_path, tiny_run) -> Path:
-    """A private copy of the shared tiny harvest (6 shards of 1024 tokens, d=32)."""
-    dest = tmp_path / "run"
-    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("train", "index", "share", "sweeps"))
-    return dest
 
 
 def sweep(*args) -> int:

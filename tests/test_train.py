@@ -21,14 +21,6 @@ from strata.cli import main
 FAST = ["--batch-size", "256", "--expansion", "4", "--k", "8", "--progress", "false", "--device", "cpu"]
 
 
-@pytest.fixture
-def run(tmp_path, tiny_run) -> Path:
-    """A private copy of the shared tiny harvest (resid 0-3, mlp_in/mlp_out 0-2; 6 shards of 1024 tokens)."""
-    dest = tmp_path / "run"
-    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("train", "index", "share"))
-    return dest
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +15,6 @@ from strata.cli import main
 
 FAST = ["--batch-size", "256", "--expansion", "4", "--k", "8", "--progress", "false", "--device", "cpu"]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def run(tmp_path, tiny_run) -> Path:
-    dest = tmp_path / "run"
-    shutil.copytree(tiny_run, dest, ignore=shutil.ignore_patterns("train", "index", "share"))
-    return dest
 
 
 def strata(*args) -> int:
