@@ -733,9 +733,30 @@ INTERVENE_CASES = [
 ]
 
 
+# `strata intervene` on SAEs that write several keys: a CLT's layer is in its feature number, a crosscoder edits
+# every key it writes, so neither takes /KEY
+def _trained_multikey(w: Workspace, tmp: Path) -> None:
+    shutil.copytree(w.run, tmp / "run", ignore=shutil.ignore_patterns("train", ".locks", ".strata.lock"))
+    assert main(["train", str(tmp / "run"), "--mode", "clt", "--name", "c", "--max-tokens", "512", *FAST]) == 0
+    assert main(["train", str(tmp / "run"), "--mode", "crosscoder", "--sites", "resid", "--layers", "1,2", "--name", "x",
+                 "--max-tokens", "512", *FAST]) == 0
+
+
+def _intervene2(case_id: str, train: str, edit: str, match: str) -> Case:
+    return Case(case_id, lambda w: ["intervene", w.root / "cases" / case_id / "run", "--name", train, "--prompt", "a b",
+                                    "--edit", edit, "--device", "cpu"], match, setup=_trained_multikey)
+
+
+INTERVENE2_CASES = [
+    _intervene2("intervene-clt-with-key", "c", "clt/mlp_in.1:3*0", "its layer is in the feature number"),
+    _intervene2("intervene-crosscoder-with-key", "x", "crosscoder/resid.2:3*0", "drop /resid.2 from the edit"),
+    _intervene2("intervene-clt-feature-out-of-range", "c", "clt:100000", "SAE clt has features 0-"),
+]
+
+
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
              + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER + SYNTH_CASES + CAUSAL_CASES
-             + CLT_CASES + GRAPH_CASES + INTERVENE_CASES)
+             + CLT_CASES + GRAPH_CASES + INTERVENE_CASES + INTERVENE2_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

@@ -1,20 +1,29 @@
 """Interventions on SAE features in the real model, and steering during generation.
 
 An edit sets feature i of one SAE to alpha times its value (alpha = 0 zeroes it) at one token position or at
-every position. The SAE reads its input at `read_key` and writes at `edit_key` (the same key for per-layer and
-multi-layer SAEs; mlp_in.L -> mlp_out.L for a transcoder). With codes f computed live from the activation at
-read_key, the activation at edit_key becomes
+every position. The feature's value f_i is read from the activations the SAE encodes (`Site.read_keys`) and the
+edit changes every activation the feature writes (`Site.writes`), each through the feature's own decoder
+direction there:
 
-    x + (alpha * f_i - f_i) * W_dec[i] / out_scale(edit_key)     (raw units)
+    x_w + (alpha * f_i - f_i) * d_w        d_w = what feature i adds at key w per unit of value (raw units)
 
-so only the feature's own decoder contribution changes and the SAE's error term (x - reconstruction) is kept.
-Several edits apply in one forward pass; a deeper edit sees the values its upstream edits produced.
+so only the feature's decoder contribution changes and the SAE's error term (x - reconstruction) is kept at every
+key it writes. Where each mode reads and writes:
+
+    layer, multilayer   the key it reads (a multi-layer SAE: the chosen KEY), the same key
+    transcoder          mlp_in.L -> mlp_out.L
+    clt                 feature s*n + j (layer block s, as the index numbers it) reads mlp_in.<layer s> and writes
+                        mlp_out.<t> for every covered layer t >= s, through decoder_vectors(s, t, j)
+    crosscoder          reads every key of the SAE and writes one decoder block per key: editing it edits them all
+
+Values are computed live in the edited pass (a deeper edit sees what its upstream edits produced), except a
+crosscoder's: it reads keys deeper than some it writes, so its value is the one on the clean prompt. Several
+edits apply in one forward pass.
 
 `intervene` runs the clean and the edited pass and reports the change of the top logits at one position and of
-the features of the run's other SAEs that read deeper than the shallowest edit. `steer` adds alpha x a feature's
-decoder direction at its edit key at every position while generating greedily, beside the clean continuation.
-A crosscoder or a cross-layer transcoder reads or writes several layers at once, so its features have no single
-place to edit: they are refused.
+the features of the run's single-key SAEs and CLT layers that read deeper than the shallowest edit. `steer`
+adds alpha x a feature's decoder direction at every key it writes, at every position, while generating
+greedily, beside the clean continuation.
 """
 from __future__ import annotations
 
@@ -28,19 +37,20 @@ from annotated_types import Ge, Gt
 
 from activations.config import option as _f
 from activations.errors import StrataError
-from activations.hooks import key_depth, splice
+from activations.hooks import key_depth, splice, split_key
 
 _EDIT = re.compile(r"(?P<sae>[^/:]+)(?:/(?P<key>[^:]+))?:(?P<feature>-?\d+)(?:@(?P<pos>-?\d+|all))?"
                    r"(?:\*(?P<alpha>[^*@]+))?")
 EDIT_HELP = ("SAE[/KEY]:FEATURE[@POS][*ALPHA], several separated by ';' (e.g. resid.2:17@5*0); POS = token "
              "position (default every position), ALPHA = factor on the feature's value (default 0: zero it); "
              "KEY picks the layer of a multi-layer SAE")
+MODES = ("layer", "multilayer", "transcoder", "crosscoder", "clt")
 
 
 @dataclass(frozen=True)
 class Edit:
     sae: str                 # SAE id in the training run
-    feature: int             # latent index
+    feature: int             # latent index (a CLT's: layer block s, latent j -> s * n + j)
     alpha: float = 0.0       # new value = alpha * current value (steering: coefficient on the decoder direction)
     pos: int | None = None   # token position; None = every position
     key: str | None = None   # the layer key of a multi-layer SAE (None: the SAE's only key)
@@ -68,16 +78,14 @@ def parse_edits(spec: str) -> list[Edit]:
 
 @dataclass(frozen=True)
 class Site:
-    """Where one SAE's feature is read and written."""
-    read_key: str
-    edit_key: str
+    """Where one SAE feature's value is read and which activations an edit of it changes."""
+    read_keys: tuple[str, ...]   # the activations its value is encoded from
+    writes: tuple[str, ...]      # the activations it writes (one decoder direction each), shallowest first
+    live: bool = True            # value computed in the edited pass; False: from the clean prompt (crosscoder)
 
 
-def site_of(sae, sae_id: str, key: str | None) -> Site:
+def site_of(sae, sae_id: str, key: str | None, feature: int = 0) -> Site:
     cfg = sae.cfg
-    if cfg.mode == "crosscoder":
-        raise StrataError(f"SAE {sae_id} is a crosscoder (it reads {len(cfg.in_keys)} layers at once), so its features "
-                          f"have no single place to edit; intervene on a per-layer, multi-layer SAE or a transcoder")
     if cfg.mode == "multilayer":
         if key is None and len(cfg.in_keys) > 1:
             raise StrataError(f"SAE {sae_id} is a multi-layer SAE: say which layer to edit with {sae_id}/KEY:..., "
@@ -85,13 +93,22 @@ def site_of(sae, sae_id: str, key: str | None) -> Site:
         key = key or cfg.in_keys[0]
         if key not in cfg.in_keys:
             raise StrataError(f"key {key!r} is not one of SAE {sae_id}'s layers; use one of {', '.join(cfg.in_keys)}")
-        return Site(key, key)
-    if len(cfg.in_keys) != 1 or len(cfg.out_keys) != 1:
-        raise StrataError(f"SAE {sae_id} ({cfg.mode}) reads or writes several keys at once, so its features have no "
-                          f"single place to edit; intervene on a per-layer, multi-layer SAE or a per-layer transcoder")
+        return Site((key,), (key,))
+    if cfg.mode in ("clt", "crosscoder") and key is not None:
+        what = "its layer is in the feature number (layer block s, latent j -> s * n + j)" if cfg.mode == "clt" \
+            else "it reads and writes all its keys at once"
+        raise StrataError(f"SAE {sae_id} is a {cfg.mode} and {what}: drop /{key} from the edit")
+    if cfg.mode == "clt":
+        s = feature // (cfg.n_latents // len(cfg.in_keys))
+        return Site((cfg.in_keys[s],), tuple(cfg.out_keys[s:]))
+    if cfg.mode == "crosscoder":
+        return Site(tuple(cfg.in_keys), tuple(sorted(cfg.out_keys, key=key_depth)), live=False)
+    if cfg.mode not in MODES or len(cfg.in_keys) != 1 or len(cfg.out_keys) != 1:
+        raise StrataError(f"SAE {sae_id} ({cfg.mode}, reading {len(cfg.in_keys)} and writing {len(cfg.out_keys)} "
+                          f"keys) has no known place to edit; interventions work on {', '.join(MODES)} SAEs")
     if key is not None and key != cfg.out_keys[0]:
         raise StrataError(f"SAE {sae_id} writes only {cfg.out_keys[0]}; drop /{key} from the edit")
-    return Site(cfg.in_keys[0], cfg.out_keys[0])
+    return Site((cfg.in_keys[0],), (cfg.out_keys[0],))
 
 
 def check_edits(saes: dict, edits: list[Edit], n_tokens: int | None = None) -> None:
@@ -109,17 +126,38 @@ def check_edits(saes: dict, edits: list[Edit], n_tokens: int | None = None) -> N
                               f"use a finite factor such as 0 or 2")
         if e.pos is not None and n_tokens is not None and not -n_tokens <= e.pos < n_tokens:
             raise StrataError(f"position {e.pos} is outside the prompt's {n_tokens} tokens; use 0-{n_tokens - 1}")
-        site_of(saes[e.sae], e.sae, e.key)
+        site_of(saes[e.sae], e.sae, e.key, e.feature)
 
 
-def direction(sae, feature: int, edit_key: str) -> torch.Tensor:
-    """The raw-unit change of the SAE's output at edit_key per unit of the feature's value."""
-    return sae.W_dec[feature].float() / sae.out_scale(edit_key)
+def direction(sae, feature: int, write_key: str) -> torch.Tensor:
+    """The raw-unit change of the activation at write_key per unit of the feature's value."""
+    cfg = sae.cfg
+    if cfg.mode == "clt":
+        n = cfg.n_latents // len(cfg.in_keys)
+        src, tgt = cfg.layers[feature // n], split_key(write_key)[1]
+        return sae.decoder_vectors(src, tgt, [feature % n])[0].float()
+    if cfg.mode == "crosscoder":
+        d, j = cfg.d_out // len(cfg.out_keys), cfg.out_keys.index(write_key)
+        return sae.W_dec[feature, j * d:(j + 1) * d].float() / sae.out_scale(write_key)
+    return sae.W_dec[feature].float() / sae.out_scale(write_key)
 
 
-def _codes(sae, x_Td: torch.Tensor, read_key: str) -> torch.Tensor:
-    key = read_key if sae.cfg.mode == "multilayer" else None
-    return sae.encode(x_Td.float(), key=key).float()
+def codes(sae, site: Site, xs: dict) -> torch.Tensor:
+    """The SAE's codes [T, n] (a CLT: its layer block's) from the activations {read key: [T, d]}."""
+    cfg = sae.cfg
+    if cfg.mode == "clt":
+        (key,) = site.read_keys
+        return sae.encode_layer(split_key(key)[1], xs[key].float()).float()
+    if cfg.mode == "crosscoder":
+        return sae.encode(torch.cat([xs[k].float() for k in cfg.in_keys], -1)).float()
+    (key,) = site.read_keys
+    return sae.encode(xs[key].float(), key=key if cfg.mode == "multilayer" else None).float()
+
+
+def column(sae, feature: int) -> int:
+    """The feature's column in `codes` (a CLT's codes hold one layer block)."""
+    cfg = sae.cfg
+    return feature % (cfg.n_latents // len(cfg.in_keys)) if cfg.mode == "clt" else feature
 
 
 class _Hooks:
@@ -141,69 +179,94 @@ class _Hooks:
             cm.__exit__(*exc)
 
 
-def _add_edits(hooks: _Hooks, saes: dict, edits: list[Edit], seen: dict) -> None:
-    """Edits grouped by (SAE, site): the read key's activation is recorded into `seen`, the edit key's is
-    shifted by the feature's change (computed from what was recorded in the same pass)."""
-    groups: dict[tuple, list[Edit]] = {}
-    for e in edits:
-        groups.setdefault((e.sae, site_of(saes[e.sae], e.sae, e.key)), []).append(e)
-    for (sid, site), group in groups.items():
-        sae = saes[sid]
-        slot = ("read", sid, site.read_key)
+def _record(seen: dict, slot):
+    def record(x):
+        seen[slot] = x[0]
+        seen.pop(("codes", slot), None)  # this pass's codes are computed afresh from this activation
+        return x
+    return record
 
-        def record(x, _slot=slot):
-            seen[_slot] = x
+
+def _add_edits(hooks: _Hooks, saes: dict, edits: list[Edit], seen: dict, fixed: dict) -> None:
+    """Every read key of an edited feature is recorded into `seen`; at every key the feature writes, the
+    activation is shifted by its change of value times its decoder direction there. The codes come from what was
+    recorded in the same pass (computed once per SAE and read site), or from `fixed[(sae, read_keys)]` for a
+    site that is not live. Every recorder comes before every edit, so edits of one key all start from the value
+    the activation had there."""
+    sites = [site_of(saes[e.sae], e.sae, e.key, e.feature) for e in edits]
+    for e, site in zip(edits, sites):
+        for k in site.read_keys:
+            hooks.add(k, _record(seen, ("read", e.sae, k)))
+    for e, site in zip(edits, sites):
+        for w in site.writes:
+            hooks.add(w, _edit_fn(saes[e.sae], e, site, w, seen, fixed))
+
+
+def _edit_fn(sae, e: Edit, site: Site, write_key: str, seen: dict, fixed: dict):
+    vec_d = direction(sae, e.feature, write_key)
+
+    def edit(x):
+        if e.alpha == 1.0:  # the value stays (the clean pass records the edited SAEs' codes this way)
             return x
-
-        def edit(x, _sae=sae, _site=site, _group=group, _slot=slot):
-            f_Tn = _codes(_sae, seen[_slot][0], _site.read_key)
-            delta_Td = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
-            for e in _group:
-                f_T = f_Tn[:, e.feature]
-                change_T = (e.alpha - 1.0) * f_T
-                if e.pos is not None:  # one position: every other one keeps its value
-                    only_T = torch.zeros_like(f_T)
-                    only_T[e.pos] = 1.0
-                    change_T = change_T * only_T
-                delta_Td += change_T[:, None] * direction(_sae, e.feature, _site.edit_key).to(x.device)[None, :]
-            return x + delta_Td.to(x.dtype)[None]
-
-        hooks.add(site.read_key, record)
-        hooks.add(site.edit_key, edit)
+        f_T = _site_codes(sae, e.sae, site, seen, fixed)[:, column(sae, e.feature)]
+        change_T = (e.alpha - 1.0) * f_T
+        if e.pos is not None:  # one position: every other one keeps its value
+            only_T = torch.zeros_like(f_T)
+            only_T[e.pos] = 1.0
+            change_T = change_T * only_T
+        return x + (change_T[:, None] * vec_d.to(x.device)[None, :]).to(x.dtype)[None]
+    return edit
 
 
-def _add_readers(hooks: _Hooks, saes: dict, after: float, seen: dict) -> list[tuple[str, str]]:
-    """Record the input of every single-key (SAE, key) slot that reads deeper than `after`."""
-    slots = []
+def _site_codes(sae, sid: str, site: Site, seen: dict, fixed: dict) -> torch.Tensor:
+    if not site.live:
+        return fixed[(sid, site.read_keys)]
+    slot = ("codes", ("read", sid, site.read_keys[0]))
+    if slot not in seen:
+        seen[slot] = codes(sae, site, {k: seen[("read", sid, k)] for k in site.read_keys})
+    return seen[slot]
+
+
+def _reader_sites(saes: dict, after: float) -> list[tuple[str, Site]]:
+    """(SAE, site) of every single-key SAE slot and CLT layer that reads deeper than `after` (a crosscoder reads
+    keys on both sides of an edit, so its features are not reported downstream)."""
+    out = []
     for sid, sae in saes.items():
-        if sae.cfg.mode != "multilayer" and (len(sae.cfg.in_keys) != 1 or len(sae.cfg.out_keys) != 1):
-            continue  # crosscoders and cross-layer transcoders read several keys at once
-        for key in (sae.cfg.in_keys if sae.cfg.mode == "multilayer" else sae.cfg.in_keys[:1]):
+        cfg = sae.cfg
+        if cfg.mode == "crosscoder":
+            continue
+        keys = cfg.in_keys if cfg.mode in ("multilayer", "clt") else cfg.in_keys[:1]
+        for key in keys:
             if key_depth(key) > after:
-                slots.append((sid, key))
-                hooks.add(key, lambda x, _s=(sid, key): seen.__setitem__(_s, x) or x)
-    return slots
+                out.append((sid, Site((key,), ())))
+    return out
 
 
 @torch.no_grad()
-def _pass(model, ids_1T, saes, edits, after) -> tuple[torch.Tensor, dict, dict]:
-    """(logits [T, vocab], codes of the readers deeper than `after`, codes each edited SAE read)."""
+def _pass(model, ids_1T, saes, edits, after, fixed) -> tuple[torch.Tensor, dict, dict]:
+    """(logits [T, vocab], {(sae, read key): codes} of the readers deeper than `after`, {(sae, read keys):
+    codes} each edited SAE read in this pass)."""
     seen: dict = {}
     hooks = _Hooks(model)
-    slots = _add_readers(hooks, saes, after, seen)  # readers first: they see the activation before an edit there
-    if edits:
-        _add_edits(hooks, saes, edits, seen)
+    readers = _reader_sites(saes, after)
+    for sid, site in readers:  # readers first: they see the activation before an edit there
+        hooks.add(site.read_keys[0], _record(seen, ("down", sid, site.read_keys[0])))
+    _add_edits(hooks, saes, edits, seen, fixed)
     with hooks:
         logits_TV = model(input_ids=ids_1T, use_cache=False).logits[0].float()
-    codes = {s: _codes(saes[s[0]], seen[s][0], s[1]) for s in slots}
-    edited = {(s[1], s[2]): _codes(saes[s[1]], x[0], s[2]) for s, x in seen.items() if s[0] == "read"}
-    return logits_TV, codes, edited
+    down = {(sid, site.read_keys[0]): codes(saes[sid], site, {site.read_keys[0]: seen[("down", sid, site.read_keys[0])]})
+            for sid, site in readers}
+    edited = {}
+    for e in edits:
+        site = site_of(saes[e.sae], e.sae, e.key, e.feature)
+        edited[(e.sae, site.read_keys)] = codes(saes[e.sae], site, {k: seen[("read", e.sae, k)] for k in site.read_keys})
+    return logits_TV, down, edited
 
 
 @torch.no_grad()
 def intervene(model, tokenizer, saes: dict, ids_1T: torch.Tensor, edits: list[Edit], position: int = -1,
               top: int = 10, n_features: int = 10) -> dict:
-    """Clean and edited pass on one prompt. Returns {"tokens", "position", "edits": [{sae, key, feature, pos,
+    """Clean and edited pass on one prompt. Returns {"tokens", "position", "edits": [{sae, key, keys, feature, pos,
     alpha, clean_value}], "logits": [{token, id, clean, edited, delta, p_clean, p_edited}] (the `top` largest
     |delta| at `position`), "features": [{sae, key, feature, clean, edited, delta}] (the `n_features` largest
     |delta| at `position` among features read deeper than the shallowest edit)}."""
@@ -212,10 +275,12 @@ def intervene(model, tokenizer, saes: dict, ids_1T: torch.Tensor, edits: list[Ed
     if not -n_tokens <= position < n_tokens:
         raise StrataError(f"position {position} is outside the prompt's {n_tokens} tokens; use 0-{n_tokens - 1} or -1")
     position %= n_tokens
-    after = min(key_depth(site_of(saes[e.sae], e.sae, e.key).edit_key) for e in edits)
+    sites = [site_of(saes[e.sae], e.sae, e.key, e.feature) for e in edits]
+    after = min(key_depth(s.writes[0]) for s in sites)
     unchanged = [Edit(e.sae, e.feature, 1.0, e.pos, e.key) for e in edits]  # records the edited SAEs' clean codes
-    clean_TV, clean_codes, clean_read = _pass(model, ids_1T, saes, unchanged, after)
-    edited_TV, edited_codes, _ = _pass(model, ids_1T, saes, edits, after)
+    clean_TV, clean_codes, clean_read = _pass(model, ids_1T, saes, unchanged, after, {})
+    fixed = {(e.sae, s.read_keys): clean_read[(e.sae, s.read_keys)] for e, s in zip(edits, sites) if not s.live}
+    edited_TV, edited_codes, _ = _pass(model, ids_1T, saes, edits, after, fixed)
 
     c, d = clean_TV[position], edited_TV[position]
     pc, pd = c.softmax(-1), d.softmax(-1)
@@ -228,27 +293,36 @@ def intervene(model, tokenizer, saes: dict, ids_1T: torch.Tensor, edits: list[Ed
     for (sid, key), clean_Tn in clean_codes.items():
         cf, ef = clean_Tn[position], edited_codes[(sid, key)][position]
         diff = ef - cf
+        offset = _block_offset(saes[sid], key)
         for j in diff.abs().topk(min(n_features, len(diff))).indices.tolist():
             if diff[j] != 0:
-                features.append({"sae": sid, "key": key, "feature": j, "clean": float(cf[j]), "edited": float(ef[j]),
-                                 "delta": float(diff[j])})
+                features.append({"sae": sid, "key": key, "feature": offset + j, "clean": float(cf[j]),
+                                 "edited": float(ef[j]), "delta": float(diff[j])})
     features.sort(key=lambda r: -abs(r["delta"]))
 
     applied = []
-    for e in edits:
-        site = site_of(saes[e.sae], e.sae, e.key)
+    for e, site in zip(edits, sites):
         pos = position if e.pos is None else e.pos % n_tokens
-        value = clean_read[(e.sae, site.read_key)]
-        applied.append({"sae": e.sae, "key": site.edit_key, "feature": e.feature, "pos": e.pos, "alpha": e.alpha,
-                        "clean_value": float(value[pos, e.feature])})
+        value = clean_read[(e.sae, site.read_keys)]
+        applied.append({"sae": e.sae, "key": site.writes[0], "keys": list(site.writes), "feature": e.feature,
+                        "pos": e.pos, "alpha": e.alpha,
+                        "clean_value": float(value[pos, column(saes[e.sae], e.feature)])})
     tokens = tokenizer.batch_decode([[int(t)] for t in ids_1T[0]], clean_up_tokenization_spaces=False)
     return {"tokens": tokens, "position": position, "edits": applied, "logits": logits, "features": features[:n_features]}
 
 
+def _block_offset(sae, read_key: str) -> int:
+    """A CLT layer's codes are one block of its features: block s starts at s * n (0 for every other SAE)."""
+    cfg = sae.cfg
+    if cfg.mode != "clt":
+        return 0
+    return cfg.in_keys.index(read_key) * (cfg.n_latents // len(cfg.in_keys))
+
+
 @torch.no_grad()
 def steer(model, tokenizer, saes: dict, ids_1T: torch.Tensor, steers: list[Edit], new_tokens: int = 20) -> dict:
-    """Greedy continuation of the prompt, clean and with alpha x each feature's decoder direction added at its
-    edit key at every position (prompt and generated). Returns {"clean": text, "steered": text}."""
+    """Greedy continuation of the prompt, clean and with alpha x each feature's decoder direction added at every
+    key it writes, at every position (prompt and generated). Returns {"clean": text, "steered": text}."""
     check_edits(saes, [Edit(s.sae, s.feature, s.alpha, None, s.key) for s in steers])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -260,9 +334,9 @@ def steer(model, tokenizer, saes: dict, ids_1T: torch.Tensor, steers: list[Edit]
     clean = generate()
     hooks = _Hooks(model)
     for s in steers:
-        site = site_of(saes[s.sae], s.sae, s.key)
-        vec_d = s.alpha * direction(saes[s.sae], s.feature, site.edit_key)
-        hooks.add(site.edit_key, lambda x, _v=vec_d: x + _v.to(device=x.device, dtype=x.dtype))
+        for w in site_of(saes[s.sae], s.sae, s.key, s.feature).writes:
+            vec_d = s.alpha * direction(saes[s.sae], s.feature, w)
+            hooks.add(w, lambda x, _v=vec_d: x + _v.to(device=x.device, dtype=x.dtype))
     with hooks:
         steered = generate()
     return {"clean": clean, "steered": steered}
@@ -290,7 +364,8 @@ def format_table(result: dict) -> str:
 
 def _edit_line(e: dict) -> str:
     where = "every position" if e["pos"] is None else f"position {e['pos']}"
-    return f"{e['sae']}:{e['feature']} @ {e['key']} ({where}, x{e['alpha']:g}, clean value {e['clean_value']:.3f})"
+    keys = ", ".join(e.get("keys") or [e["key"]])
+    return f"{e['sae']}:{e['feature']} @ {keys} ({where}, x{e['alpha']:g}, clean value {e['clean_value']:.3f})"
 
 
 # ---------------------------------------------------------------- `strata intervene RUN`
