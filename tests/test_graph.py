@@ -130,7 +130,15 @@ def test_pruning_keeps_the_influence_it_reports(att):
     w = torch.zeros(N, dtype=torch.float64)
     w[N - K:] = probs.double()
     infl = w @ (torch.linalg.inv(torch.eye(N, dtype=torch.float64) - a) - torch.eye(N, dtype=torch.float64))
-    assert torch.allclose(pr.influence.double(), infl, atol=1e-6)
+    assert torch.allclose(pr.raw_influence.double(), infl, atol=1e-6)
+    # the score written as `influence` is circuit-tracer's: the running share of the total influence, the nodes
+    # taken most influential first (the top node holds its own share; the least influential ones reach 1)
+    moving = infl > 0
+    expected = (infl[None, :] * (infl[None, :] >= infl[:, None])).sum(1) / infl.sum()
+    assert torch.allclose(pr.influence.double()[moving], expected[moving], atol=1e-6)
+    top = int(infl.argmax())
+    assert float(pr.influence[top]) == pytest.approx(float(infl[top] / infl.sum()), abs=1e-6)
+    assert float(pr.influence.max()) == pytest.approx(1.0, abs=1e-6)
     body = infl[:N - K]
     kept = float(body[pr.node_mask[:N - K]].sum() / body.sum())
     assert pr.influence_kept == pytest.approx(kept, abs=1e-6)
@@ -177,6 +185,12 @@ def test_graph_cli_writes_the_shared_schema(tc_run, setup, capsys):
             assert n["node_id"] == f"E_{n['feature']}_{n['ctx_idx']}" and m["prompt_ids"][n["ctx_idx"]] == n["feature"]
         else:
             assert n["layer"] == str(n_layers) and n["ctx_idx"] == T - 1 and n["is_target_logit"]
+    # node influence is circuit-tracer's cumulative score: a running share of the total, in (0, 1]; the node
+    # pruning keeps features up to the first one past the 0.8 threshold (pinned ones whatever their score)
+    scored = [n for n in doc["nodes"] if n["feature_type"] != "logit"]
+    assert all(0 < n["influence"] <= 1 + 1e-6 for n in scored)
+    feats = sorted(n["influence"] for n in doc["nodes"] if n["feature_type"] == "transcoder")
+    assert len([v for v in feats if v > m["node_threshold"]]) <= 1 + len(doc["qParams"]["pinnedIds"])
     logits = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
     probs = clean.logits_TV[-1].softmax(-1)
     assert logits[0]["feature"] == int(probs.argmax())

@@ -6,6 +6,11 @@ w ((I - A)^-1 - I); the series ends because the graph is acyclic. Pruning keeps 
 `node_threshold` of the total influence (tokens and logits always), then the edges carrying `edge_threshold` of
 the edge influence in the node-pruned graph, then drops feature and error nodes left without outgoing (and
 features without incoming) edges. Node order everywhere: features, errors, tokens, logits.
+
+The score written as each node's `influence` is circuit-tracer's cumulative one: nodes sorted by raw influence,
+most influential first, each node's score is the running sum of the normalised influence up to and including it
+(so the most influential node holds its share of the total, and a node with score <= 0.8 survives an 0.8 node
+threshold). The raw probability-weighted influence is `Pruned.raw_influence`.
 """
 from __future__ import annotations
 
@@ -41,12 +46,24 @@ def threshold_of(scores: torch.Tensor, fraction: float) -> float:
     return float(s[i])
 
 
+def cumulative(scores: torch.Tensor) -> torch.Tensor:
+    """Each node's running share of the total, the nodes taken in decreasing order of score (circuit-tracer's
+    cumulative influence); all zero when nothing has influence."""
+    s, order = scores.sort(descending=True)
+    total = s.sum()
+    out = torch.zeros_like(scores)
+    if float(total) > 0:
+        out[order] = s.cumsum(0) / total
+    return out
+
+
 @dataclass
 class Pruned:
-    node_mask: torch.Tensor    # [N] bool
-    edge_mask: torch.Tensor    # [N, N] bool
-    influence: torch.Tensor    # [N] influence of each node on the logits (full graph)
-    influence_kept: float      # share of the total node influence held by the kept nodes
+    node_mask: torch.Tensor      # [N] bool
+    edge_mask: torch.Tensor      # [N, N] bool
+    influence: torch.Tensor      # [N] cumulative influence (circuit-tracer's node score; smaller = more influential)
+    influence_kept: float        # share of the total node influence held by the kept nodes
+    raw_influence: torch.Tensor  # [N] probability-weighted influence of each node on the logits (full graph)
 
 
 def prune(adj: torch.Tensor, logit_probs: torch.Tensor, n_features: int, n_tokens: int,
@@ -77,7 +94,7 @@ def prune(adj: torch.Tensor, logit_probs: torch.Tensor, n_features: int, n_token
             break
     total = float(node_infl[:N - K].sum())
     kept = min(1.0, float(node_infl[:N - K][nodes[:N - K]].sum()) / total) if total > 0 else 1.0
-    return Pruned(nodes, edges, node_infl, kept)
+    return Pruned(nodes, edges, cumulative(node_infl), kept, node_infl)
 
 
 def graph_scores(adj: torch.Tensor, logit_probs: torch.Tensor, n_features: int, n_errors: int) -> tuple[float, float]:
