@@ -156,6 +156,7 @@ def frontier(points: list[dict], front: list[dict], x: str = "L0", y: str = "FVU
 
 
 # ---------------------------------------------------------------- attribution graph (the Circuits page)
+PINNED_EDGE = "#dc2626"
 NODE_COLOURS = {"embedding": "#64748b", "mlp reconstruction error": "#cbd5e1", "transcoder": "#7c3aed",
                 "cross layer transcoder": "#7c3aed", "logit": "#16a34a"}
 
@@ -180,6 +181,28 @@ def node_label(node: dict) -> str:
     return f"L{node['layer']} #{node['feature']}"
 
 
+def influence_rank(node: dict) -> float:
+    """Sort key, most influential first: a node's `influence` is circuit-tracer's cumulative score (the running
+    share of the total influence, smallest for the most influential node); a node without one comes last."""
+    score = float(node.get("influence") or 0)
+    return score if score > 0 else 2.0
+
+
+def pinned_ids(graph: dict) -> list[str]:
+    return list((graph.get("qParams") or {}).get("pinnedIds") or [])
+
+
+def filter_by_influence(graph: dict, threshold: float) -> dict:
+    """The graph with only the nodes whose cumulative influence is at most `threshold` (embeddings, logits, nodes
+    without a score and the pinned nodes always kept) and the links between kept nodes."""
+    pinned = set(pinned_ids(graph))
+    keep = [n for n in graph["nodes"] if n["feature_type"] in ("embedding", "logit") or n["node_id"] in pinned
+            or not float(n.get("influence") or 0) > 0 or float(n["influence"]) <= threshold]
+    ids = {n["node_id"] for n in keep}
+    links = [ln for ln in graph["links"] if ln["source"] in ids and ln["target"] in ids]
+    return {**graph, "nodes": keep, "links": links}
+
+
 def circuit_positions(graph: dict) -> dict[str, tuple[float, float]]:
     """node_id -> (x, y): x = token position (nodes sharing a layer and position spread side by side within
     it), y = layer (embeddings at the bottom, logits at the top)."""
@@ -191,7 +214,7 @@ def circuit_positions(graph: dict) -> dict[str, tuple[float, float]]:
         cells.setdefault((graph_layer(n, n_layers), int(n["ctx_idx"])), []).append(n)
     pos = {}
     for (y, x), members in cells.items():
-        members = sorted(members, key=lambda n: (n["feature_type"] != "mlp reconstruction error", -abs(n.get("influence") or 0)))
+        members = sorted(members, key=lambda n: (n["feature_type"] != "mlp reconstruction error", influence_rank(n)))
         width = min(0.8, 0.16 * len(members))
         for i, n in enumerate(members):
             dx = 0.0 if len(members) == 1 else -width / 2 + width * i / (len(members) - 1)
@@ -209,18 +232,20 @@ def strongest_links(graph: dict, node_id: str, top: int = 5) -> tuple[list[dict]
 def circuit_figure(graph: dict, selected: str | None = None, hover: dict | None = None,
                    hrefs: dict | None = None) -> go.Figure:
     """The pruned graph laid out by token position (x) and layer (y); links as lines (width ~ |weight|, blue
-    excites, red inhibits); nodes labelled with their explanation; supernodes boxed and named. With a node
-    `selected`, only its strongest inputs and outputs are drawn, the rest of the graph faded. `hover`: node_id ->
+    excites, red inhibits); nodes labelled with their explanation; supernodes boxed and named; pinned nodes
+    (qParams.pinnedIds) drawn as red-edged diamonds. With a node `selected`, only its strongest inputs and outputs
+    are drawn, the rest of the graph faded (pinned nodes stay lit). `hover`: node_id ->
     extra hover text (e.g. top contexts, already escaped); `hrefs`: node_id -> link put into the customdata."""
     hover, hrefs = hover or {}, hrefs or {}
     pos = circuit_positions(graph)
     by_id = {n["node_id"]: n for n in graph["nodes"]}
     links = [ln for ln in graph["links"] if ln["source"] in pos and ln["target"] in pos]
+    pinned = set(pinned_ids(graph)) & set(by_id)
     lit: set[str] = set()
     if selected in by_id:
         ins, outs = strongest_links(graph, selected)
         links = ins + outs
-        lit = {selected} | {ln["source"] for ln in ins} | {ln["target"] for ln in outs}
+        lit = {selected} | {ln["source"] for ln in ins} | {ln["target"] for ln in outs} | pinned
     w_max = max((abs(ln["weight"]) for ln in links), default=1.0) or 1.0
     fig = go.Figure()
     bins: dict[tuple, tuple[list, list]] = {}
@@ -241,13 +266,16 @@ def circuit_figure(graph: dict, selected: str | None = None, hover: dict | None 
     fig.add_trace(go.Scatter(
         x=[pos[i][0] for i in ids], y=[pos[i][1] for i in ids], mode="markers+text",
         text=[short(node_label(n), 24) for n in nodes], textposition="top center", textfont={"size": 10},
-        marker={"size": [16 if n["node_id"] == selected else 11 for n in nodes],
+        marker={"size": [16 if n["node_id"] == selected else 14 if n["node_id"] in pinned else 11 for n in nodes],
+                "symbol": ["diamond" if n["node_id"] in pinned else "circle" for n in nodes],
                 "color": [NODE_COLOURS.get(n["feature_type"], "#7c3aed") for n in nodes],
                 "opacity": [1.0 if not faded or n["node_id"] in lit else 0.25 for n in nodes],
-                "line": {"width": [3 if n["node_id"] in member_of else 1 for n in nodes],
-                         "color": ["#f59e0b" if n["node_id"] in member_of else "#1e293b" for n in nodes]}},
+                "line": {"width": [3 if n["node_id"] in member_of or n["node_id"] in pinned else 1 for n in nodes],
+                         "color": [PINNED_EDGE if n["node_id"] in pinned else "#f59e0b" if n["node_id"] in member_of
+                                   else "#1e293b" for n in nodes]}},
         customdata=[[n["node_id"], hrefs.get(n["node_id"], "")] for n in nodes],
-        hovertext=[_node_hover(n, member_of.get(n["node_id"]), hover.get(n["node_id"], "")) for n in nodes],
+        hovertext=[_node_hover(n, member_of.get(n["node_id"]), hover.get(n["node_id"], ""), n["node_id"] in pinned)
+                   for n in nodes],
         hovertemplate="%{hovertext}<extra></extra>", showlegend=False, name="nodes"))
     for label, *members in graph.get("qParams", {}).get("supernodes", []):
         pts = [pos[i] for i in members if i in pos]
@@ -272,14 +300,17 @@ def circuit_figure(graph: dict, selected: str | None = None, hover: dict | None 
     return fig
 
 
-def _node_hover(node: dict, supernode: str | None, extra: str) -> str:
+def _node_hover(node: dict, supernode: str | None, extra: str, pinned: bool = False) -> str:
     kind = node["feature_type"]
     lines = [f"<b>{short(node_label(node), 80)}</b>", f"{kind} · layer {node['layer']} · position {node['ctx_idx']}"]
     if kind in ("transcoder", "cross layer transcoder"):
         lines.append(f"{short(node.get('sae', ''), 40)} #{node['feature']} · activation {float(node.get('activation') or 0):.3g}")
     if kind == "logit":
         lines.append(f"token {node['feature']} · p = {float(node.get('token_prob') or 0):.3f}")
-    lines.append(f"influence {float(node.get('influence') or 0):.3g}")
+    if kind != "logit":
+        lines.append(f"cumulative influence {float(node.get('influence') or 0):.3g}")
+    if pinned:
+        lines.append("pinned")
     if supernode:
         lines.append(f"supernode: {short(supernode, 40)}")
     return "<br>".join(lines + ([extra] if extra else []))

@@ -254,11 +254,13 @@ def circuit_page(graph: dict, train: str, name: str, shared: dict[str, set]) -> 
         sid, f = n.get("sae"), int(n.get("feature", -1))
         if sid and f in shared.get(sid, ()):
             hrefs[n["node_id"]] = f"../{safe_name(sid)}/{f}.html"
+    pinned = charts.pinned_ids(graph)
     nodes = [{"node_id": n["node_id"], "label": charts.node_label(n), "layer": n["layer"], "ctx_idx": n["ctx_idx"],
-              "influence": float(n.get("influence") or 0), "href": hrefs.get(n["node_id"])} for n in graph["nodes"]]
+              "influence": float(n.get("influence") or 0), "href": hrefs.get(n["node_id"]),
+              "pinned": n["node_id"] in pinned} for n in graph["nodes"]]
     return TEMPLATES.get_template("circuit.html").render(
         css=CSS, root="../../../", train=train, name=name, prompt=graph["metadata"].get("prompt", ""),
-        n_links=len(graph["links"]), nodes=nodes,
+        n_links=len(graph["links"]), nodes=nodes, pinned=pinned,
         supernodes=[{"label": g[0], "members": g[1:]} for g in graph["qParams"]["supernodes"]],
         figure=fig_html(charts.circuit_figure(graph, hrefs=hrefs), OPEN_CIRCUIT_NODE))
 

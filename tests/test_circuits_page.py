@@ -1,6 +1,7 @@
 """The Circuits page (AppTest) on a copy of the analysed tiny run with a hand-written graph file in the shared
-schema (strata-graph/1): layout by position and layer, labels, hover contexts, node selection, supernodes saved
-into the file (nothing else in it changes), interventions and steering from the graph and the prompt explorer."""
+schema (strata-graph/1): layout by position and layer, labels, hover contexts, node selection, the node threshold
+on cumulative influence, supernodes and pinned nodes saved into the file (nothing else in it changes),
+interventions and steering from the graph and the prompt explorer."""
 from __future__ import annotations
 
 import json
@@ -37,19 +38,21 @@ def write_graph_file(run: Path, train: str = TRAIN, name: str = GRAPH) -> dict:
         f = saes[sid].encode(acts[sid][0][pos:pos + 1])[0]
         return int(f.argmax()), float(f.max())
 
-    def feat(sid, pos, clerp):
+    def feat(sid, pos, clerp, influence):
         j, v = strongest(sid, pos)
         layer = sid.split(".")[1]
         return {"node_id": f"{layer}_{j}_{pos}", "feature_type": "transcoder", "layer": layer, "ctx_idx": pos,
-                "feature": j, "sae": sid, "activation": v, "influence": 0.5, "token_prob": 0.0,
+                "feature": j, "sae": sid, "activation": v, "influence": influence, "token_prob": 0.0,
                 "is_target_logit": False, "clerp": clerp}
 
     emb = [{"node_id": f"E_{int(t)}_{p}", "feature_type": "embedding", "layer": "E", "ctx_idx": p, "feature": int(t),
             "sae": "", "activation": 0.0, "influence": 0.1, "token_prob": 0.0, "is_target_logit": False, "clerp": ""}
            for p, t in enumerate(ids[0])]
-    a, b, c = feat("resid.1", 2, "<b>brown</b> & colours"), feat("resid.1", last, ""), feat("resid.2", last, "says fox")
+    # influence: circuit-tracer's cumulative score (c the most influential, then a, the error, b)
+    a, b = feat("resid.1", 2, "<b>brown</b> & colours", 0.45), feat("resid.1", last, "", 0.95)
+    c = feat("resid.2", last, "says fox", 0.2)
     err = {"node_id": f"1_err_{last}", "feature_type": "mlp reconstruction error", "layer": "1", "ctx_idx": last,
-           "feature": -1, "sae": "", "activation": 0.0, "influence": 0.05, "token_prob": 0.0,
+           "feature": -1, "sae": "", "activation": 0.0, "influence": 0.6, "token_prob": 0.0,
            "is_target_logit": False, "clerp": ""}
     top = int(lm.model(input_ids=ids).logits[0, -1].argmax())
     logit = {"node_id": f"L_{top}_{last}", "feature_type": "logit", "layer": "3", "ctx_idx": last, "feature": top,
@@ -186,11 +189,54 @@ def test_a_supernode_is_saved_into_the_graph_file_and_drawn(graph_run, monkeypat
     assert json.loads(path.read_text())["qParams"]["supernodes"] == []
 
 
+def shown(at) -> dict:
+    """node_id -> (marker symbol, marker edge colour) of the nodes drawn."""
+    nodes = node_trace(circuit_spec(at))
+    return {cd[0]: (sym, col) for cd, sym, col in zip(nodes["customdata"], nodes["marker"]["symbol"],
+                                                       nodes["marker"]["line"]["color"])}
+
+
+def test_a_pinned_node_is_saved_into_the_file_and_survives_the_node_threshold(graph_run, monkeypatch):
+    run, doc = graph_run
+    path = layout.graph_path(run, TRAIN, GRAPH)
+    before = json.loads(path.read_text())
+    a, b, c, err = doc["nodes"][-5:-1]
+    at = app(run, monkeypatch)
+    assert set(shown(at)) == {n["node_id"] for n in doc["nodes"]}  # threshold 1: everything
+    at.slider(key="circuits_threshold").set_value(0.5).run()
+    check(at)
+    # the threshold keeps the nodes whose cumulative influence is at most 0.5 (tokens and logits always)
+    assert set(shown(at)) == {n["node_id"] for n in doc["nodes"]} - {b["node_id"], err["node_id"]}
+    lines = [t for t in circuit_spec(at)["data"] if t.get("mode") == "lines"]
+    assert sum(len(t["x"]) // 3 for t in lines) == 3  # emb->a, a->c, c->logit: links of hidden nodes go too
+
+    at.selectbox(key="circuits_node").set_value(b["node_id"]).run()
+    at.button(key="circuits_pin").click().run()
+    check(at)
+    after = json.loads(path.read_text())
+    assert after["qParams"]["pinnedIds"] == [b["node_id"]]
+    assert {k: v for k, v in after.items() if k != "qParams"} == {k: v for k, v in before.items() if k != "qParams"}
+    assert after["qParams"]["supernodes"] == before["qParams"]["supernodes"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [f"{GRAPH}.json"]  # no temporary left behind
+    drawn = shown(at)
+    assert drawn[b["node_id"]] == ("diamond", "#dc2626")  # pinned: kept at threshold 0.5, highlighted
+    assert err["node_id"] not in drawn and drawn[a["node_id"]][0] == "circle"
+    assert "pinned" in " ".join(c.value for c in at.caption)
+    assert at.button(key="circuits_pin").label == "Unpin node"
+
+    at.button(key="circuits_pin").click().run()
+    check(at)
+    assert json.loads(path.read_text())["qParams"]["pinnedIds"] == []
+    assert b["node_id"] not in shown(at)
+
+
 def test_read_only_shows_the_graph_without_editing(graph_run, monkeypatch):
-    run, _ = graph_run
+    run, doc = graph_run
     at = app(run, monkeypatch, read_only=True)
     assert circuit_spec(at)
-    assert not [b for b in at.button if b.label in ("Save supernode", "Run intervention", "Generate")]
+    at.selectbox(key="circuits_node").set_value(doc["nodes"][-3]["node_id"]).run()
+    check(at)
+    assert not [b for b in at.button if b.label in ("Save supernode", "Run intervention", "Generate", "Pin node")]
 
 
 def test_intervention_from_the_graph_matches_the_backend(graph_run, monkeypatch):

@@ -339,3 +339,64 @@ def test_circuits_page_click_a_node_and_intervene_in_chromium(analyzed_run, tmp_
         proc.terminate()
         proc.wait(timeout=20)
 
+
+
+def test_circuits_page_pin_a_node_in_chromium(analyzed_run, tmp_path, page):
+    """A researcher clicks a weak node, pins it: the graph file's qParams.pinnedIds holds it (nothing else in the
+    file changes) and the node is redrawn as a red-edged diamond; unpinning takes it back out."""
+    import json
+    import shutil
+    import time
+
+    from test_circuits_page import GRAPH, TRAIN, write_graph_file
+
+    from activations import layout
+    from dashboard.serve import serve_dashboard, wait_until_up
+
+    run = tmp_path / "run"
+    shutil.copytree(analyzed_run, run, ignore=shutil.ignore_patterns("share", ".locks", ".strata.lock"))
+    doc = write_graph_file(run)
+    path = layout.graph_path(run, TRAIN, GRAPH)
+    target = doc["nodes"][-4]  # resid.1's feature at the last position, the least influential
+    port = free_port()
+    proc = serve_dashboard(run, port=port, host="127.0.0.1", block=False)
+
+    def node_marker():
+        return page.evaluate("(id) => { const t = document.querySelector('.js-plotly-plot').data"
+                             ".find(t => t.name === 'nodes'); const k = t.customdata.findIndex(c => c[0] === id);"
+                             " return [t.marker.symbol[k], t.marker.line.color[k]]; }", target["node_id"])
+
+    def file_pins(want, timeout=60):
+        end = time.time() + timeout
+        while time.time() < end:
+            pins = json.loads(path.read_text())["qParams"]["pinnedIds"]
+            if pins == want:
+                return pins
+            time.sleep(0.5)
+        return json.loads(path.read_text())["qParams"]["pinnedIds"]
+
+    try:
+        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90)
+        page.set_default_timeout(LOAD_MS)
+        page.goto(f"http://127.0.0.1:{port}/?page=circuits&graph={TRAIN}/{GRAPH}")
+        points = page.locator(".js-plotly-plot .scatterlayer .trace").last.locator(".point")
+        points.first.wait_for()
+        assert node_marker() == ["circle", "#1e293b"]
+        ids = page.evaluate("() => document.querySelector('.js-plotly-plot').data.find(t => t.name === 'nodes')"
+                            ".customdata.map(c => c[0])")
+        points.nth(ids.index(target["node_id"])).click(force=True)
+        page.get_by_role("button", name="Pin node").click()
+        assert file_pins([target["node_id"]]) == [target["node_id"]]
+        page.get_by_role("button", name="Unpin node").wait_for()
+        page.wait_for_function("(id) => { const t = document.querySelector('.js-plotly-plot').data"
+                               ".find(t => t.name === 'nodes'); const k = t.customdata.findIndex(c => c[0] === id);"
+                               " return k >= 0 && t.marker.symbol[k] === 'diamond'; }", arg=target["node_id"])
+        assert node_marker() == ["diamond", "#dc2626"]
+        after = json.loads(path.read_text())
+        assert {k: v for k, v in after.items() if k != "qParams"} == {k: v for k, v in doc.items() if k != "qParams"}
+        page.get_by_role("button", name="Unpin node").click()
+        assert file_pins([]) == []
+        page.get_by_role("button", name="Pin node").wait_for()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -405,7 +405,8 @@ def test_bundle_heads_panel_opens_in_chromium(heads_bundle, page):
 
 @pytest.fixture(scope="module")
 def circuit_bundle(analyzed_run, tmp_path_factory):
-    """A copy of the analysed tiny run with a saved graph (one supernode) and a bundle sharing its features."""
+    """A copy of the analysed tiny run with a saved graph (one supernode, one pinned node) and a bundle sharing its
+    features."""
     import shutil
 
     from test_circuits_page import GRAPH, TRAIN, write_graph_file
@@ -416,7 +417,7 @@ def circuit_bundle(analyzed_run, tmp_path_factory):
     shutil.copytree(analyzed_run, run, ignore=shutil.ignore_patterns("share", ".locks", ".strata.lock"))
     doc = write_graph_file(run)
     a, b, c = doc["nodes"][-5:-2]
-    save_qparams(run, TRAIN, GRAPH, [["colour <then> fox", a["node_id"], c["node_id"]]], [])
+    save_qparams(run, TRAIN, GRAPH, [["colour <then> fox", a["node_id"], c["node_id"]]], [b["node_id"]])
     spec = f"resid.1:{a['feature']},{b['feature']};resid.2:{c['feature']}"
     assert main(["share", str(run), "--name", TRAIN, "--features", spec]) == 0
     return run, doc
@@ -433,7 +434,12 @@ def test_a_saved_graph_is_in_the_bundle(circuit_bundle):
     assert "colour &lt;then&gt; fox" in page  # the supernode, named in the table (escaped) and boxed in the figure
     c = doc["nodes"][-3]
     assert f'<a href="../resid.2/{c["feature"]}.html">{c["node_id"]}</a>' in page
-    assert page.count("<tr>") == 1 + 1 + 1 + len(doc["nodes"])  # supernode table (head + 1) + node table
+    rows = page.count("<tr>") + page.count('<tr class="pinned">')
+    assert rows == 1 + 1 + 1 + len(doc["nodes"])  # supernode table (head + 1) + node table
+    b = doc["nodes"][-4]  # the pinned node: named above the tables and marked in its row
+    assert f'<p class="pinned-nodes">pinned: {b["node_id"]}</p>' in page
+    assert page.count('<tr class="pinned">') == 1 and \
+        f'<tr class="pinned"><td><a href="../resid.1/{b["feature"]}.html">{b["node_id"]}</a></td>' in page
 
 
 @needs_chromium
@@ -446,6 +452,16 @@ def test_clicking_a_circuit_node_in_the_bundle_opens_its_feature_page(circuit_bu
     points.first.wait_for()
     assert points.count() == len(doc["nodes"])
     assert page.locator(".js-plotly-plot .annotation-text", has_text="colour <then> fox").count() == 1
+    # the pinned node is drawn as a red-edged diamond, every other node as a circle
+    markers = page.evaluate("() => { const t = document.querySelector('.js-plotly-plot').data"
+                            ".find(t => t.name === 'nodes'); return [t.marker.symbol, t.marker.line.color]; }")
+    ids0 = page.evaluate("() => document.querySelector('.js-plotly-plot').data.find(t => t.name === 'nodes')"
+                         ".customdata.map(c => c[0])")
+    b = doc["nodes"][-4]
+    k = ids0.index(b["node_id"])
+    assert (markers[0][k], markers[1][k]) == ("diamond", "#dc2626")
+    assert markers[0].count("diamond") == 1
+    assert points.nth(k).get_attribute("d") != points.nth((k + 1) % len(ids0)).get_attribute("d")  # another shape
     ids = page.evaluate("() => document.querySelector('.js-plotly-plot').data.find(t => t.name === 'nodes')"
                         ".customdata.map(c => c[0])")
     c = doc["nodes"][-3]

@@ -1,7 +1,8 @@
 """Circuits: a saved attribution graph (RUN/graphs/<train>/<graph>.json) laid out by token position and layer.
 Nodes carry their explanation, hover shows the feature's top contexts from the run's index, and a click (or the
-node selector) highlights the node's strongest inputs and outputs and links its feature page. Supernodes
-(named groups of nodes) are saved into the graph file; interventions run on the graph's prompt."""
+node selector) highlights the node's strongest inputs and outputs and links its feature page. A node threshold
+on the cumulative influence thins the graph; pinned nodes stay shown and are highlighted. Supernodes (named
+groups of nodes) and pinned nodes are saved into the graph file; interventions run on the graph's prompt."""
 from __future__ import annotations
 
 import streamlit as st
@@ -64,12 +65,23 @@ def pick_graph(ctx: Ctx, graphs: list[tuple[str, str]]) -> tuple[str, str]:
     return graphs[names.index(chosen)]
 
 
-def render_selected(ctx: Ctx, train: str, graph: dict, by_id: dict, selected: str) -> None:
+def render_selected(ctx: Ctx, train: str, name: str, graph: dict, by_id: dict, selected: str) -> None:
     node = by_id[selected]
+    pinned = charts.pinned_ids(graph)
     st.markdown(f"**{charts.node_label(node)}** — {node['feature_type']}, layer {node['layer']}, "
-                f"position {node['ctx_idx']}")
+                f"position {node['ctx_idx']}" + (" · pinned" if selected in pinned else ""))
     if is_feature(node):
         html(feature_link(train, node["sae"], int(node["feature"]), f"open feature {node['sae']} #{node['feature']}"))
+    if not ctx.read_only:
+        unpin = selected in pinned
+        if st.button("Unpin node" if unpin else "Pin node", key="circuits_pin",
+                     help="pinned nodes stay shown whatever the node threshold; saved into the graph file"):
+            new = [i for i in pinned if i != selected] if unpin else [*pinned, selected]
+            try:
+                supernodes.save_qparams(ctx.run, train, name, graph["qParams"]["supernodes"], new)
+                st.rerun()
+            except StrataError as e:
+                st.error(str(e))
     ins, outs = charts.strongest_links(graph, selected)
     c = st.columns(2)
     for col, title, rows, end in ((c[0], "strongest inputs", ins, "source"), (c[1], "strongest outputs", outs, "target")):
@@ -145,7 +157,14 @@ def render(ctx: Ctx) -> None:
 
     if st.session_state.get("circuits_node") not in ["", *by_id]:
         st.session_state.circuits_node = ""
-    event = st.plotly_chart(charts.circuit_figure(graph, st.session_state.get("circuits_node") or None,
+    threshold = st.slider("node threshold (cumulative influence)", 0.05, 1.0, 1.0, 0.05, key="circuits_threshold",
+                          help="show the most influential nodes holding this share of the influence; embeddings, "
+                               "logits and pinned nodes are always shown")
+    view = charts.filter_by_influence(graph, threshold)
+    pinned = charts.pinned_ids(graph)
+    st.caption(f"showing {len(view['nodes'])} of {len(graph['nodes'])} nodes"
+               + (f" · pinned: {', '.join(pinned)}" if pinned else " · no pinned nodes: select a node to pin it"))
+    event = st.plotly_chart(charts.circuit_figure(view, st.session_state.get("circuits_node") or None,
                                                   top_contexts_hover(ctx, train, graph), feature_hrefs(train, graph)),
                             key=f"circuit-{train}-{name}", on_select="rerun", selection_mode="points")
     clicked = [p.get("customdata") for p in (getattr(getattr(event, "selection", None), "points", None) or [])]
@@ -158,7 +177,7 @@ def render(ctx: Ctx) -> None:
                             format_func=lambda i: node_name(by_id[i]) if i else "(none: whole graph)",
                             help="or click a node in the graph")
     if selected:
-        render_selected(ctx, train, graph, by_id, selected)
+        render_selected(ctx, train, name, graph, by_id, selected)
     render_supernodes(ctx, train, name, graph, by_id)
 
     node = by_id.get(selected) if selected else None
