@@ -180,3 +180,16 @@ def test_strata_intervene_on_a_clt_run(multikey_run, capsys):
     assert "clt:70 @ mlp_out.1, mlp_out.2 (position 2" in out
     assert "top logit changes at position" in out and "steered continuation:" in out
     assert len([ln for ln in out.splitlines() if ln.strip().startswith("'")]) >= 4
+
+
+def test_an_sae_with_no_known_place_to_edit_is_refused_naming_the_modes_that_work():
+    from types import SimpleNamespace
+
+    from activations.errors import StrataError
+    from sae.circuits.intervene import check_edits
+
+    odd = SimpleNamespace(cfg=SimpleNamespace(mode="layer", in_keys=["resid.1", "resid.2"], out_keys=["resid.1"],
+                                              n_latents=8))
+    with pytest.raises(StrataError, match="has no known place to edit; interventions work on layer, multilayer, "
+                                          "transcoder, crosscoder, clt SAEs"):
+        check_edits({"odd": odd}, [Edit("odd", 1)])

@@ -43,7 +43,8 @@ _EDIT = re.compile(r"(?P<sae>[^/:]+)(?:/(?P<key>[^:]+))?:(?P<feature>-?\d+)(?:@(
                    r"(?:\*(?P<alpha>[^*@]+))?")
 EDIT_HELP = ("SAE[/KEY]:FEATURE[@POS][*ALPHA], several separated by ';' (e.g. resid.2:17@5*0); POS = token "
              "position (default every position), ALPHA = factor on the feature's value (default 0: zero it); "
-             "KEY picks the layer of a multi-layer SAE")
+             "KEY picks the layer of a multi-layer SAE; a CLT's features are numbered as in its index, layer block s "
+             "latent j = s * n + j")
 MODES = ("layer", "multilayer", "transcoder", "crosscoder", "clt")
 
 
