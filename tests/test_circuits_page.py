@@ -223,7 +223,13 @@ def test_a_pinned_node_is_saved_into_the_file_and_survives_the_node_threshold(gr
     assert err["node_id"] not in drawn and drawn[a["node_id"]][0] == "circle"
     assert "pinned" in " ".join(c.value for c in at.caption)
     assert at.button(key="circuits_pin").label == "Unpin node"
+    # selecting another node fades the rest of the graph, but not the pinned node
+    at.selectbox(key="circuits_node").set_value(a["node_id"]).run()
+    nodes = node_trace(circuit_spec(at))
+    opacity = dict(zip([cd[0] for cd in nodes["customdata"]], nodes["marker"]["opacity"]))
+    assert opacity[b["node_id"]] == 1.0 and opacity[doc["nodes"][0]["node_id"]] == 0.25
 
+    at.selectbox(key="circuits_node").set_value(b["node_id"]).run()
     at.button(key="circuits_pin").click().run()
     check(at)
     assert json.loads(path.read_text())["qParams"]["pinnedIds"] == []
