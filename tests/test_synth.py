@@ -38,7 +38,7 @@ def test_synth_writes_a_normal_run_with_its_lineage(small_synth):
     run = small_synth
     store = open_run(run)
     m = store.manifest
-    assert is_synthetic(m) and m.complete and verify_run(run) == []
+    assert is_synthetic(m.model) and m.complete and verify_run(run) == []
     assert m.n_tokens == 1024 and len(m.shards) == 2 and m.n_layers == 3
     assert m.keys == ["resid.0", "mlp_in.0", "mlp_out.0", "resid.1", "mlp_in.1", "mlp_out.1",
                       "resid.2", "mlp_in.2", "mlp_out.2", "resid.3"]

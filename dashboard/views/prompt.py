@@ -12,7 +12,7 @@ from markupsafe import Markup
 from activations import layout
 from activations.errors import StrataError
 from activations.hooks import capture, key_depth, n_layers, split_key, unembedding
-from activations.synth import SYNTHETIC_MODEL_ID
+from activations.synth import is_synthetic
 from dashboard import cache, data
 from dashboard.render import feature_href, grid, visible_token
 from dashboard.views import intervene_panel
@@ -161,7 +161,7 @@ def render(ctx: Ctx) -> None:
     if ctx.read_only:
         st.info("The prompt explorer is switched off in read-only mode (it runs the model on typed text).")
         return
-    if data.manifest(ctx.run)["model"]["id"] == SYNTHETIC_MODEL_ID:
+    if is_synthetic(data.manifest(ctx.run)["model"]):
         st.info("This run is synthetic (`strata synth`): there is no model to run typed text through.")
         return
     if not need_index(ctx):

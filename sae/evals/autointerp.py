@@ -146,7 +146,7 @@ def run(ctx: SuiteContext) -> dict:
     explainer = make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url, device=cfg.device)
     results = gather(ctx.run, ctx.saes, ctx.heldout, cfg, ctx.device)
     model_id = str((ctx.run.manifest.model or {}).get("id") or "")
-    lm, note = load_lm(model_id, "cpu") if model_id else (None, "no model: token ids")
+    lm, note = load_lm(ctx.run.manifest.model, "cpu") if model_id else (None, "no model: token ids")
     vocab = load_vocab_and_unembedding(lm)[0] if lm is not None else None
     saes, details = {}, {"explainer": explainer.name, "histogram_bins": BINS.tolist(), "per_feature": {},
                          "histograms": {}, "vocab_note": note}
