@@ -125,9 +125,9 @@ def load_lm(model: dict, device):
 def load_vocab_and_unembedding(lm) -> tuple[list[str] | None, object, str]:
     """(decoded string of every token id, (norm, W_U) or None, note) of a loaded model."""
     from activations.hooks import unembedding
+    from activations.tokens import decode_each
 
-    tok = lm.tokenizer
-    vocab = tok.batch_decode([[i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
+    vocab = decode_each(lm.tokenizer, range(len(lm.tokenizer)))
     if not lm.info.get("causal_lm"):
         return vocab, None, "not a causal LM: no logit effects"
     try:
