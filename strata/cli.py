@@ -282,20 +282,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_errors(prog: str, action, interrupted: str) -> int:
+    """The exit status action() returns; a StrataError is printed as one line `<prog>: error: <what>` (exit 2),
+    Ctrl-C as `<prog>: <interrupted>` (exit 130)."""
+    try:
+        return action()
+    except StrataError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
         return e.code if isinstance(e.code, int) else 2
-    try:
+
+    def run() -> int:
         args.run(args)
-    except StrataError as e:
-        print(f"strata: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("strata: interrupted; finished shards and checkpoints are kept (rerun with --resume)", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return report_errors("strata", run, "interrupted; finished shards and checkpoints are kept (rerun with --resume)")
 
 
 if __name__ == "__main__":
