@@ -26,6 +26,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """pytest-playwright's `page` opens Debian's chromium (tests/test_dashboard_support.py finds it)."""
+    from test_dashboard_support import chromium_launch_args
+
+    return chromium_launch_args(browser_type_launch_args)
+
+
 def make_tokenizer(vocab_size: int = 384, bos: bool = True):
     """A byte-level BPE tokenizer trained on the first built-in documents (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
