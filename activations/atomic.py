@@ -107,6 +107,19 @@ def replace_dir(tmp_dir, final_dir, kind: str) -> None:
         remove_owned(old)
 
 
+def finish_replace(final_dir, kind: str) -> None:
+    """Complete a replace_dir that a kill stopped after the swap: with `final_dir` in place, what is left of
+    `<final>.old` (removed marker last, so still recognisably Strata's `kind`) is removed; anything else there is
+    refused. Without `final_dir`, `<final>.old` is the complete folder readers use (existing_dir) and stays."""
+    from activations.ownership import check_replaceable, remove_owned
+
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(final_dir.name + ".old")
+    if final_dir.is_dir() and (old.exists() or old.is_symlink()):
+        check_replaceable(old, kind)
+        remove_owned(old)
+
+
 def existing_dir(final_dir) -> Path | None:
     """The complete folder written by replace_dir: `final_dir`, or `<final>.old` if a swap was interrupted."""
     final_dir = Path(final_dir)

@@ -101,23 +101,43 @@ def check_gguf(path: Path) -> None:
         raise StrataError(f"{path} {what}; download the model's .gguf file again or give a model folder or hub id")
 
 
+def gguf_path(model_id: str) -> Path | None:
+    """The GGUF file behind `model_id` (the embedded default or a .gguf path), or None for a folder / hub id."""
+    if model_id in _EMBEDDED:
+        return embedded_gguf(model_id)
+    return Path(model_id) if model_id.endswith(".gguf") else None
+
+
+def _gguf_cache(path: Path) -> tuple[Path, str]:
+    """(the folder holding the dequantised copy of a checked GGUF file, the file's sha256)."""
+    check_gguf(path)
+    sha = file_sha256(path)
+    return cache_root() / "gguf" / sha[:16], sha
+
+
+def _read_gguf(path: Path, read):
+    """read(folder, gguf_file) -> ..., with a damaged file refused in one line."""
+    try:
+        return read(path.parent, path.name)
+    except Exception as e:  # noqa: BLE001 -- the GGUF reader raises ValueError, KeyError, struct.error, ... on a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise StrataError(f"cannot read GGUF file {path} ({first}); download it again, or give a model folder "
+                          f"or hub id") from None
+
+
 def _load_gguf(path: Path, dtype: torch.dtype):
     """Dequantise once, then load the cached safetensors copy."""
     from transformers import AutoConfig, AutoTokenizer
 
-    check_gguf(path)
-    sha = file_sha256(path)
-    cache = cache_root() / "gguf" / sha[:16]
+    cache, sha = _gguf_cache(path)
     if not (cache / "done").is_file():
-        try:
-            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        def read(folder, name):
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
             cls, _ = _auto_classes(config)
-            model = cls.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        except Exception as e:  # noqa: BLE001 -- the GGUF reader raises ValueError, KeyError, struct.error, ... on a damaged file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise StrataError(f"cannot read GGUF file {path} ({first}); download it again, or give a model folder "
-                              f"or hub id") from None
+            model = cls.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+        model, tok = _read_gguf(path, read)
         with atomic_path(cache) as tmp:
             # transformers refuses save_pretrained on GGUF-loaded models; the dequantised weights are plain tensors.
             from safetensors.torch import save_model
@@ -142,18 +162,15 @@ def check_model_folder(folder: Path) -> None:
                           f"model's tokenizer files into it (tokenizer.save_pretrained(folder))")
 
 
-def _load_folder_or_hub(model_id: str, dtype: torch.dtype, local_only: bool = False):
-    from transformers import AutoConfig, AutoTokenizer
-
+def _read_folder_or_hub(model_id: str, read, local_only: bool = False):
+    """read(model_id, offline) -> ... for a local folder (checked first) or a hub id, with a failure refused in
+    one line."""
     offline = local_only or os.environ.get("HF_HUB_OFFLINE") == "1"
     folder = Path(model_id) if Path(model_id).is_dir() else None
     if folder is not None:
         check_model_folder(folder)
     try:
-        config = AutoConfig.from_pretrained(model_id, local_files_only=offline)
-        tok = AutoTokenizer.from_pretrained(model_id, local_files_only=offline)  # before the (slow) weights
-        cls, _ = _auto_classes(config)
-        model = cls.from_pretrained(model_id, dtype=dtype, local_files_only=offline)
+        return read(model_id, offline)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if folder is not None:
@@ -161,7 +178,18 @@ def _load_folder_or_hub(model_id: str, dtype: torch.dtype, local_only: bool = Fa
                               f"complete, or save it again with save_pretrained") from None
         raise StrataError(f"cannot load model {model_id!r} ({first[:160]}); offline, use the embedded default "
                           f"'{DEFAULT_MODEL}' or a local folder / .gguf path") from None
-    return model, tok
+
+
+def _load_folder_or_hub(model_id: str, dtype: torch.dtype, local_only: bool = False):
+    from transformers import AutoConfig, AutoTokenizer
+
+    def read(model_id, offline):
+        config = AutoConfig.from_pretrained(model_id, local_files_only=offline)
+        tok = AutoTokenizer.from_pretrained(model_id, local_files_only=offline)  # before the (slow) weights
+        cls, _ = _auto_classes(config)
+        return cls.from_pretrained(model_id, dtype=dtype, local_files_only=offline), tok
+
+    return _read_folder_or_hub(model_id, read, local_only)
 
 
 def _quiet_transformers() -> None:
@@ -177,14 +205,10 @@ def load_model(model_id: str = DEFAULT_MODEL, device: str | torch.device | None 
     _quiet_transformers()
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     device = resolve_device(device) if not isinstance(device, torch.device) else device
-    if model_id in _EMBEDDED:
-        path = embedded_gguf(model_id)
+    path = gguf_path(model_id)
+    if path is not None:
         (model, tok), sha = _load_gguf(path, dtype)
-        source = f"{_EMBEDDED[model_id][0]}:{path.name}"
-    elif model_id.endswith(".gguf"):
-        path = Path(model_id)
-        (model, tok), sha = _load_gguf(path, dtype)
-        source = str(path.resolve())
+        source = f"{_EMBEDDED[model_id][0]}:{path.name}" if model_id in _EMBEDDED else str(path.resolve())
     else:
         model, tok = _load_folder_or_hub(model_id, dtype, local_only=Path(model_id).is_dir())
         sha = getattr(model.config, "_commit_hash", None) or hashlib.sha256(
@@ -192,8 +216,7 @@ def load_model(model_id: str = DEFAULT_MODEL, device: str | torch.device | None 
         source = str(Path(model_id).resolve()) if Path(model_id).is_dir() else f"hub:{model_id}"
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    _pad_with_eos(tok)
     _, causal = _auto_classes(model.config)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     info = {
@@ -208,3 +231,28 @@ def load_model(model_id: str = DEFAULT_MODEL, device: str | torch.device | None 
         "causal_lm": bool(causal),
     }
     return LoadedModel(model=model, tokenizer=tok, info=info)
+
+
+def _pad_with_eos(tok) -> None:
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+
+
+def load_tokenizer(model_id: str = DEFAULT_MODEL):
+    """The tokenizer of `model_id` alone, without its weights (for decoding token ids): from the dequantised
+    cache when a GGUF model has been loaded before, else straight from the GGUF file, folder or hub."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    path = gguf_path(model_id)
+    if path is not None:
+        cache, _ = _gguf_cache(path)
+        if (cache / "done").is_file():
+            model_id, path = str(cache), None
+    if path is not None:
+        tok = _read_gguf(path, lambda folder, name: AutoTokenizer.from_pretrained(folder, gguf_file=name))
+    else:
+        tok = _read_folder_or_hub(model_id, lambda mid, offline: AutoTokenizer.from_pretrained(
+            mid, local_files_only=offline), local_only=Path(model_id).is_dir())
+    _pad_with_eos(tok)
+    return tok

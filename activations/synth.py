@@ -13,13 +13,13 @@ activations/synth_lineage.py. At every token
     mlp_out.L = sum over the features whose direction is new at L+1 (appeared, split/merge children, rotated)
                 of coefficient x direction_{L+1} + noise: what block L writes
 so a transcoder mlp_in.L -> mlp_out.L is scored on those features. The manifest's model id is "synthetic"
-(`Manifest.synthetic`); there is no model, so eval's CE pass, analyze's logit effects and the prompt explorer
+(`is_synthetic(manifest.model)`); there is no model, so eval's CE pass, analyze's logit effects and the prompt explorer
 skip. Token ids are synthetic: 1 + the id of the strongest firing feature at that token (0: none fires).
 Everything is deterministic from --seed: shard i depends only on (seed, i), so `--resume` re-creates missing or
 damaged shards byte-identical and continues an interrupted run.
 
 Stable API (used by the truth eval suite and the feature-flow tests):
-    SynthConfig, synthesize(cfg) -> Manifest, load_truth(run) -> Truth, SYNTHETIC_MODEL_ID
+    SynthConfig, synthesize(cfg) -> Manifest, load_truth(run) -> Truth, is_synthetic(model record)
     Truth.lineage (synth_lineage.Lineage: features, edges, directions, live_ids, changed_ids, links),
     Truth.key_features(key) -> (feature ids [n], unit directions [n, d]) of the truth in that key's space,
     Truth.key_layer(key) -> the lineage layer of that key's features (mlp_out.L: L+1),
@@ -143,8 +143,10 @@ def truth_paths(run) -> tuple[Path, Path]:
     return synth_dir(run) / "truth.json", synth_dir(run) / "features.safetensors"
 
 
-def is_synthetic(manifest: Manifest) -> bool:
-    return manifest.model.get("id") == SYNTHETIC_MODEL_ID
+def is_synthetic(model: dict | None) -> bool:
+    """Whether a manifest's model record (`Manifest.model`, or manifest.json's "model") names no model: the
+    activations were made by `strata synth`, so there is nothing to run text through."""
+    return (model or {}).get("id") == SYNTHETIC_MODEL_ID
 
 
 def lineage_of(cfg: SynthConfig) -> Lineage:
@@ -160,7 +162,7 @@ def load_truth(run) -> Truth:
 
     manifest = load_manifest(run)
     record_path, dirs_path = truth_paths(run)
-    if not is_synthetic(manifest):
+    if not is_synthetic(manifest.model):
         raise StrataError(f"{run} is not a synthetic run (its activations come from {manifest.model.get('id')}), so "
                           f"there is no truth to score against; make one with `strata synth RUN` and train on it")
     if not record_path.is_file() or not dirs_path.is_file():

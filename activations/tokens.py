@@ -27,6 +27,12 @@ class Context:
     end: CorpusPosition  # where the next context starts
 
 
+def decode_each(tokenizer, ids) -> list[str]:
+    """Each token id decoded on its own, spaces kept as the tokenizer writes them (range(len(tokenizer)): the
+    whole vocabulary)."""
+    return tokenizer.batch_decode([[int(i)] for i in ids], clean_up_tokenization_spaces=False)
+
+
 def wants_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from activations import layout
-from activations.atomic import atomic_path, atomic_write_json, existing_dir, replace_dir
+from activations.atomic import atomic_path, atomic_write_json, existing_dir, finish_replace, replace_dir
 from activations.errors import StrataError
 from activations.ownership import mark
 from sae.base import SAE
@@ -116,7 +116,6 @@ def write_checkpoint(run, name: str, saes: dict, optimizers: dict, state: dict) 
     tmp = final.with_name(final.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    drop_stale_old(final)
     (tmp / "saes").mkdir(parents=True)
     mark(tmp, "checkpoint")
     try:
@@ -139,13 +138,10 @@ def write_checkpoint(run, name: str, saes: dict, optimizers: dict, state: dict) 
 
 
 def drop_stale_old(final: Path) -> None:
-    """A kill while replace_dir was removing checkpoint.old (after the new checkpoint was swapped in) leaves
-    part of it, possibly without its marker. With a complete checkpoint in place, that remnant inside our own
-    training folder is garbage: remove it so the next swap is not refused. (Without `final`, checkpoint.old is
-    the complete checkpoint and stays.)"""
-    old = final.with_name(final.name + ".old")
-    if final.is_dir() and old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
+    """The checkpoint's own activations.atomic.finish_replace: a kill while replace_dir was removing
+    checkpoint.old, after the new checkpoint was swapped in, leaves part of it; with nothing more to write
+    (a resumed run that had finished) that part would stay. The next write_checkpoint's replace_dir removes it too."""
+    finish_replace(final, "checkpoint")
 
 
 def read_checkpoint(run, name: str) -> tuple[dict, Path] | None:

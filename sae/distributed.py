@@ -133,13 +133,12 @@ class Parallel:
     def _write_layers(self, write_checkpoint, run, name, saes, optimizers, state) -> None:
         """Every rank writes its SAE folders and optimizer part into checkpoint.partial; rank 0 merges the parts
         into the single-process files and swaps the folder in (replace_dir), so the old or the new one exists."""
-        from sae.checkpoint import _rng_to_json, drop_stale_old, save_sae
+        from sae.checkpoint import _rng_to_json, save_sae
 
         final = layout.checkpoint_dir(run, name)
         tmp = final.with_name(final.name + ".partial")
         if self.writes:
             shutil.rmtree(tmp, ignore_errors=True)
-            drop_stale_old(final)
             (tmp / "saes").mkdir(parents=True)
             mark(tmp, "checkpoint")
         self.barrier()

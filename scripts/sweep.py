@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from activations.errors import StrataError  # noqa: E402
+from strata.cli import report_errors  # noqa: E402
 from strata.sweep import run_sweep  # noqa: E402
 
 
@@ -23,15 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=None, help="members training at once (overrides `parallel:`)")
     p.add_argument("--dry-run", action="store_true", help="print each member's command and state; run nothing")
     args = p.parse_args(argv)
-    try:
-        failed = run_sweep(args.config, args.parallel, args.dry_run)
-    except StrataError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sweep: interrupted; rerun the same command to resume (finished members are skipped)", file=sys.stderr)
-        return 130
-    return 1 if failed else 0
+    return report_errors("sweep", lambda: 1 if run_sweep(args.config, args.parallel, args.dry_run) else 0,
+                         "interrupted; rerun the same command to resume (finished members are skipped)")
 
 
 if __name__ == "__main__":

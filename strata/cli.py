@@ -21,16 +21,25 @@ from strata.config import add_config_args, build_config, given_flags  # noqa: E4
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` -> `--lr=-1e-3`: a negative number after a long flag is that flag's value, in any notation
+    (argparse would take -1e-3 for an option)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and _NEGATIVE_NUMBER.match(arg) and out[-1].startswith("--") and "=" not in out[-1] and out[-1] != "--":
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with Strata's error format: one line `strata: error: <what> (see strata <verb> --help)`, exit 2;
     negative numbers in any notation are values."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._negative_number_matcher = _NEGATIVE_NUMBER
-
     def parse_known_args(self, args=None, namespace=None):
         """Unknown arguments are an error of the parser that met them (so the hint names the verb)."""
+        args = join_negative_values(sys.argv[1:] if args is None else [str(a) for a in args])
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
@@ -273,20 +282,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_errors(prog: str, action, interrupted: str) -> int:
+    """The exit status action() returns; a StrataError is printed as one line `<prog>: error: <what>` (exit 2),
+    Ctrl-C as `<prog>: <interrupted>` (exit 130)."""
+    try:
+        return action()
+    except StrataError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
         return e.code if isinstance(e.code, int) else 2
-    try:
+
+    def run() -> int:
         args.run(args)
-    except StrataError as e:
-        print(f"strata: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("strata: interrupted; finished shards and checkpoints are kept (rerun with --resume)", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return report_errors("strata", run, "interrupted; finished shards and checkpoints are kept (rerun with --resume)")
 
 
 if __name__ == "__main__":

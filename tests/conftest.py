@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """pytest-playwright's `page` opens Debian's chromium (tests/test_dashboard_support.py finds it)."""
+    from test_dashboard_support import chromium_launch_args
+
+    return chromium_launch_args(browser_type_launch_args)
 
 
 def make_tokenizer(vocab_size: int = 384, bos: bool = True):
@@ -86,6 +96,17 @@ def harvest_tiny(run_dir: Path, model_dir: Path, **overrides):
                 batch_contexts=4, shard_tokens=1024, max_tokens=6144, progress=False)
     opts.update(overrides)
     return harvest(HarvestConfig(**opts))
+
+
+def torchrun_strata(verb: str, port: int, *args, **opts) -> None:
+    """`strata VERB ARGS --opt=value ...` under `torchrun --nproc-per-node 2` (gloo, one thread a process, master
+    port `port`); it must exit 0."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), "-m", "strata.cli", verb, *map(str, args), "--progress", "false", *flags],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")

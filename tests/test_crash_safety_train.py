@@ -1,39 +1,25 @@
 """Crash safety of `strata train`: a run killed with SIGKILL at an exact point of its work, then continued with
 `--resume`, ends with the same files, bit for bit, as a run that was never interrupted.
 
-Each kill point runs `strata train` in a child process started through this file's `__main__` block: before
-Strata is imported, it wraps one library function the product calls (safetensors' save_file, os.replace,
-shutil.rmtree, the atomic JSON writer, the SAE step, the metrics logger) so that its n-th matching call sends
-the process SIGKILL, before or after the real call or halfway through the write. No kill hook lives in the
-product code. The tiny run: 2 SAEs (resid.0, resid.3), 12 steps, checkpoints after steps 4 and 8 and at the
-end, a metrics record every 2 steps.
+Each kill point runs `strata train` in a child process through tests/kill_at.py: before Strata is imported, it
+wraps one library function the product calls (safetensors' save_file, os.replace, shutil.rmtree, the atomic JSON
+writer, the SAE step, the metrics logger) so that its n-th matching call sends the process SIGKILL, before or
+after the real call or halfway through the write. No kill hook lives in the product code. The tiny run: 2 SAEs
+(resid.0, resid.3), 12 steps, checkpoints after steps 4 and 8 and at the end, a metrics record every 2 steps.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kill_at import KillPoint, run_until_killed
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "crash"
 FLAGS = ["--name", NAME, "--layers", "0,3", "--batch-size", "64", "--max-tokens", str(64 * 12), "--expansion", "4",
          "--k", "8", "--checkpoint-every", "4", "--log-every", "2", "--progress", "false", "--device", "cpu"]
-
-
-@dataclass
-class KillPoint:
-    id: str
-    target: str      # save_file | replace | rmtree | json | step | log
-    nth: int         # the n-th call on a path ending in `match` (every call counts when match is "")
-    when: str        # before | after | torn (the file is half written when the process dies)
-    match: str = ""
 
 
 # safetensors writes per checkpoint: 1 = resid.0 weights, 2 = resid.3 weights, 3 = optimizer (then 4-6, 7-9)
@@ -45,7 +31,7 @@ POINTS = [
     KillPoint("first-ckpt-before-state-json", "json", 1, "before", "state.json"),
     KillPoint("first-ckpt-complete-before-swap", "replace", 1, "before", "checkpoint.partial"),
     KillPoint("metrics-line-half-written", "log", 3, "torn"),
-    KillPoint("mid-training-between-saes-of-a-step", "step", 2 * 6 + 1, "before"),
+    KillPoint("mid-training-between-saes-of-a-step", "sae.optim:SAEStepper.step", 2 * 6 + 1, "before"),
     KillPoint("second-ckpt-old-moved-aside-new-not-in", "replace", 1, "after", "checkpoint.old"),
     KillPoint("second-ckpt-swapped-old-still-there", "replace", 2, "after", "checkpoint.partial"),
     KillPoint("second-ckpt-old-partly-removed", "rmtree", 1, "torn", "checkpoint.old/saes"),
@@ -53,112 +39,6 @@ POINTS = [
     KillPoint("final-ckpt-before-state-json", "json", 3, "before", "state.json"),
     KillPoint("final-ckpt-swapped-old-still-there", "replace", 3, "after", "checkpoint.partial"),
 ]
-
-
-# ---------------------------------------------------------------- the child process: wrap, then run strata
-def _die() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _install(point: KillPoint) -> None:
-    """Wrap the target so that its n-th matching call kills this process (before Strata imports it)."""
-    import safetensors.torch
-
-    import activations.atomic
-    import sae.logger
-    import sae.optim
-
-    calls = [0]
-
-    def hit(*paths) -> bool:
-        if point.match and not any(str(p).endswith(point.match) for p in paths):
-            return False
-        calls[0] += 1
-        return calls[0] == point.nth
-
-    def half(path) -> None:
-        path = Path(path)
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
-
-    if point.target == "save_file":
-        real = safetensors.torch.save_file
-
-        def save_file(tensors, filename, metadata=None):
-            now = hit(filename)
-            if now and point.when == "before":
-                _die()
-            real(tensors, filename, metadata)
-            if now:
-                if point.when == "torn":
-                    half(filename)
-                _die()
-        safetensors.torch.save_file = save_file
-    elif point.target == "replace":
-        real_replace = os.replace
-
-        def replace(src, dst, **kw):
-            now = hit(src) if point.match.endswith(".partial") else hit(dst)
-            if now and point.when == "before":
-                _die()
-            real_replace(src, dst, **kw)
-            if now:
-                _die()
-        os.replace = replace
-    elif point.target == "rmtree":
-        real_rmtree = shutil.rmtree
-
-        def rmtree(path, *args, **kw):
-            if hit(path):  # killed partway through removing the old checkpoint (its marker goes last)
-                real_rmtree(Path(path) / next(iter(os.listdir(path))))
-                _die()
-            return real_rmtree(path, *args, **kw)
-        shutil.rmtree = rmtree
-    elif point.target == "json":
-        real_json = activations.atomic.atomic_write_json
-
-        def atomic_write_json(path, obj):
-            if hit(path):
-                if point.when == "torn":  # dies while writing the temporary file atomic_path would rename
-                    text = json.dumps(obj, indent=2) + "\n"
-                    Path(str(path) + activations.atomic.TMP_SUFFIX).write_text(text[: len(text) // 2])
-                _die()
-            real_json(path, obj)
-        activations.atomic.atomic_write_json = atomic_write_json
-    elif point.target == "step":
-        real_step = sae.optim.SAEStepper.step
-
-        def step(self, *args, **kw):
-            if hit():
-                _die()
-            return real_step(self, *args, **kw)
-        sae.optim.SAEStepper.step = step
-    elif point.target == "log":
-        real_log = sae.logger.MetricsLogger.log
-
-        def log(self, record):
-            if hit():
-                line = json.dumps(record) + "\n"
-                self.file.write(line[: len(line) // 2])
-                self.file.flush()
-                _die()
-            real_log(self, record)
-        sae.logger.MetricsLogger.log = log
-    else:
-        raise ValueError(point.target)
-
-
-def _child(argv: list[str]) -> int:
-    point = KillPoint(**json.loads(argv[0]))
-    import torch
-
-    torch.set_num_threads(1)
-    _install(point)
-    from strata.cli import main
-
-    return main(argv[1:])
 
 
 # ---------------------------------------------------------------- the test: kill, resume, compare
@@ -209,10 +89,7 @@ def reference(tmp_path_factory, tiny_run) -> dict:
 def test_killed_then_resumed_equals_uninterrupted(point, reference, tiny_run, tmp_path, one_thread):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("train", "index", "share", ".locks", ".strata.lock"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    spec = json.dumps(point.__dict__)
-    proc = subprocess.run([sys.executable, __file__, spec, "train", str(run), *FLAGS], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = run_until_killed(point, ["train", run, *FLAGS], OMP_NUM_THREADS="1")
     assert proc.returncode == -signal.SIGKILL, f"not killed at {point.id} (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
     assert (run / "train" / NAME).is_dir()
 
@@ -227,6 +104,3 @@ def test_killed_then_resumed_equals_uninterrupted(point, reference, tiny_run, tm
 def test_there_are_at_least_ten_kill_points():
     assert len({p.id for p in POINTS}) == len(POINTS) >= 10
 
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))

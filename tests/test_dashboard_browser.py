@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 from test_dashboard_support import (
     XSS_PAYLOADS,
     add_matches,
-    chromium_launch_args,
+    dashboard_server,
     free_port,
     needs_chromium,
     synthetic_run,
@@ -19,26 +19,13 @@ pytestmark = needs_chromium
 LOAD_MS = 90_000  # a cold Streamlit session on a busy 2-core machine
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    return chromium_launch_args(browser_type_launch_args)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from dashboard.serve import serve_dashboard, wait_until_up
-
     vocab = [f"word{i}" for i in range(30)] + XSS_PAYLOADS
     run = synthetic_run(tmp_path_factory.mktemp("browser") / "run", vocab)
     add_matches(run / "index" / "synth.h5")  # causal matches, for the Flow page and lineage panels
-    port = free_port()
-    proc = serve_dashboard(run, read_only=True, port=port, host="127.0.0.1", block=False)
-    try:
-        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90), "streamlit did not come up"
-        yield run, f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    with dashboard_server(run) as url:
+        yield run, url
 
 
 def open_feature(page, url: str):
@@ -109,22 +96,15 @@ def test_hostile_tokens_render_as_text_in_the_live_app(served, page):
 
 def test_real_run_feature_page_in_chromium(analyzed_run, page):
     """The README's flow: `strata dashboard RUN` on an analysed run, the feature page opened in a browser."""
-    from dashboard.serve import serve_dashboard, wait_until_up
     from sae.analysis.index_file import FeatureIndex
 
     idx = FeatureIndex(analyzed_run / "index" / "topk-layer.h5")
     f = int(idx.column("resid.2", "count").argmax())
-    port = free_port()
-    proc = serve_dashboard(analyzed_run, port=port, host="127.0.0.1", block=False)
-    try:
-        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90)
-        open_feature(page, f"http://127.0.0.1:{port}/?page=features&train=topk-layer&sae=resid.2&f={f}")
+    with dashboard_server(analyzed_run, read_only=False) as url:
+        open_feature(page, f"{url}/?page=features&train=topk-layer&sae=resid.2&f={f}")
         tokens = page.locator(".strata-ctx .tok")
         assert tokens.count() > 20 and page.locator(".strata-ctx .tok.peak").count() >= 1
         assert all(t.startswith("activation ") for t in tokens.evaluate_all("ts => ts.map(t => t.title)"))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_a_bad_feature_link_is_named_as_typed(served, page):
@@ -176,32 +156,27 @@ def test_flow_filter_with_regex_characters_is_plain_text(served, page):
 def test_heads_panel_and_heads_page_in_chromium(attn_run, page):
     """An attention-output SAE's feature page shows which heads write it, and the Heads page its heads x features
     heatmap per layer, in a real browser."""
-    from dashboard.serve import serve_dashboard, wait_until_up
     from sae.analysis.index_file import FeatureIndex
 
     idx = FeatureIndex(attn_run / "index" / "attn-layer.h5")
     f = int(idx.column("attn_out.1", "count").argmax())
     rec = idx.feature("attn_out.1", f)
-    port = free_port()
-    proc = serve_dashboard(attn_run, read_only=True, port=port, host="127.0.0.1", block=False)
     try:
-        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90)
-        open_feature(page, f"http://127.0.0.1:{port}/?page=features&train=attn-layer&sae=attn_out.1&f={f}")
-        page.get_by_text("Attention heads").first.wait_for()
-        table = page.locator("table.strata-grid").filter(has=page.locator("th", has_text="bias"))
-        assert table.locator("th").all_inner_texts()[2:] == ["h0", "h1", "h2", "h3", "bias"]
-        first = table.locator("tr").nth(1).locator("td").all_inner_texts()
-        assert first[2:] == [f"{float(s):+.2f}" for s in [*rec["top_head_share"][0], rec["top_head_bias_share"][0]]]
-        assert table.locator(".strata-ctx .tok.peak").count() >= 1  # the context's tokens, highlighted
-        for title in ("mean share of the pre-activation per head (top contexts)", "share per head on each top context"):
-            page.locator(".js-plotly-plot .gtitle", has_text=title).wait_for()  # drawn by plotly.js
-        page.goto(f"http://127.0.0.1:{port}/?page=heads&train=attn-layer")
-        page.get_by_text("attn_out.2 · attn_out.2: heads x features").wait_for()
-        page.locator(".js-plotly-plot .heatmaplayer").first.wait_for()
-        assert page.locator(".js-plotly-plot").count() == 6  # a heatmap and a bar chart per layer
+        with dashboard_server(attn_run) as url:
+            open_feature(page, f"{url}/?page=features&train=attn-layer&sae=attn_out.1&f={f}")
+            page.get_by_text("Attention heads").first.wait_for()
+            table = page.locator("table.strata-grid").filter(has=page.locator("th", has_text="bias"))
+            assert table.locator("th").all_inner_texts()[2:] == ["h0", "h1", "h2", "h3", "bias"]
+            first = table.locator("tr").nth(1).locator("td").all_inner_texts()
+            assert first[2:] == [f"{float(s):+.2f}" for s in [*rec["top_head_share"][0], rec["top_head_bias_share"][0]]]
+            assert table.locator(".strata-ctx .tok.peak").count() >= 1  # the context's tokens, highlighted
+            for title in ("mean share of the pre-activation per head (top contexts)", "share per head on each top context"):
+                page.locator(".js-plotly-plot .gtitle", has_text=title).wait_for()  # drawn by plotly.js
+            page.goto(f"{url}/?page=heads&train=attn-layer")
+            page.get_by_text("attn_out.2 · attn_out.2: heads x features").wait_for()
+            page.locator(".js-plotly-plot .heatmaplayer").first.wait_for()
+            assert page.locator(".js-plotly-plot").count() == 6  # a heatmap and a bar chart per layer
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
         idx.close()
 
 
@@ -209,16 +184,8 @@ def test_heads_panel_and_heads_page_in_chromium(attn_run, page):
 @pytest.fixture(scope="module")
 def explorer_server(analyzed_run):
     """`strata dashboard` (not read-only: the prompt explorer runs the tiny Llama) on the analysed tiny run."""
-    from dashboard.serve import serve_dashboard, wait_until_up
-
-    port = free_port()
-    proc = serve_dashboard(analyzed_run, port=port, host="127.0.0.1", block=False)
-    try:
-        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90), "streamlit did not come up"
-        yield analyzed_run, f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    with dashboard_server(analyzed_run, read_only=False) as url:
+        yield analyzed_run, url
 
 
 def run_prompt(page, url: str, train: str, text: str):
@@ -276,23 +243,15 @@ def test_prompt_explorer_in_chromium(explorer_server, page):
 def test_features_page_opens_on_an_interpretable_feature_in_chromium(tmp_path_factory, page):
     from test_dashboard_pages import PLANTED_VOCAB, plant_features
 
-    from dashboard.serve import serve_dashboard, wait_until_up
-
     run = synthetic_run(tmp_path_factory.mktemp("browser-planted") / "run", PLANTED_VOCAB)
     planted = plant_features(run)
-    port = free_port()
-    proc = serve_dashboard(run, read_only=True, port=port, host="127.0.0.1", block=False)
-    try:
-        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90)
-        open_feature(page, f"http://127.0.0.1:{port}/?page=features&train=synth&sae=resid.0")
+    with dashboard_server(run) as url:
+        open_feature(page, f"{url}/?page=features&train=synth&sae=resid.0")
         assert page.get_by_text(f"resid.0 · feature {planted['good']}").is_visible()  # the first listed
         aside = page.get_by_text("Set aside (the toggle shows them")
         assert aside.is_visible() and "1 outlier-only" in aside.inner_text()
         page.get_by_text("show always-on and outlier-only features (2)").click()
         aside.wait_for(state="detached")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_circuits_page_click_a_node_and_intervene_in_chromium(analyzed_run, tmp_path, page):

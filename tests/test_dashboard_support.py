@@ -2,6 +2,7 @@
 the real analysis pass (no model, no training), with a vocabulary the test chooses (e.g. XSS payloads)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -107,6 +108,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def dashboard_server(run, read_only: bool = True):
+    """`strata dashboard RUN` served on a free local port for a browser test: yields its URL once Streamlit
+    answers, and stops the server after."""
+    from dashboard.serve import serve_dashboard, wait_until_up
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = serve_dashboard(run, read_only=read_only, port=port, host="127.0.0.1", block=False)
+    try:
+        assert wait_until_up(url, proc, timeout=90), "streamlit did not come up"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 # ---------------------------------------------------------------- headless Chromium (Debian's `chromium`)

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun_strata
 
 import sae.train
 from activations import layout
@@ -16,19 +13,9 @@ from sae.checkpoint import load_saes
 from sae.train import train
 from sae.train_config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 OPTS = {"arch": "topk", "expansion": 2, "k": 8, "batch_size": 128, "max_tokens": 128 * 24, "log_every": 8, "checkpoint_every": 10,
             "seed": 3, "device": "cpu",  # gloo on CPU even where a GPU is present
         "precision": "fp32"}  # parity to 1e-5 is an fp32 property: bf16 rounds differently when the batch is split
-
-
-def torchrun_train(run, port: int, **opts) -> None:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(port), "-m", "strata.cli", "train", str(run), "--progress", "false", *flags],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def assert_same_saes(run, dist_name: str, single_name: str) -> None:
@@ -61,26 +48,26 @@ def interrupted_train(monkeypatch, **opts) -> None:
     assert json.loads((layout.checkpoint_dir(opts["run_dir"], opts["name"]) / "state.json").read_text())["step"] == 10
 
 
+def torchrun_matches_single(run, monkeypatch, parallel: str, name: str, ports: tuple[int, int], **opts) -> None:
+    """`strata train --parallel P` under torchrun gives the single-process SAEs, both from scratch (train/<name>)
+    and resumed from a single-process run's first checkpoint (train/<name>-resumed)."""
+    torchrun_strata("train", ports[0], run, name=name, parallel=parallel, **opts)
+    train(TrainConfig(run_dir=str(run), name=f"single-{name}", progress=False, **opts))
+    assert_same_saes(run, name, f"single-{name}")
+    interrupted_train(monkeypatch, run_dir=str(run), name=f"{name}-resumed", progress=False, **opts)
+    torchrun_strata("train", ports[1], run, name=f"{name}-resumed", parallel=parallel, resume=True, **opts)
+    assert_same_saes(run, f"{name}-resumed", f"single-{name}")
+
+
 def test_data_parallel_matches_single_process(tiny_run, monkeypatch):
     opts = dict(OPTS, layers="1,2", expansion=8, k_aux=4, dead_tokens=128)  # AuxK on: dead counts all-reduced
-    torchrun_train(tiny_run, 29531, name="dp", parallel="data", **opts)
-    train(TrainConfig(run_dir=str(tiny_run), name="single-dp", progress=False, **opts))
-    assert_same_saes(tiny_run, "dp", "single-dp")
-    interrupted_train(monkeypatch, run_dir=str(tiny_run), name="dp-resumed", progress=False, **opts)
-    torchrun_train(tiny_run, 29533, name="dp-resumed", parallel="data", resume=True, **opts)
-    assert_same_saes(tiny_run, "dp-resumed", "single-dp")
+    torchrun_matches_single(tiny_run, monkeypatch, "data", "dp", (29531, 29533), **opts)
     lines = layout.metrics_path(tiny_run, "dp").read_text().splitlines()
     assert json.loads(lines[-1])["saes"]["resid.1"]["auxk"] > 0, "AuxK ran on the dead latents"
     assert [json.loads(x)["tokens"] for x in lines] == [128 * s for s in (8, 16, 24)], "rank 0 logs each record once"
 
 
 def test_layer_parallel_matches_single_process_bank(tiny_run, monkeypatch):
-    opts = dict(OPTS, layers="0-3")
-    torchrun_train(tiny_run, 29532, name="lp", parallel="layers", **opts)
-    train(TrainConfig(run_dir=str(tiny_run), name="single-lp", progress=False, **opts))
-    assert_same_saes(tiny_run, "lp", "single-lp")
-    interrupted_train(monkeypatch, run_dir=str(tiny_run), name="lp-resumed", progress=False, **opts)
-    torchrun_train(tiny_run, 29534, name="lp-resumed", parallel="layers", resume=True, **opts)
-    assert_same_saes(tiny_run, "lp-resumed", "single-lp")
+    torchrun_matches_single(tiny_run, monkeypatch, "layers", "lp", (29532, 29534), **dict(OPTS, layers="0-3"))
     record = json.loads(layout.metrics_path(tiny_run, "lp").read_text().splitlines()[-1])
     assert list(record["saes"]) == ["resid.0", "resid.1", "resid.2", "resid.3"], "metrics of every rank's SAEs"

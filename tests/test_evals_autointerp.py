@@ -63,7 +63,11 @@ def trained(tmp_path, tiny_run):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_eval_autointerp_per_sae_and_layer(trained, capsys):
+def test_eval_autointerp_per_sae_and_layer(trained, capsys, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("autointerp decodes the vocabulary with the tokenizer alone, never the model")
+
+    monkeypatch.setattr("activations.model.load_model", no_model)
     for name in ("t", "ml"):
         assert main(["eval", str(trained), "--name", name, "--suite", "autointerp", "--autointerp-features", "12",
                      "--device", "cpu"]) == 0
@@ -80,6 +84,7 @@ def test_eval_autointerp_per_sae_and_layer(trained, capsys):
     assert sum(d["histograms"]["resid.1"]["detection"]) == bank["saes"]["resid.1"]["overall"]["autointerp_features_scored"]
     first = d["per_feature"]["resid.1"]["resid.1"][0]
     assert first["explanation"].startswith("fires on") and first["activating"] > 0
+    assert d["vocab_note"] == "" and "'" in first["explanation"]  # tokens shown as text ('word'), not ids (<12>)
     assert "autointerp: autointerp_detection_f1_mean" in capsys.readouterr().out
 
 
@@ -94,3 +99,19 @@ def test_unreachable_explainer_fails_autointerp_alone(trained, capsys):
     out = json.loads((layout.train_dir(trained, "t") / "eval.json").read_text())
     assert out["suites"]["autointerp"]["status"] == "failed"
     assert out["suites"]["core"]["status"] == "ok" and "fvu" in out["saes"]["resid.1"]["overall"]
+
+
+def test_the_tokenizer_alone_decodes_as_the_loaded_model(tiny_llama, tmp_path, monkeypatch):
+    from activations.model import load_model, load_tokenizer
+    from activations.tokens import decode_each
+
+    lm = load_model(str(tiny_llama), "cpu")
+    everything = range(len(lm.tokenizer))
+    assert decode_each(load_tokenizer(str(tiny_llama)), everything) == decode_each(lm.tokenizer, everything)
+    # the embedded GGUF model: from its dequantised cache (when this machine has one) and straight from the file
+    cached = load_tokenizer()
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+    direct = load_tokenizer()
+    assert len(direct) == len(cached) > 1000
+    assert decode_each(direct, range(len(direct))) == decode_each(cached, range(len(cached)))
+    assert not (tmp_path / "cache").exists()  # the tokenizer alone never dequantises the weights

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_dashboard_support import chromium_launch_args, free_port, needs_chromium, synthetic_run
+from test_dashboard_support import dashboard_server, needs_chromium, synthetic_run
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 # absorption per SAE: resid.2 absorbs least; its L0 (4) equals the others', so it alone is on the frontier
@@ -93,25 +93,12 @@ def test_sweep_frontier_takes_any_eval_metric_as_its_y_axis(tmp_path):
 
 @needs_chromium
 def test_browser_frontier_axis_choice(evaluated, page):
-    from dashboard.serve import serve_dashboard, wait_until_up
-
-    port = free_port()
-    proc = serve_dashboard(evaluated, read_only=True, port=port, host="127.0.0.1", block=False)
-    try:
-        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90), "streamlit did not come up"
+    with dashboard_server(evaluated) as url:
         page.set_default_timeout(90_000)
-        page.goto(f"http://127.0.0.1:{port}")
+        page.goto(url)
         page.locator(".gtitle", has_text="L0-FVU frontier").wait_for()
         page.locator('[data-testid="stSelectbox"]', has_text="y axis").click()
         page.keyboard.type("absorption_mean")
         page.keyboard.press("Enter")
         page.locator(".gtitle", has_text="L0-absorption_mean frontier").wait_for()
         page.get_by_text("eval metrics per layer").first.wait_for()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    return chromium_launch_args(browser_type_launch_args)

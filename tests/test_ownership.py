@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from activations.atomic import replace_dir
+from activations.atomic import existing_dir, finish_replace, replace_dir
 from activations.errors import StrataError
 from activations.ownership import owner_kind
 
@@ -55,6 +55,27 @@ def test_a_kill_while_the_old_folder_is_removed_does_not_block_the_next_swap(tmp
     assert (tmp_path / "out.old").is_dir() and owner_kind(tmp_path / "out.old") == "share"
     replace_dir(bundle(tmp_path, "c.partial", "third"), final, "share")
     assert (final / "index.html").read_text() == "third" and not (tmp_path / "out.old").exists()
+
+
+def test_finishing_an_interrupted_swap_removes_only_strata_s_old_folder(tmp_path):
+    final, old = tmp_path / "out", tmp_path / "out.old"
+    replace_dir(bundle(tmp_path, "a.partial", "first"), final, "share")
+    replace_dir(bundle(tmp_path, "b.partial", "second"), old, "share")  # as a kill after the swap leaves it
+    finish_replace(final, "share")
+    assert not old.exists() and (final / "index.html").read_text() == "first"
+
+    final.rename(old)  # killed between the two renames: out.old is the only complete folder, and stays
+    finish_replace(final, "share")
+    assert existing_dir(final) == old and (old / "index.html").read_text() == "first"
+
+    mine = tmp_path / "mine"
+    (tmp_path / "mine.old").mkdir()
+    (tmp_path / "mine.old" / "notes.txt").write_text("keep")
+    replace_dir(bundle(tmp_path, "c.partial", "x"), tmp_path / "elsewhere", "share")
+    (tmp_path / "elsewhere").rename(mine)
+    with pytest.raises(StrataError, match="did not write"):
+        finish_replace(mine, "share")
+    assert (tmp_path / "mine.old" / "notes.txt").read_text() == "keep"
 
 
 def test_folders_written_before_markers_are_recognised(tmp_path):

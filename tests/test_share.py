@@ -10,7 +10,6 @@ from markupsafe import escape
 from test_dashboard_pages import assert_no_active_markup
 from test_dashboard_support import (
     XSS_PAYLOADS,
-    chromium_launch_args,
     needs_chromium,
     synthetic_run,
 )
@@ -18,11 +17,6 @@ from test_dashboard_support import (
 from strata.cli import main
 
 SPEC = "resid.0:0-31;multi:0,1;cross:2;resid.1:4"
-
-
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    return chromium_launch_args(browser_type_launch_args)
 
 
 @pytest.fixture(scope="module")

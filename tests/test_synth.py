@@ -38,7 +38,7 @@ def test_synth_writes_a_normal_run_with_its_lineage(small_synth):
     run = small_synth
     store = open_run(run)
     m = store.manifest
-    assert is_synthetic(m) and m.complete and verify_run(run) == []
+    assert is_synthetic(m.model) and m.complete and verify_run(run) == []
     assert m.n_tokens == 1024 and len(m.shards) == 2 and m.n_layers == 3
     assert m.keys == ["resid.0", "mlp_in.0", "mlp_out.0", "resid.1", "mlp_in.1", "mlp_out.1",
                       "resid.2", "mlp_in.2", "mlp_out.2", "resid.3"]
@@ -250,29 +250,14 @@ def test_dashboard_browses_a_synthetic_run_without_a_model(analyzed_perfect, mon
     assert 'class="tok' in "\n".join(m.value for m in at.markdown)  # its top contexts, tokens shown as ids
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    from test_dashboard_support import chromium_launch_args
-
-    return chromium_launch_args(browser_type_launch_args)
-
-
 def test_browser_prompt_page_of_a_synthetic_run_says_there_is_no_model(analyzed_perfect, page):
-    from test_dashboard_support import chromium_path, free_port
-
-    from dashboard.serve import serve_dashboard, wait_until_up
+    from test_dashboard_support import chromium_path, dashboard_server
 
     if chromium_path() is None:
         pytest.skip("no chromium")
-    port = free_port()
-    proc = serve_dashboard(analyzed_perfect, read_only=False, port=port, host="127.0.0.1", block=False)
-    try:
-        assert wait_until_up(f"http://127.0.0.1:{port}", proc, timeout=90), "streamlit did not come up"
+    with dashboard_server(analyzed_perfect, read_only=False) as url:
         page.set_default_timeout(90_000)
-        page.goto(f"http://127.0.0.1:{port}/?page=prompt&train=bank")
+        page.goto(f"{url}/?page=prompt&train=bank")
         note = page.get_by_text("there is no model to run typed text through")
         note.wait_for()
         assert note.is_visible() and page.get_by_role("button", name="Run").count() == 0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)

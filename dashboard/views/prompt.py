@@ -12,7 +12,8 @@ from markupsafe import Markup
 from activations import layout
 from activations.errors import StrataError
 from activations.hooks import capture, key_depth, n_layers, split_key, unembedding
-from activations.synth import SYNTHETIC_MODEL_ID
+from activations.synth import is_synthetic
+from activations.tokens import decode_each
 from dashboard import cache, data
 from dashboard.render import feature_href, grid, visible_token
 from dashboard.views import intervene_panel
@@ -73,7 +74,7 @@ def prompt_features(lm, saes: dict, text: str, max_tokens: int, top: int = 3, le
         top_ids, probs = logit_lens(acts[key][0], norm, W_U, lens_k)
         lens.append({"key": key, "label": f"lens {key}" + (" (model output)" if key == last else ""),
                      "depth": key_depth(key), "ids": top_ids.numpy(), "probs": probs.numpy()})
-    tokens = tok.batch_decode([[int(t)] for t in ids[0]], clean_up_tokenization_spaces=False)
+    tokens = decode_each(tok, ids[0])
     return {"tokens": tokens, "n_tokens": int(all_ids.shape[1]), "columns": columns, "lens": lens, "lens_note": note}
 
 
@@ -161,7 +162,7 @@ def render(ctx: Ctx) -> None:
     if ctx.read_only:
         st.info("The prompt explorer is switched off in read-only mode (it runs the model on typed text).")
         return
-    if data.manifest(ctx.run)["model"]["id"] == SYNTHETIC_MODEL_ID:
+    if is_synthetic(data.manifest(ctx.run)["model"]):
         st.info("This run is synthetic (`strata synth`): there is no model to run typed text through.")
         return
     if not need_index(ctx):

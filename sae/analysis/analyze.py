@@ -25,7 +25,7 @@ from activations import layout
 from activations.config import option as _f
 from activations.errors import StrataError
 from activations.lock import run_lock
-from activations.synth import SYNTHETIC_MODEL_ID
+from activations.synth import is_synthetic
 from sae.analysis import depth
 from sae.analysis.explain import ExplainerError, TokenExplainer, make_explainer
 from sae.analysis.explain_index import (
@@ -108,15 +108,16 @@ def select_spans(run, data: str, heldout_fraction: float) -> tuple[list[tuple[in
     return [(shards[i].token_start, shards[i].token_start + shards[i].rows) for i in ids], ids
 
 
-def load_lm(model_id: str, device):
-    """(the run's model, "") or (None, why not). Never fails: the index is still useful without it."""
-    if model_id == SYNTHETIC_MODEL_ID:
+def load_lm(model: dict, device):
+    """(the model of a manifest's model record, "") or (None, why not). Never fails: the index is still useful
+    without it."""
+    if is_synthetic(model):
         return None, ("synthetic run (strata synth): no model, so no logit effects (tokens shown as ids); causal "
                       "matches through the generator's known map between resid layers")
     from activations.model import load_model
 
     try:
-        return load_model(model_id, device=device), ""
+        return load_model(model["id"], device=device), ""
     except StrataError as e:
         return None, f"model not loaded ({e}); no logit effects or causal matches, tokens shown as ids"
 
@@ -124,9 +125,9 @@ def load_lm(model_id: str, device):
 def load_vocab_and_unembedding(lm) -> tuple[list[str] | None, object, str]:
     """(decoded string of every token id, (norm, W_U) or None, note) of a loaded model."""
     from activations.hooks import unembedding
+    from activations.tokens import decode_each
 
-    tok = lm.tokenizer
-    vocab = tok.batch_decode([[i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
+    vocab = decode_each(lm.tokenizer, range(len(lm.tokenizer)))
     if not lm.info.get("causal_lm"):
         return vocab, None, "not a causal LM: no logit effects"
     try:
@@ -251,7 +252,7 @@ def _index_runs(cfg: AnalyzeConfig, run, names: list, device, slow) -> list:
         _log(cfg, f"{name}: pass over {done[0]:,} tokens in {res['seconds']:.1f}s")
 
         if lm is None and not note:
-            lm, note = load_lm(run.manifest.model["id"], device)
+            lm, note = load_lm(run.manifest.model, device)
             if lm is not None:
                 vocab, unemb, note = load_vocab_and_unembedding(lm)
         notes = [note] if note else []
@@ -349,7 +350,7 @@ def score_matches(cfg: AnalyzeConfig, run, saes: dict, res: dict, lm, spans, exc
     notes = []
     T = int(run.manifest.context_length)
     truth = None
-    if lm is None and run.manifest.model.get("id") == SYNTHETIC_MODEL_ID:
+    if lm is None and is_synthetic(run.manifest.model):
         from activations.synth import load_truth
 
         truth = load_truth(cfg.run_dir)

@@ -15,6 +15,7 @@ explanation describes?), which `strata eval --suite autointerp` scores beside de
 """
 from __future__ import annotations
 
+import abc
 import os
 import re
 from collections import Counter
@@ -120,7 +121,26 @@ class ExplainerError(StrataError):
     """The explainer gave up (e.g. its endpoint still failed after every retry): explanations are incomplete."""
 
 
-class OpenAIExplainer:
+class PromptExplainer(abc.ABC):
+    """An explainer that asks a language model: explain, detect and fuzz are one prompt each, answered by the
+    subclass's `complete(prompt) -> text`."""
+
+    @abc.abstractmethod
+    def complete(self, prompt: str) -> str:
+        """The model's answer to one prompt."""
+
+    def explain(self, windows, acts, vocab) -> Explanation:
+        text = self.complete(_explain_prompt(windows, acts, vocab))
+        return Explanation((text.splitlines() or [""])[0][:200] or "(no explanation)")
+
+    def detect(self, expl, windows, acts_unused, vocab) -> np.ndarray:
+        return _parse_numbers(self.complete(_detect_prompt(expl.text, windows, vocab)), len(windows))
+
+    def fuzz(self, expl, windows, marks, vocab) -> np.ndarray:
+        return _parse_numbers(self.complete(_fuzz_prompt(expl.text, windows, marks, vocab)), len(windows))
+
+
+class OpenAIExplainer(PromptExplainer):
     """Chat completions on an OpenAI-compatible server; the key (if any) is read from an environment variable."""
 
     name = "openai"
@@ -136,7 +156,7 @@ class OpenAIExplainer:
         self.client = openai.OpenAI(base_url=self.url, api_key=os.environ.get(api_key_env) or "none",
                                     timeout=timeout, max_retries=max_retries)
 
-    def _chat(self, prompt: str) -> str:
+    def complete(self, prompt: str) -> str:
         import openai
 
         try:
@@ -151,18 +171,8 @@ class OpenAIExplainer:
             raise ExplainerError(f"explainer endpoint {self.url} sent a reply that is not a chat completion; "
                                  f"check --explainer-url") from None
 
-    def explain(self, windows, acts, vocab) -> Explanation:
-        text = self._chat(_explain_prompt(windows, acts, vocab))
-        return Explanation((text.splitlines() or [""])[0][:200] or "(no explanation)")
 
-    def detect(self, expl, windows, acts_unused, vocab) -> np.ndarray:
-        return _parse_numbers(self._chat(_detect_prompt(expl.text, windows, vocab)), len(windows))
-
-    def fuzz(self, expl, windows, marks, vocab) -> np.ndarray:
-        return _parse_numbers(self._chat(_fuzz_prompt(expl.text, windows, marks, vocab)), len(windows))
-
-
-class TransformersExplainer:
+class TransformersExplainer(PromptExplainer):
     """A local causal LM (any id activations.model.load_model accepts)."""
 
     name = "transformers"
@@ -173,7 +183,7 @@ class TransformersExplainer:
         self.lm = load_model(model_id, device=device)
         self.max_new_tokens = max_new_tokens
 
-    def _generate(self, prompt: str) -> str:
+    def complete(self, prompt: str) -> str:
         import torch
 
         tok = self.lm.tokenizer
@@ -182,16 +192,6 @@ class TransformersExplainer:
             out = self.lm.model.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False,
                                          pad_token_id=tok.pad_token_id)
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-
-    def explain(self, windows, acts, vocab) -> Explanation:
-        text = self._generate(_explain_prompt(windows, acts, vocab))
-        return Explanation((text.splitlines() or [""])[0][:200] or "(no explanation)")
-
-    def detect(self, expl, windows, acts_unused, vocab) -> np.ndarray:
-        return _parse_numbers(self._generate(_detect_prompt(expl.text, windows, vocab)), len(windows))
-
-    def fuzz(self, expl, windows, marks, vocab) -> np.ndarray:
-        return _parse_numbers(self._generate(_fuzz_prompt(expl.text, windows, marks, vocab)), len(windows))
 
 
 def make_explainer(kind: str, model: str = "", url: str = "", api_key_env: str = "OPENAI_API_KEY", device="auto"):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from activations.errors import StrataError
+from activations.tokens import decode_each
 from sae.evals.model_inputs import check_model, encode_at, load_run_model, scored_inputs, token_ids
 from sae.evals.suite import SuiteContext
 
@@ -187,7 +188,7 @@ def run(ctx: SuiteContext) -> dict:
         raise StrataError("absorption has no SAE to score here (it scores per-layer and multi-layer SAEs; "
                           + "; ".join(f"{s}: {why}" for s, why in skipped.items()) + ")")
     lm = load_run_model(ctx.run, ctx.device, ctx.dtype, "absorption")
-    vocab = lm.tokenizer.batch_decode([[i] for i in range(len(lm.tokenizer))], clean_up_tokenization_spaces=False)
+    vocab = decode_each(lm.tokenizer, range(len(lm.tokenizer)))
     words = alpha_words(vocab)
     rng = np.random.default_rng(0)  # the same words on every eval
     words = [words[i] for i in rng.permutation(len(words))[:cfg.absorption_words]]

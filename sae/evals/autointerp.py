@@ -27,6 +27,9 @@ import numpy as np
 import torch
 
 from activations.errors import StrataError
+from activations.model import load_tokenizer
+from activations.synth import is_synthetic
+from activations.tokens import decode_each
 from sae.analysis.explain import Explanation, f1, make_explainer
 from sae.analysis.indexer import IndexerSettings, SaeIndexer
 from sae.analysis.source import run_blocks
@@ -138,16 +141,26 @@ def check(cfg, run) -> None:
         make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url)
 
 
-def run(ctx: SuiteContext) -> dict:
-    from sae.analysis.analyze import load_lm, load_vocab_and_unembedding
+def run_vocab(model: dict | None) -> tuple[list[str] | None, str]:
+    """(every token id of the run's model decoded, "") or (None, why the explainer sees token ids instead).
+    Only the tokenizer is loaded: the explainer reads text, never the model."""
+    if not (model or {}).get("id"):
+        return None, "no model: token ids"
+    if is_synthetic(model):
+        return None, "synthetic run (strata synth): no tokenizer, token ids"
+    try:
+        tok = load_tokenizer(model["id"])
+    except StrataError as e:
+        return None, f"tokenizer not loaded ({e}); token ids"
+    return decode_each(tok, range(len(tok))), ""
 
+
+def run(ctx: SuiteContext) -> dict:
     cfg = ctx.cfg
     # made first: a missing flag or an explainer model that will not load fails before the pass
     explainer = make_explainer(cfg.explainer, cfg.explainer_model, cfg.explainer_url, device=cfg.device)
     results = gather(ctx.run, ctx.saes, ctx.heldout, cfg, ctx.device)
-    model_id = str((ctx.run.manifest.model or {}).get("id") or "")
-    lm, note = load_lm(model_id, "cpu") if model_id else (None, "no model: token ids")
-    vocab = load_vocab_and_unembedding(lm)[0] if lm is not None else None
+    vocab, note = run_vocab(ctx.run.manifest.model)
     saes, details = {}, {"explainer": explainer.name, "histogram_bins": BINS.tolist(), "per_feature": {},
                          "histograms": {}, "vocab_note": note}
     for sid, sae in ctx.saes.items():

@@ -32,7 +32,7 @@ from sae.modes import Unit
 @torch.no_grad()
 def run(ctx: SuiteContext) -> dict:
     saes = reconstruction_metrics(ctx.run, ctx.saes, ctx.heldout, ctx.cfg, ctx.device)
-    if ctx.cfg.ce_contexts > 0 and is_synthetic(ctx.run.manifest):
+    if ctx.cfg.ce_contexts > 0 and is_synthetic(ctx.run.manifest.model):
         print("eval: synthetic run (strata synth): no model, so no CE/KL loss recovered")
     elif ctx.cfg.ce_contexts > 0:
         for sid, per_key in downstream_metrics(ctx.run, ctx.saes, ctx.heldout, ctx.cfg, ctx.device, ctx.dtype).items():

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from activations.errors import StrataError
-from activations.synth import SYNTHETIC_MODEL_ID
+from activations.synth import is_synthetic
 
 
 def scored_inputs(saes: dict, suite: str) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -39,7 +39,7 @@ def encode_at(sae, x_ND: torch.Tensor, key: str) -> torch.Tensor:
 def check_model(run, suite: str) -> str:
     """The id of the model the run was harvested from; StrataError for a run without one."""
     model_id = str((run.manifest.model or {}).get("id") or "")
-    if not model_id or model_id == SYNTHETIC_MODEL_ID:
+    if not model_id or is_synthetic(run.manifest.model):
         raise StrataError(f"the {suite} suite runs the model the run was harvested from, and this run has none "
                           f"(synthetic activations); leave absorption and probing out of --suite for it")
     return model_id
