@@ -215,14 +215,14 @@ def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_s
     units = [Unit(sid, sae) for sid, sae in saes.items()]
     steppers = {}
     for u in units:
-        u.sae.compute_dtype = prec.dtype
+        u.sae.set_compute_dtype(prec.dtype)
         if isinstance(u.sae, ReLUSAE):
             u.sae.l1_warmup_steps = cfg.l1_warmup_steps or max(1, total_steps // 20)
         steppers[u.sae_id] = SAEStepper(u.sae, cfg.lr or default_lr(latents_per_dictionary(u.sae.cfg)), total_steps, warmup,
                                         cfg.decay_fraction, cfg.grad_clip, eps=cfg.adam_eps)
     steppers = par.wrap_steppers(steppers)
     if ckpt is not None:
-        restore_optimizers(ckpt[1], ckpt[0], {sid: st.opt for sid, st in steppers.items()})
+        restore_optimizers(ckpt[1], ckpt[0], saes, {sid: st.opt for sid, st in steppers.items()})
         restore_rng(ckpt[0])
 
     tdir = layout.train_dir(cfg.run_dir, name)

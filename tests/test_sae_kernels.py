@@ -67,7 +67,7 @@ def test_bf16_step_chooses_in_bf16_and_decodes_the_exact_fp32_values():
     d, n, k, B = 32, 256, 8, 64
     sae = build_sae(SAEConfig(arch="topk", d_in=d, d_out=d, n_latents=n, k=k, in_keys=["x"], out_keys=["x"],
                               in_scales=[1.0], out_scales=[1.0]))
-    sae.compute_dtype = torch.bfloat16
+    sae.set_compute_dtype(torch.bfloat16)
     x = torch.randn(B, d)
     out = sae(x, x)
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_bf16_step_chooses_in_bf16_and_decodes_the_exact_fp32_values():
     assert int(untied.sum()) > B // 2
     assert torch.allclose(out.recon[untied], ref[untied], atol=1e-5)
     out.loss.backward()
-    assert sae.W_enc.grad.dtype == torch.float32 and bool(torch.isfinite(sae.W_enc.grad).all())
+    assert sae.W_enc_ND.grad.dtype == torch.float32 and bool(torch.isfinite(sae.W_enc_ND.grad).all())
 
 
 def test_transpose_matmul_is_the_dense_transposed_product():
