@@ -207,7 +207,7 @@ class CrossLayerTranscoder(SAE):
             vals, flat = pre.reshape(-1).topk(k * B, sorted=False)
             flat, order = flat.sort()
             return flat // self.n, flat % self.n, vals[order].clamp_(min=0)
-        vals, cols = pre.topk(k, dim=1, sorted=False)
+        vals, cols = kernels.topk_rows(pre, k)
         return torch.arange(B, device=pre.device).repeat_interleave(k), cols.reshape(-1), vals.reshape(-1).clamp_(min=0)
 
     @torch.no_grad()
