@@ -58,8 +58,9 @@ def load_sae(folder, device: str | torch.device = "cpu", trainable: bool = False
     except (json.JSONDecodeError, TypeError, AttributeError, SafetensorError, OSError) as e:
         raise StrataError(f"{folder} is unreadable ({str(e).splitlines()[0][:120]}); retrain or restore it") from None
     sae = build_sae(cfg)
-    expected = sae.state_dict()  # the file's names and shapes (older checkpoints may lack the training statistics)
-    missing = [k for k in expected if k not in tensors and k not in ("stale_tokens", "fire_count", "tokens_counted")]
+    expected = sae.state_dict()  # the file's names and shapes; a buffer an older file lacks keeps its initial value
+    buffers = {name for name, _ in sae.named_buffers()}
+    missing = [k for k in expected if k not in tensors and k not in buffers]
     unexpected = [k for k in tensors if k not in expected]
     misshaped = [k for k in tensors if k in expected and tensors[k].shape != expected[k].shape]
     if missing or unexpected or misshaped:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from activations import layout
+from activations.errors import StrataError
 from sae.checkpoint import load_sae, restore_optimizers, save_sae, write_checkpoint
 from sae.config import SAEConfig
 from sae.models import build_sae
@@ -60,11 +61,15 @@ def test_an_sae_folder_in_the_old_layout_encodes_as_written_and_saves_back_the_s
     assert set(again) == set(w) and all(torch.equal(again[k], w[k]) for k in w)
 
 
-def test_an_sae_folder_without_its_encoder_is_refused(tmp_path):
+def test_a_folder_without_the_statistics_loads_but_one_without_its_encoder_is_refused(tmp_path):
     w = _old_folder(tmp_path / "old", _cfg("topk", 64), torch.Generator().manual_seed(0))
+    for stat in ("stale_tokens", "fire_count", "tokens_counted"):  # files from before they were saved
+        del w[stat]
+    save_file(w, str(tmp_path / "old" / "sae.safetensors"))
+    assert torch.equal(load_sae(tmp_path / "old").W_enc, w["W_enc"])
     del w["W_enc"]
     save_file(w, str(tmp_path / "old" / "sae.safetensors"))
-    with pytest.raises(Exception, match=r"does not match its cfg.json \(missing \['W_enc'\]"):
+    with pytest.raises(StrataError, match=r"does not match its cfg.json \(missing \['W_enc'\]"):
         load_sae(tmp_path / "old")
 
 
