@@ -21,6 +21,8 @@ from sae.config import SAEConfig
 # y -> (sum of squared deviations of the *global* batch about its mean, number of processes).
 global_batch_variance = None
 
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def fvu(y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained about the batch mean: sum ||y - recon||^2 / sum ||y - mean(y)||^2.
@@ -46,14 +48,20 @@ class Output:
 
 
 class SAE(nn.Module):
-    """Parameters: W_enc [d_in, n] (stored latent-major: each latent's encoder row is contiguous, because the
-    sparse backward writes whole rows), b_enc [n], W_dec [n, d_out], b_dec [d_out], optional W_skip."""
+    """Parameters: W_enc_ND [n, d_in] (the encoder, latent-major and contiguous: the sparse backward writes whole
+    rows, and the fused Adam kernel walks a contiguous tensor without copying it), b_enc [n], W_dec [n, d_out],
+    b_dec [d_out], optional W_skip. `W_enc` is its [d_in, n] transposed view, the layout readers use
+    (pre = x @ W_enc + b_enc) and the weights file stores (see _save_to_state_dict)."""
+
+    # parameters the state dict (sae.safetensors, and optimizer.safetensors' moments) holds transposed, under
+    # another name: the file layout from before the encoder was stored latent-major, which old checkpoints have
+    disk_transposed = {"W_enc_ND": "W_enc"}
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
         n, d_in, d_out = cfg.n_latents, cfg.d_in, cfg.d_out
-        self.W_enc = nn.Parameter(torch.empty(n, d_in).t())
+        self.W_enc_ND = nn.Parameter(torch.empty(n, d_in))
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.empty(n, d_out))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
@@ -62,8 +70,36 @@ class SAE(nn.Module):
         self.register_buffer("stale_tokens", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("fire_count", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("tokens_counted", torch.zeros((), dtype=torch.float64))
-        self.compute_dtype = torch.float32  # bf16 training runs the dense encoder matmul in bfloat16
+        self._compute_dtype = torch.float32  # set_compute_dtype
         self.reset_parameters()
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """The encoder as [d_in, n] (a view of W_enc_ND: writes through it change the parameter)."""
+        return self.W_enc_ND.t()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, disk in self.disk_transposed.items():
+            destination[prefix + disk] = destination.pop(prefix + name).t()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, disk in self.disk_transposed.items():  # state_dict is load_state_dict's own copy
+            if prefix + disk in state_dict:
+                state_dict[prefix + name] = state_dict.pop(prefix + disk).t()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the dense encoder matmul (weights, gradients and optimiser state stay fp32)."""
+        return self._compute_dtype
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Run the dense encoder matmul in `dtype`: torch.float32, or torch.bfloat16 where it is fast
+        (activations/precision.py decides; sae.models.use_precision and the trainer call this)."""
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute dtype {dtype} is not one of {COMPUTE_DTYPES}")
+        self._compute_dtype = dtype
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -74,11 +110,11 @@ class SAE(nn.Module):
         if cfg.mode == "transcoder":
             # input and output spaces differ: random unit encoder rows, decoder starts at zero (learned freely)
             enc = torch.randn(cfg.n_latents, cfg.d_in, generator=generator)
-            self.W_enc.copy_((enc / enc.norm(dim=1, keepdim=True)).t())
+            self.W_enc_ND.copy_(enc / enc.norm(dim=1, keepdim=True))
             self.W_dec.zero_()
         else:
             self.W_dec.copy_(dec)
-            self.W_enc.copy_(dec.t())  # encoder = decoder transpose
+            self.W_enc_ND.copy_(dec)  # encoder = decoder transpose
         self.b_enc.zero_()
         self.b_dec.zero_()
 
@@ -98,7 +134,7 @@ class SAE(nn.Module):
         target = y - self.b_dec
         alpha = float((recon * target).sum() / recon.pow(2).sum().clamp_min(1e-12))
         if 0 < alpha < float("inf"):
-            self.W_enc.mul_(alpha)
+            self.W_enc_ND.mul_(alpha)
             self.scale_threshold(alpha)
 
     def init_threshold(self, x: torch.Tensor) -> None:
@@ -112,11 +148,12 @@ class SAE(nn.Module):
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def dense_preacts(self, x_c: torch.Tensor) -> torch.Tensor:
-        """x_c @ W_enc + b_enc (the one dense matmul of the TopK family), in self.compute_dtype."""
+        """x_c @ W_enc + b_enc with autograd (the dense architectures' encoder), in self.compute_dtype. F.linear on
+        the latent-major W_enc_ND: its backward writes the weight gradient [n, d_in] in the parameter's layout."""
         if self.compute_dtype == torch.float32:
-            return torch.addmm(self.b_enc, x_c, self.W_enc)
+            return F.linear(x_c, self.W_enc_ND, self.b_enc)
         dt = self.compute_dtype
-        return torch.addmm(self.b_enc.to(dt), x_c.to(dt), self.W_enc.to(dt)).float()
+        return F.linear(x_c.to(dt), self.W_enc_ND.to(dt), self.b_enc.to(dt)).float()
 
     @torch.no_grad()
     def raw_preacts(self, x_c: torch.Tensor) -> torch.Tensor:

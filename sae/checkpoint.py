@@ -58,9 +58,15 @@ def load_sae(folder, device: str | torch.device = "cpu", trainable: bool = False
     except (json.JSONDecodeError, TypeError, AttributeError, SafetensorError, OSError) as e:
         raise StrataError(f"{folder} is unreadable ({str(e).splitlines()[0][:120]}); retrain or restore it") from None
     sae = build_sae(cfg)
-    missing, unexpected = sae.load_state_dict(tensors, strict=False)
-    if [m for m in missing if m not in ("stale_tokens", "fire_count", "tokens_counted")] or unexpected:
-        raise StrataError(f"{folder / SAE_WEIGHTS} does not match its cfg.json (missing {missing}, unexpected {unexpected})")
+    expected = sae.state_dict()  # the file's names and shapes; a buffer an older file lacks keeps its initial value
+    buffers = {name for name, _ in sae.named_buffers()}
+    missing = [k for k in expected if k not in tensors and k not in buffers]
+    unexpected = [k for k in tensors if k not in expected]
+    misshaped = [k for k in tensors if k in expected and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        raise StrataError(f"{folder / SAE_WEIGHTS} does not match its cfg.json (missing {missing}, unexpected "
+                          f"{unexpected}, wrong shape {misshaped}); retrain or restore it")
+    sae.load_state_dict(tensors, strict=False)
     sae.requires_grad_(trainable)
     return sae.to(device).eval()
 
@@ -123,11 +129,7 @@ def write_checkpoint(run, name: str, saes: dict, optimizers: dict, state: dict) 
             save_sae(sae, tmp / "saes" / sae_id)
         opt_tensors, groups = {}, {}
         for sae_id, opt in optimizers.items():
-            sd = opt.state_dict()
-            for idx, st in sd["state"].items():
-                for key, val in st.items():
-                    opt_tensors[f"{sae_id}/{idx}/{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
-            groups[sae_id] = sd["param_groups"]
+            groups[sae_id] = optimizer_tensors(sae_id, saes[sae_id], opt, opt_tensors)
         save_file(opt_tensors, str(tmp / OPTIMIZER))
         full = dict(state, sae_ids=list(saes), optimizer_param_groups=groups, rng=_rng_to_json(torch.get_rng_state()))
         atomic_write_json(tmp / STATE, full)
@@ -137,11 +139,25 @@ def write_checkpoint(run, name: str, saes: dict, optimizers: dict, state: dict) 
         raise
 
 
-def drop_stale_old(final: Path) -> None:
-    """The checkpoint's own activations.atomic.finish_replace: a kill while replace_dir was removing
-    checkpoint.old, after the new checkpoint was swapped in, leaves part of it; with nothing more to write
-    (a resumed run that had finished) that part would stay. The next write_checkpoint's replace_dir removes it too."""
-    finish_replace(final, "checkpoint")
+def _disk_transposed(sae: SAE, opt) -> set[int]:
+    """Indices, in the optimizer's parameter list, of the parameters whose file layout is their transpose
+    (SAE.disk_transposed): their Adam moments are stored transposed too, as the weights are."""
+    params = {id(getattr(sae, name)) for name in sae.disk_transposed}
+    return {i for i, p in enumerate(opt.param_groups[0]["params"]) if id(p) in params}
+
+
+def optimizer_tensors(sae_id: str, sae: SAE, opt, out: dict) -> list:
+    """Add one SAE's Adam state to `out` as optimizer.safetensors holds it ("<sae_id>/<param index>/<name>", row-major
+    copies in the file layout); returns the optimizer's param_groups for state.json."""
+    sd = opt.state_dict()
+    transposed = _disk_transposed(sae, opt)
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            val = torch.as_tensor(val).detach()
+            if idx in transposed and val.dim() == 2:
+                val = val.t()
+            out[f"{sae_id}/{idx}/{key}"] = val.cpu().contiguous()
+    return sd["param_groups"]
 
 
 def read_checkpoint(run, name: str) -> tuple[dict, Path] | None:
@@ -153,9 +169,9 @@ def read_checkpoint(run, name: str) -> tuple[dict, Path] | None:
     return read_state(ckpt / STATE), ckpt
 
 
-def restore_optimizers(ckpt: Path, state: dict, optimizers: dict) -> None:
-    """Adam moments of every SAE from optimizer.safetensors, checked against the parameters they belong to
-    (a missing or mis-shaped moment would silently restart or crash the optimiser)."""
+def restore_optimizers(ckpt: Path, state: dict, saes: dict, optimizers: dict) -> None:
+    """Adam moments of every SAE (`optimizers` keyed as `saes`) from optimizer.safetensors, checked against the
+    parameters they belong to (a missing or mis-shaped moment would silently restart or crash the optimiser)."""
     path = ckpt / OPTIMIZER
     groups = state.get("optimizer_param_groups")
     if not isinstance(groups, dict):
@@ -170,6 +186,9 @@ def restore_optimizers(ckpt: Path, state: dict, optimizers: dict) -> None:
     for sae_id, opt in optimizers.items():
         per = per_sae.get(sae_id, {})
         params = opt.param_groups[0]["params"]
+        transposed = _disk_transposed(saes[sae_id], opt)
+        per = {i: {name: v.t().contiguous() if i in transposed and v.dim() == 2 else v for name, v in st.items()}
+               for i, st in per.items()}
         mismatched = (not per and int(state["step"]) > 0) or any(
             i >= len(params) or any(torch.is_tensor(v) and v.dim() > 0 and v.shape != params[i].shape for v in st.values())
             for i, st in per.items())
@@ -179,13 +198,6 @@ def restore_optimizers(ckpt: Path, state: dict, optimizers: dict) -> None:
             opt.load_state_dict({"state": per, "param_groups": groups[sae_id]})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise _unreadable(ckpt / STATE, f"optimizer_param_groups of {sae_id}: {e}") from None
-        # safetensors stores row-major copies; give each moment its parameter's memory layout again (W_enc is
-        # latent-major), as the fused Adam kernel walks parameter and moments with the same strides
-        for group in opt.param_groups:
-            for p in group["params"]:
-                for name, val in opt.state.get(p, {}).items():
-                    if torch.is_tensor(val) and val.shape == p.shape and val.stride() != p.stride():
-                        opt.state[p][name] = torch.empty_like(p, dtype=val.dtype).copy_(val)
 
 
 def restore_rng(state: dict) -> None:

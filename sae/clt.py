@@ -33,6 +33,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from activations.errors import StrataError
@@ -81,6 +82,8 @@ def check_fits(n_layers: int, d: int, n: int, arch: str, device) -> str:
 
 
 class CrossLayerTranscoder(SAE):
+    disk_transposed = {}  # its per-layer encoders are stored as trained, latent-major
+
     def __init__(self, cfg: SAEConfig):
         nn.Module.__init__(self)  # not SAE.__init__: its single [d_in, n] encoder would be L^2 times too big
         self.cfg = cfg
@@ -105,7 +108,7 @@ class CrossLayerTranscoder(SAE):
         self.register_buffer("stale_tokens", torch.zeros(L * n, dtype=torch.int64))
         self.register_buffer("fire_count", torch.zeros(L * n, dtype=torch.float64))
         self.register_buffer("tokens_counted", torch.zeros((), dtype=torch.float64))
-        self.compute_dtype = torch.float32
+        self._compute_dtype = torch.float32  # set_compute_dtype
         self.reset_parameters()
 
     # ------------------------------------------------------------------ layout
@@ -169,8 +172,8 @@ class CrossLayerTranscoder(SAE):
         """Every layer's encoder on its block: [L, B, n], in self.compute_dtype's matmul."""
         dt = self.compute_dtype
         xs = self.layers_of(x)
-        if torch.is_grad_enabled():
-            pre = torch.stack([xs[s].to(dt) @ w.t().to(dt) for s, w in enumerate(self.W_enc_layers)])
+        if torch.is_grad_enabled():  # F.linear: the weight gradient comes out latent-major, as the parameter
+            pre = torch.stack([F.linear(xs[s].to(dt), w.to(dt)) for s, w in enumerate(self.W_enc_layers)])
             return pre.float() + self.b_enc[:, None, :]
         pre = torch.empty(self.n_layers, x.shape[0], self.n, dtype=dt, device=x.device)
         for s, w in enumerate(self.W_enc_layers):
@@ -204,7 +207,7 @@ class CrossLayerTranscoder(SAE):
             vals, flat = pre.reshape(-1).topk(k * B, sorted=False)
             flat, order = flat.sort()
             return flat // self.n, flat % self.n, vals[order].clamp_(min=0)
-        vals, cols = pre.topk(k, dim=1, sorted=False)
+        vals, cols = kernels.topk_rows(pre, k)
         return torch.arange(B, device=pre.device).repeat_interleave(k), cols.reshape(-1), vals.reshape(-1).clamp_(min=0)
 
     @torch.no_grad()

@@ -133,7 +133,7 @@ class Parallel:
     def _write_layers(self, write_checkpoint, run, name, saes, optimizers, state) -> None:
         """Every rank writes its SAE folders and optimizer part into checkpoint.partial; rank 0 merges the parts
         into the single-process files and swaps the folder in (replace_dir), so the old or the new one exists."""
-        from sae.checkpoint import _rng_to_json, save_sae
+        from sae.checkpoint import _rng_to_json, optimizer_tensors, save_sae
 
         final = layout.checkpoint_dir(run, name)
         tmp = final.with_name(final.name + ".partial")
@@ -145,11 +145,7 @@ class Parallel:
         opt_tensors, groups = {}, {}
         for sid, sae in saes.items():
             save_sae(sae, tmp / "saes" / sid)
-            sd = optimizers[sid].state_dict()
-            for idx, st in sd["state"].items():
-                for key, val in st.items():
-                    opt_tensors[f"{sid}/{idx}/{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
-            groups[sid] = sd["param_groups"]
+            groups[sid] = optimizer_tensors(sid, sae, optimizers[sid], opt_tensors)
         save_file(opt_tensors, str(tmp / f"optimizer.rank-{self.rank:05d}.safetensors"))
         atomic_write_json(tmp / f"param_groups.rank-{self.rank:05d}.json", groups)
         self.barrier()
@@ -171,7 +167,7 @@ class Parallel:
 
 # ---------------------------------------------------------------- data parallel
 def _all_reduce(t: torch.Tensor, par: Parallel) -> torch.Tensor:
-    """In place on t (a contiguous copy when t is a strided view, as W_enc's gradient is)."""
+    """In place on t (a contiguous copy when t is a strided view)."""
     c = t if t.is_contiguous() else t.contiguous()
     par.dist.all_reduce(c)
     if c is not t:

@@ -49,22 +49,49 @@ def topk_rows(pre_BN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     """(values, columns) [B, k] of each row's k largest entries, unsorted: the same set as pre_BN.topk(k, dim=1)
     (ties at the k-th value may pick another of the equal entries).
 
-    Two cheap stages instead of one partial sort over all n entries per row: split each row into G strided groups
-    (entry j in group j % G), take each group's max (one vectorised pass), keep the k groups with the largest maxima,
-    then the top k of their k * n/G entries. Exact: if a top-k entry v lay in a group g outside the k best, each of
-    those k groups would hold an entry (its max) above max(g) >= v: k entries above v, a contradiction. ~15%
-    cheaper than torch.topk at n=4,608, k=32 on CPU; falls back to torch.topk where n has no suitable divisor."""
+    Cheap stages instead of one partial sort over all n entries per row (torch's CPU topk costs ~7 ns per entry):
+    split each row into G strided groups (entry j in group j % G), take each group's max (one vectorised pass),
+    keep the k groups with the largest maxima. Exact: if a top-k entry v lay in a group g outside the k best, each of
+    those k groups would hold an entry (its max) above max(g) >= v: k entries above v, a contradiction. The smallest
+    of the k best maxima, tau, bounds the answer from below (those k maxima are all >= tau), so of the chosen groups'
+    k * n/G entries only the few >= tau (about k) go to the last topk (_top_of_kept, on CPU). ~30% cheaper than
+    torch.topk at n=4,608, k=32 on CPU (one thread, 4,096 bf16 rows: 31 vs 42 ms); falls back to
+    torch.topk where n has no suitable divisor."""
     B, n = pre_BN.shape
     s = _group_size(n, k)
     if s is None:
         return pre_BN.topk(k, dim=1, sorted=False)
     G = n // s
     pre_BSG = pre_BN.reshape(B, s, G)
-    groups_BK = pre_BSG.amax(1).topk(k, dim=1, sorted=False)[1]
+    gmax_BK, groups_BK = pre_BSG.amax(1).topk(k, dim=1, sorted=False)
     cand_BC = torch.gather(pre_BSG, 2, groups_BK.unsqueeze(1).expand(B, s, k)).view(B, s * k)
-    vals_BK, j_BK = cand_BC.topk(k, dim=1, sorted=False)
+    if pre_BN.device.type == "cpu":
+        vals_BK, j_BK = _top_of_kept(cand_BC, cand_BC >= gmax_BK.amin(1, keepdim=True), k)
+    else:  # measured on CPU only; on a GPU the plain topk of the candidates needs no host round trips
+        vals_BK, j_BK = cand_BC.topk(k, dim=1, sorted=False)
     cols_BK = torch.div(j_BK, k, rounding_mode="floor") * G + groups_BK.gather(1, j_BK % k)
     return vals_BK, cols_BK
+
+
+def _top_of_kept(cand_BC: torch.Tensor, keep_BC: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, positions) [B, k] of the k largest kept entries of each row (every row keeps at least k): the kept
+    entries are packed to the front of a [B, most kept] block (-inf after a row's own), then one small topk."""
+    B = cand_BC.shape[0]
+    rows, j = keep_BC.nonzero(as_tuple=True)  # row-major: each row's kept entries in order
+    counts = torch.bincount(rows, minlength=B)
+    if int(counts.min()) < k:  # only where a row holds NaN (nothing compares >= NaN): the plain topk
+        return cand_BC.topk(k, dim=1, sorted=False)
+    width = int(counts.max())
+    if width == k and rows.numel() == B * k:  # exactly k kept everywhere: they are the answer
+        j_BK = j.view(B, k)
+        return cand_BC.gather(1, j_BK), j_BK
+    pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    packed_BW = torch.full((B, width), float("-inf"), dtype=cand_BC.dtype, device=cand_BC.device)
+    packed_BW[rows, pos] = cand_BC[rows, j]
+    j_BW = torch.zeros((B, width), dtype=j.dtype, device=j.device)
+    j_BW[rows, pos] = j
+    vals_BK, p_BK = packed_BW.topk(k, dim=1, sorted=False)
+    return vals_BK, j_BW.gather(1, p_BK)
 
 
 def _group_size(n: int, k: int) -> int | None:

@@ -33,5 +33,5 @@ def use_precision(saes: dict, requested: str, batch_size: int, device) -> Precis
     SAE compute in it (weights stay fp32). Eval and analyze use this; training resolves across processes."""
     prec = resolve(requested, device, {(batch_size, s.cfg.d_in, s.cfg.n_latents) for s in saes.values()})
     for sae in saes.values():
-        sae.compute_dtype = prec.dtype
+        sae.set_compute_dtype(prec.dtype)
     return prec

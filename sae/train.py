@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from activations import layout
-from activations.atomic import existing_dir
+from activations.atomic import existing_dir, finish_replace
 from activations.errors import StrataError
 from activations.lock import run_lock
 from activations.model import resolve_device
@@ -20,7 +20,6 @@ from activations.precision import Precision, resolve
 from activations.reader import ActivationReader, open_run
 from sae import train_folder
 from sae.checkpoint import (
-    drop_stale_old,
     load_sae,
     read_checkpoint,
     restore_optimizers,
@@ -173,7 +172,7 @@ def _open_folder(cfg: TrainConfig, par: Parallel, tdir: Path, prec: Precision):
         if not cfg.resume and tdir.exists():
             train_folder.remove(tdir)
         if cfg.resume and ckpt is not None:
-            drop_stale_old(layout.checkpoint_dir(cfg.run_dir, cfg.resolved_name()))  # a kill mid-cleanup left it
+            finish_replace(layout.checkpoint_dir(cfg.run_dir, cfg.resolved_name()), "checkpoint")  # a kill mid-swap left .old
         if train_folder.read_config(tdir) is None:
             invocation = ("resume", "overwrite")  # how this process was started, not what the run is
             record = {"identity": cfg.identity(), "config": {k: v for k, v in vars(cfg).items() if k not in invocation},
@@ -215,14 +214,14 @@ def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_s
     units = [Unit(sid, sae) for sid, sae in saes.items()]
     steppers = {}
     for u in units:
-        u.sae.compute_dtype = prec.dtype
+        u.sae.set_compute_dtype(prec.dtype)
         if isinstance(u.sae, ReLUSAE):
             u.sae.l1_warmup_steps = cfg.l1_warmup_steps or max(1, total_steps // 20)
         steppers[u.sae_id] = SAEStepper(u.sae, cfg.lr or default_lr(latents_per_dictionary(u.sae.cfg)), total_steps, warmup,
                                         cfg.decay_fraction, cfg.grad_clip, eps=cfg.adam_eps)
     steppers = par.wrap_steppers(steppers)
     if ckpt is not None:
-        restore_optimizers(ckpt[1], ckpt[0], {sid: st.opt for sid, st in steppers.items()})
+        restore_optimizers(ckpt[1], ckpt[0], saes, {sid: st.opt for sid, st in steppers.items()})
         restore_rng(ckpt[0])
 
     tdir = layout.train_dir(cfg.run_dir, name)

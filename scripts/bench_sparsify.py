@@ -38,7 +38,7 @@ def strata_step(d: int, n: int, k: int, device: torch.device, dtype: torch.dtype
     sae = build_sae(cfg)
     sae.reset_parameters(torch.Generator().manual_seed(0))
     sae.to(device)
-    sae.compute_dtype = dtype
+    sae.set_compute_dtype(dtype)
     stepper = SAEStepper(sae, default_lr(n), total_steps=100_000, warmup_steps=0)
     state = {"s": 0}
 

@@ -44,7 +44,7 @@ def strata_step(d, n, k, dtype):
     cfg = SAEConfig(arch="topk", d_in=d, d_out=d, n_latents=n, k=k, in_keys=["x"], out_keys=["x"],
                     in_scales=[1.0], out_scales=[1.0], k_aux=d // 2)
     sae = build_sae(cfg)
-    sae.compute_dtype = dtype
+    sae.set_compute_dtype(dtype)
     stepper = SAEStepper(sae, default_lr(n), total_steps=TOTAL_STEPS, warmup_steps=0)
     return lambda x, i: stepper.step(x, x, i)
 

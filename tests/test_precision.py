@@ -80,7 +80,7 @@ def _train_topk(dtype, steps=600, batch=512):
     torch.manual_seed(0)
     true, g = true_dictionary()
     sae = build_sae(cfg_for("topk"))
-    sae.compute_dtype = dtype
+    sae.set_compute_dtype(dtype)
     x0 = sample(true, g, 4096)
     sae.init_from_sample(x0, x0)
     stepper = SAEStepper(sae, 3e-3, total_steps=steps, warmup_steps=10)
@@ -99,6 +99,21 @@ def test_bf16_training_recovers_the_true_features_like_fp32():
         mmcs = float((w @ true.T).max(0).values.mean())
         assert mmcs >= 0.97, mmcs  # issue 13: quality must not fall in bf16 (600 steps: 0.994 both, 300: 0.975)
     assert abs(loss16 - loss32) <= 0.1 * loss32 + 1e-3, (loss32, loss16)
+
+
+@pytest.mark.parametrize("mode", ["layer", "clt"])
+def test_the_compute_dtype_is_set_through_the_sae_and_checked(mode):
+    kw = dict(mode="clt", in_keys=["mlp_in.0", "mlp_in.1"], out_keys=["mlp_out.0", "mlp_out.1"], d_in=64, d_out=64,
+              in_scales=[1.0, 1.0], out_scales=[1.0, 1.0]) if mode == "clt" else {}
+    sae = build_sae(cfg_for("topk", **kw))
+    assert sae.compute_dtype == torch.float32
+    sae.set_compute_dtype(torch.bfloat16)
+    assert sae.compute_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float16"):
+        sae.set_compute_dtype(torch.float16)
+    with pytest.raises(AttributeError):
+        sae.compute_dtype = torch.float32  # not settable from outside: set_compute_dtype checks it
+    assert sae.compute_dtype == torch.bfloat16
 
 
 def test_train_records_the_precision_and_both_reach_the_same_loss(run, capsys):

@@ -21,6 +21,19 @@ def test_grouped_topk_picks_the_same_latents_as_torch_topk():
     assert kernels._group_size(4608, 32) == 12 and kernels._group_size(97, 5) is None
 
 
+def test_grouped_topk_with_ties_infinities_and_a_nan_row():
+    torch.manual_seed(2)
+    pre = torch.randint(-3, 4, (64, 4608)).float()  # seven values: ties everywhere, also at the k-th value
+    pre[1] = float("-inf")
+    pre[2, :100] = float("inf")
+    vals, cols = kernels.topk_rows(pre, 32)
+    assert torch.equal(vals.sort(1).values, pre.topk(32, dim=1).values.sort(1).values)
+    assert torch.equal(pre.gather(1, cols), vals) and all(len(set(r.tolist())) == 32 for r in cols)
+    pre[3, 7] = float("nan")  # a diverged step: no crash; the training loop then stops on the non-finite loss
+    vals, cols = kernels.topk_rows(pre, 32)
+    assert vals.shape == (64, 32) and bool(vals[3].isnan().any())
+
+
 def test_grouped_topk_on_bf16_matches_torch_topk():
     torch.manual_seed(1)
     pre = torch.randn(16, 4608).bfloat16()
@@ -67,7 +80,7 @@ def test_bf16_step_chooses_in_bf16_and_decodes_the_exact_fp32_values():
     d, n, k, B = 32, 256, 8, 64
     sae = build_sae(SAEConfig(arch="topk", d_in=d, d_out=d, n_latents=n, k=k, in_keys=["x"], out_keys=["x"],
                               in_scales=[1.0], out_scales=[1.0]))
-    sae.compute_dtype = torch.bfloat16
+    sae.set_compute_dtype(torch.bfloat16)
     x = torch.randn(B, d)
     out = sae(x, x)
     with torch.no_grad():
@@ -79,7 +92,7 @@ def test_bf16_step_chooses_in_bf16_and_decodes_the_exact_fp32_values():
     assert int(untied.sum()) > B // 2
     assert torch.allclose(out.recon[untied], ref[untied], atol=1e-5)
     out.loss.backward()
-    assert sae.W_enc.grad.dtype == torch.float32 and bool(torch.isfinite(sae.W_enc.grad).all())
+    assert sae.W_enc_ND.grad.dtype == torch.float32 and bool(torch.isfinite(sae.W_enc_ND.grad).all())
 
 
 def test_transpose_matmul_is_the_dense_transposed_product():

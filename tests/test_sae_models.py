@@ -117,7 +117,7 @@ def test_auxk_trains_dead_latents_encoders():
     out = sae(x, x)
     out.loss.backward()
     assert "auxk" in out.parts
-    touched = (sae.W_enc.grad.abs().sum(0) > 0).sum()
+    touched = (sae.W_enc_ND.grad.abs().sum(1) > 0).sum()
     assert touched > int((out.fired > 0).sum())  # aux picks beyond the top-k got encoder gradient
 
 
