@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from activations import layout
-from activations.atomic import atomic_path, atomic_write_json, existing_dir, finish_replace, replace_dir
+from activations.atomic import atomic_path, atomic_write_json, existing_dir, replace_dir
 from activations.errors import StrataError
 from activations.ownership import mark
 from sae.base import SAE
