@@ -17,8 +17,12 @@ The trainer's view is the one every mode has (sae/modes.py): x = the L normalise
 [B, L d], y = the L normalised mlp_out blocks [B, L d], n_latents = L n (the firing statistics are per layer
 blocks), k = active latents per example *per layer*; loss = sum over output layers of each layer's FVU
 (the caller's loss_fn). Sparsity: TopK / BatchTopK per source layer (sparse decode, AuxK per layer on the dead
-latents of that layer), or JumpReLU with the project's target-L0 penalty per layer (sae/jumprelu.py); the
-paper's tanh penalty on decoder-norm-weighted activations is not implemented.
+latents of that layer), or JumpReLU with either the project's target-L0 penalty per layer (sae/jumprelu.py) or,
+cfg.sparsity == "tanh", the paper's penalty on decoder-norm-weighted activations:
+    tanh_coef * sum over layers s and latents i of tanh(tanh_c * a_si * ||W_dec_from[s][i]||)   (mean over tokens)
+where ||W_dec_from[s][i]|| is the norm of latent i's decoders to every layer it writes, concatenated. It reaches
+the thresholds through the same straight-through estimator as the reconstruction (the JumpReLU's), and it cannot
+be lowered by shrinking decoders and growing activations.
 
 Raw-unit API (for attribution graphs; unnormalised activation units in and out, latent values as the trainer
 sees them):
@@ -265,11 +269,17 @@ class CrossLayerTranscoder(SAE):
         for s in range(L):
             recon[:, s * d:] += f[:, s] @ self.dec_block(s)
         rec = loss_fn(y, recon)
-        l0_L = _Step.apply(z, theta, bw).sum(2).mean(0)  # per layer
-        penalty = ((l0_L / self.cfg.k - 1.0) ** 2).mean()
-        loss = rec + self.cfg.l0_coef * penalty
+        if self.cfg.sparsity == "tanh":
+            dec_norm_Ln = torch.stack([w.norm(dim=(1, 2)) for w in self.W_dec_from])
+            penalty = torch.tanh(self.cfg.tanh_c * f * dec_norm_Ln).sum((1, 2)).mean()
+            loss, part = rec + self.cfg.tanh_coef * penalty, "tanh_penalty"
+            l0_L = (z.detach() > theta.detach()).sum(2).float().mean(0)
+        else:
+            l0_L = _Step.apply(z, theta, bw).sum(2).mean(0)  # per layer
+            penalty = ((l0_L / self.cfg.k - 1.0) ** 2).mean()
+            loss, part = rec + self.cfg.l0_coef * penalty, "l0_penalty"
         active = f.detach() > 0
-        return Output(loss=loss, parts={"recon": rec.detach(), "l0_penalty": penalty.detach()},
+        return Output(loss=loss, parts={"recon": rec.detach(), part: penalty.detach()},
                       recon=recon.detach(), l0=l0_L.sum().detach(), fired=active.sum(0).reshape(L * n))
 
     # ------------------------------------------------------------------ raw units

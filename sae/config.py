@@ -31,6 +31,9 @@ class SAEConfig:
     l1_coef: float = 0.0               # relu: weight of sum_i f_i ||d_i||
     l0_coef: float = 0.0               # jumprelu: weight of (L0/k - 1)^2
     jumprelu_bandwidth: float = 0.05   # rectangle-kernel width of the straight-through estimator
+    sparsity: str = "target_l0"        # clt jumprelu: target_l0 (l0_coef * (L0/k - 1)^2) or tanh (the paper's)
+    tanh_coef: float = 0.0             # clt tanh: lambda in lambda * sum_i tanh(c * a_i * ||W_dec,i||)
+    tanh_c: float = 1.0                # clt tanh: c, the scale inside the tanh
     matryoshka_prefixes: list = field(default_factory=list)  # nested dictionary sizes, last = n_latents
     model_id: str = ""
     hook_names: dict = field(default_factory=dict)  # key -> model module path (for interop)

@@ -141,6 +141,9 @@ def sae_configs(cfg: TrainConfig, keys: list[str], dims: dict, model: dict, cont
         raise StrataError(f"dictionary size {n} must be positive; set --n-latents or --expansion")
     if cfg.arch != "relu" and not 0 < cfg.k < n:
         raise StrataError(f"k={cfg.k} must be at least 1 and below the number of latents ({n}); lower --k or raise --expansion")
+    if cfg.sparsity == "tanh" and (cfg.mode, cfg.arch) != ("clt", "jumprelu"):
+        raise StrataError(f"--sparsity tanh is the cross-layer transcoder's JumpReLU penalty, not for --mode {cfg.mode} "
+                          f"--arch {cfg.arch}; use --mode clt --arch jumprelu, or drop --sparsity")
     prefixes = [int(p) for p in cfg.matryoshka_prefixes.split(",") if p.strip()] or sorted({max(1, n // 16), max(1, n // 4), n})
     common = {"arch": cfg.arch, "n_latents": n, "k": None if cfg.arch == "relu" else cfg.k, "aux_coef": cfg.aux_coef,
               "dead_tokens": cfg.dead_tokens, "l1_coef": cfg.l1_coef if cfg.arch == "relu" else 0.0,
@@ -178,7 +181,9 @@ def sae_configs(cfg: TrainConfig, keys: list[str], dims: dict, model: dict, cont
         from activations.model import resolve_device
         print(check_fits(len(keys), d, n, cfg.arch, resolve_device(cfg.device)))
         outs = [f"mlp_out.{k.rpartition('.')[2]}" for k in keys]
-        c = dict(common, normalize_decoder=False, n_latents=n * len(keys))
+        c = dict(common, normalize_decoder=False, n_latents=n * len(keys), sparsity=cfg.sparsity)
+        if cfg.sparsity == "tanh":
+            c.update(l0_coef=0.0, tanh_coef=cfg.tanh_coef, tanh_c=cfg.tanh_c)
         out["clt"] = SAEConfig(d_in=d * len(keys), d_out=d * len(keys), mode="clt", in_keys=keys, out_keys=outs,
                                apply_b_dec_to_input=False, k_aux=k_aux(d), **c)
     else:

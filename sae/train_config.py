@@ -52,6 +52,14 @@ class TrainConfig:
     l1_warmup_steps: Annotated[int, Ge(0)] = _f(0, "relu: steps of linear L1 warm-up (0 = 5% of the steps)")
     l0_coef: Annotated[float, Ge(0)] = _f(1.0, "jumprelu: weight of (L0/k - 1)^2")
     jumprelu_bandwidth: Annotated[float, Gt(0)] = _f(0.05, "jumprelu: straight-through estimator kernel width")
+    sparsity: Literal["target_l0", "tanh"] = _f(
+        "target_l0", "clt jumprelu penalty: target_l0 (--l0-coef * (L0/k - 1)^2 per layer; k = the L0 target) or tanh "
+                     "(Ameisen et al. 2025: --tanh-coef * sum over latents of tanh(--tanh-c * a_i * ||W_dec,i||), "
+                     "||W_dec,i|| the norm of latent i's decoders to every layer it writes; k = the starting L0)")
+    tanh_coef: Annotated[float, Ge(0)] = _f(1e-3, "clt --sparsity tanh: lambda, the penalty weight (per token, per "
+                                                  "unit of the summed per-layer FVU)")
+    tanh_c: Annotated[float, Gt(0)] = _f(1.0, "clt --sparsity tanh: c, the scale inside the tanh (larger: the penalty "
+                                              "saturates sooner, nearer an L0 count)")
     matryoshka_prefixes: Annotated[str, SIZE_LIST] = _f("", "matryoshka: comma list of nested sizes (default n/16,n/4,n)")
     skip: bool = _f(False, "transcoder: add a learned linear skip connection")
     lr: Annotated[float, Gt(0)] | None = _f(None, "Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents))")

@@ -1,14 +1,22 @@
 """Benchmark of `strata graph`: one attribution graph for a 64-token prompt on SmolLM2-135M with transcoders at
-all 30 layers (targets: <= 2 minutes and <= 4 GiB peak memory on a 2-core machine).
+all 30 layers (targets: <= 2 minutes and <= 4 GiB peak memory on a 2-core machine), and a graph worth reading.
 
-1. Unless --run is given, a small harvest of mlp_in/mlp_out at every layer (64-token contexts) and TopK
-   transcoders trained on it briefly (the timing depends on how many features fire, k per position, not on how
-   well they are trained), in --work (reused when present).
-2. `strata graph` runs in a child process; its wall time and peak RSS (getrusage of the child) are printed with the
-   nodes/edges before and after pruning and the share of logit influence the pruned graph keeps.
+1. Unless --run is given, in --work (each stage reused when present): a harvest of mlp_in/mlp_out at every layer
+   (64-token contexts; 128k tokens = 8.8 GB of fp16 shards), skip transcoders trained on it (TopK with a learned
+   linear skip x @ W_skip, as circuit-tracer's transcoders have: it carries the MLP's linear part, which lowers the
+   error nodes' share a lot), `strata eval` (held-out FVU per layer, CE recovered with every MLP replaced) and
+   `strata analyze` (offline token explanations, so graph nodes have labels). The defaults take about 20-30
+   minutes of CPU on a busy 2-core machine; --tokens 8192 --epochs 1 --skip false is the quick timing-only setup
+   (the time depends on how many features fire, k per position, not on how well they are trained).
+2. `strata graph` runs in a child process on the 64-token prompt; its wall time and peak RSS (getrusage of the
+   child) are printed with the nodes/edges before and after pruning and the share of logit influence the pruned
+   graph keeps, beside the held-out FVU per layer and the graph's replacement and completeness scores.
+3. A second graph on --prompt (short, with a confident next token: SmolLM2 gives ' writing' p=0.89), pruned
+   harder (--read-thresholds) so the Circuits page can show it, and its strongest paths (scripts/graph_paths.py).
 
-    python scripts/bench_graph.py                              # harvest + train once, then the graph
-    python scripts/bench_graph.py --max-feature-nodes 1024     # a smaller feature budget
+    python scripts/bench_graph.py                                          # everything, once
+    python scripts/bench_graph.py --tokens 8192 --epochs 1 --skip false    # quick: timing only
+    python scripts/bench_graph.py --max-feature-nodes 1024                 # a smaller feature budget
 """
 from __future__ import annotations
 
@@ -26,18 +34,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from activations import layout  # noqa: E402
 from strata.cli import main  # noqa: E402
 
-TRAIN = "tc-all"
+TRAIN = "tc-skip"
+ROOT = Path(__file__).resolve().parents[1]
+READABLE = "To open a file for reading, call open(path, 'r'). To open it for"
 
 
-def prepare(work: Path, tokens: int, k: int, expansion: int) -> Path:
+def prepare(work: Path, args) -> Path:
     run = work / "smol"
     if not (run / "manifest.json").is_file():
         assert main(["harvest", str(run), "--sites", "mlp_in,mlp_out", "--layers", "all", "--context", "64",
-                     "--max-tokens", str(tokens), "--shard-tokens", "4096", "--progress", "false"]) == 0
-    if not layout.checkpoint_dir(run, TRAIN).is_dir():
-        assert main(["train", str(run), "--mode", "transcoder", "--arch", "topk", "--k", str(k), "--expansion",
-                     str(expansion), "--batch-size", "1024", "--name", TRAIN, "--heldout-fraction", "0",
-                     "--progress", "false"]) == 0
+                     "--max-tokens", str(args.tokens), "--shard-tokens", "16384", "--progress", "false"]) == 0
+    if not layout.checkpoint_dir(run, args.name).is_dir():
+        assert main(["train", str(run), "--mode", "transcoder", "--arch", "topk", "--k", str(args.k), "--expansion",
+                     str(args.expansion), "--skip", str(args.skip).lower(), "--batch-size", str(args.train_batch),
+                     "--epochs", str(args.epochs), "--lr", str(args.lr), "--precision", args.precision,
+                     "--name", args.name, "--progress", "false"]) == 0
+    if not (layout.train_dir(run, args.name) / "eval.json").is_file():
+        assert main(["eval", str(run), "--name", args.name, "--ce-contexts", "16", "--precision", args.precision]) == 0
+    if not layout.index_path(run, args.name).is_file():
+        assert main(["analyze", str(run), "--name", args.name, "--data", "all", "--max-tokens",
+                     str(args.analyze_tokens), "--causal-tokens", "0", "--saematch", "false",
+                     "--explainer", "tokens"]) == 0
     return run
 
 
@@ -59,29 +76,60 @@ def prompt_of(n_tokens: int) -> str:
     return " ".join(words[:lo])
 
 
+def graph(run: Path, args, prompt: str, graph_name: str, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "strata.cli", "graph", str(run), "--name", args.name, "--prompt", prompt,
+           "--graph-name", graph_name, "--overwrite", "true", "--max-feature-nodes", str(args.max_feature_nodes),
+           "--batch-size", str(args.batch_size), *extra]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(layout.graph_path(run, args.name, graph_name).read_text())
+
+
+def print_eval(run: Path, name: str) -> None:
+    path = layout.train_dir(run, name) / "eval.json"
+    if not path.is_file():
+        print(f"(no {path}: run `strata eval {run} --name {name}` for the held-out FVU)")
+        return
+    saes = json.loads(path.read_text())["saes"]
+    fvu = {int(sid.rpartition(".")[2]): r["overall"]["fvu"] for sid, r in saes.items() if "fvu" in r["overall"]}
+    print("held-out FVU per layer  " + " ".join(f"{L}:{fvu[L]:.2f}" for L in sorted(fvu)))
+    print(f"held-out FVU mean       {sum(fvu.values()) / max(1, len(fvu)):.3f}")
+    for r in saes.values():
+        o = r["overall"]
+        if "ce_loss_recovered_all_mlps" in o:
+            print(f"every MLP replaced      CE recovered {o['ce_loss_recovered_all_mlps']:.3f}  KL recovered "
+                  f"{o['kl_recovered_all_mlps']:.3f}")
+            break
+
+
 def main_bench() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/strata-bench-graph")
     ap.add_argument("--run", default="", help="an existing run with transcoders (skips harvest and training)")
     ap.add_argument("--name", default=TRAIN)
-    ap.add_argument("--tokens", type=int, default=8192, help="harvest tokens for the quick transcoders")
+    ap.add_argument("--tokens", type=int, default=131072, help="harvest tokens")
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--skip", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                    help="skip transcoders (a learned linear x @ W_skip beside the features): true/false")
+    ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--train-batch", type=int, default=1024)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--analyze-tokens", type=int, default=49152, help="tokens `strata analyze` indexes")
     ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--prompt", default=READABLE, help="the short prompt of the graph to read ('' = none)")
+    ap.add_argument("--read-thresholds", default="0.5,0.8",
+                    help="node,edge pruning thresholds of the graph to read (the defaults 0.8,0.98 leave ~120k links "
+                         "on the 19-token prompt, more than the Circuits page can show legibly)")
     ap.add_argument("--max-feature-nodes", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
-    run = Path(args.run) if args.run else prepare(Path(args.work), args.tokens, args.k, args.expansion)
-    prompt = prompt_of(args.prompt_tokens)
-    cmd = [sys.executable, "-m", "strata.cli", "graph", str(run), "--name", args.name, "--prompt", prompt,
-           "--graph-name", "bench", "--overwrite", "true", "--max-feature-nodes", str(args.max_feature_nodes),
-           "--batch-size", str(args.batch_size)]
+    run = Path(args.run) if args.run else prepare(Path(args.work), args)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
+    doc = graph(run, args, prompt_of(args.prompt_tokens), "bench")
     wall = time.perf_counter() - t0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # only the graph child so far
     peak_gib, cpu = usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime
-    doc = json.loads(layout.graph_path(run, args.name, "bench").read_text())
     m = doc["metadata"]
     print("machine: shared 2-core CPU (other jobs running; figures are noisy)")
     print(f"prompt tokens           {len(m['prompt_ids'])}")
@@ -95,6 +143,13 @@ def main_bench() -> None:
     print(f"influence kept          {m['influence_kept']:.3f}")
     print(f"replacement score       {m['replacement_score']:.3f}")
     print(f"completeness score      {m['completeness_score']:.3f}")
+    print_eval(run, args.name)
+    if args.prompt:
+        node_t, edge_t = args.read_thresholds.split(",")
+        graph(run, args, args.prompt, "readable", "--node-threshold", node_t, "--edge-threshold", edge_t)
+        print(f"\n--- the graph to read: {layout.graph_path(run, args.name, 'readable')}")
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "graph_paths.py"),
+                        str(layout.graph_path(run, args.name, "readable"))], check=True, cwd=ROOT)
 
 
 if __name__ == "__main__":

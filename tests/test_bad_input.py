@@ -659,6 +659,15 @@ CLT_CASES = [
          "no folder format for our clt", setup=_trained_clt),
 ]
 
+# `strata train --mode clt --arch jumprelu --sparsity tanh` (the paper's penalty)
+CLT_TANH = [
+    Case("tanh-sparsity-on-transcoders", lambda w: ["train", w.run, "--mode", "transcoder", "--arch", "jumprelu",
+                                                    "--sparsity", "tanh", *FAST], "use --mode clt --arch jumprelu"),
+    Case("tanh-sparsity-on-topk-clt", lambda w: ["train", w.run, "--mode", "clt", "--sparsity", "tanh", *FAST],
+         "not for --mode clt --arch topk"),
+    Case("tanh-c-zero", lambda w: ["train", w.run, "--mode", "clt", "--arch", "jumprelu", "--sparsity", "tanh",
+                                   "--tanh-c", "0", *FAST], "tanh_c='0' is not a valid float > 0"),
+]
 
 # ---------------------------------------------------------------- `strata graph` (sae/circuits)
 def _graph_run(w: Workspace) -> Path:
@@ -756,7 +765,7 @@ INTERVENE2_CASES = [
 
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
              + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER + SYNTH_CASES + CAUSAL_CASES
-             + CLT_CASES + GRAPH_CASES + INTERVENE_CASES + INTERVENE2_CASES)
+             + CLT_CASES + GRAPH_CASES + INTERVENE_CASES + INTERVENE2_CASES + CLT_TANH)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

@@ -161,14 +161,80 @@ def test_clt_recovers_a_planted_cross_layer_feature():
             assert F.cosine_similarity(got[0], dirs[3][t], dim=0) >= 0.9
 
 
+# ---------------------------------------------------------------- the paper's tanh sparsity penalty
+def test_tanh_penalty_is_the_papers_formula():
+    """loss = sum of per-layer FVU + lambda * mean over tokens of sum_(s,i) tanh(c a_si ||W_dec,si||), the norm taken
+    over latent i's decoders to every layer it writes; the thresholds get its gradient through the straight-through
+    estimator."""
+    torch.manual_seed(0)
+    clt = build_sae(clt_config(arch="jumprelu", sparsity="tanh", tanh_coef=0.3, tanh_c=2.0))
+    with torch.no_grad():
+        for w in clt.W_dec_from:
+            w.normal_(0, 0.2)
+        clt.log_threshold.fill_(-1.0)
+    x, y = torch.randn(64, 48), torch.randn(64, 48)
+    loss_fn = _block_sum_fvu(3)
+    out = clt(x, y, loss_fn)
+    with torch.no_grad():
+        pre = clt.preacts(x)  # [L, B, n]
+        a = pre * (pre > clt.log_threshold.exp()[:, None, :])
+        expect = 0.0
+        for s in range(3):
+            norms = torch.cat([clt.W_dec_from[s][:, t] for t in range(3 - s)], 1).norm(dim=1)  # concatenated decoders
+            expect = expect + torch.tanh(2.0 * a[s] * norms).sum(1)
+        expect = expect.mean()
+    assert "l0_penalty" not in out.parts and float(out.l0) > 0
+    torch.testing.assert_close(out.parts["tanh_penalty"], expect)
+    torch.testing.assert_close(out.loss.detach(), out.parts["recon"] + 0.3 * expect)
+    out.loss.backward()
+    assert clt.log_threshold.grad.abs().sum() > 0 and all(w.grad.abs().sum() > 0 for w in clt.W_dec_from)
+
+
+def test_tanh_penalty_lowers_l0_as_lambda_rises():
+    """Three CLTs on the planted-feature data, alike but for lambda: the reconstruction loss falls for each, and
+    the larger lambda, the fewer latents fire."""
+    L, d, n = 3, 16, 32
+    g = torch.Generator().manual_seed(0)
+    dirs = (_unit(L, 8, d, g=g), _unit(L, 8, d, g=g), _unit(d, g=g), _unit(L, d, g=g))
+    batches = [_toy_batch(256, dirs, g) for _ in range(150)]
+    loss_fn = _block_sum_fvu(L)
+    l0s = []
+    for lam in (0.0, 0.03, 0.3):
+        clt = build_sae(clt_config(L, d, n, k=8, arch="jumprelu", sparsity="tanh", tanh_coef=lam, tanh_c=1.0))
+        clt.reset_parameters(torch.Generator().manual_seed(1))
+        clt.init_from_sample(*_toy_batch(2048, dirs, torch.Generator().manual_seed(2)), "mean")
+        stepper = SAEStepper(clt, 1e-2, len(batches), 10, 0.2, 1.0)
+        recs, l0 = [], []
+        for step, (x, y) in enumerate(batches):
+            out = stepper.step(x, y, step, loss_fn)
+            recs.append(float(out.parts["recon"]))
+            l0.append(float(out.l0))
+        assert sum(recs[-10:]) < 0.5 * sum(recs[:10]), (lam, recs[:10], recs[-10:])
+        l0s.append(sum(l0[-10:]) / 10)
+    assert l0s[0] > l0s[1] > l0s[2], l0s
+
+
+def test_clt_trains_with_the_tanh_penalty(tmp_path, tiny_run):
+    run = copy_run(tiny_run, tmp_path / "run")
+    assert strata("train", run, "--mode", "clt", "--arch", "jumprelu", "--sparsity", "tanh", "--tanh-coef", "0.01",
+                  "--name", "t", "--epochs", "2", "--log-every", "5", *FAST) == 0
+    recs = [r["saes"]["clt"] for r in records(run, "t")]
+    assert recs[-1]["loss"] < recs[0]["loss"] and recs[-1]["fvu"] < recs[0]["fvu"]
+    assert "tanh_penalty" in recs[-1] and "l0_penalty" not in recs[-1]
+    cfg = load_saes(run, "t")["clt"].cfg
+    assert (cfg.sparsity, cfg.tanh_coef, cfg.tanh_c, cfg.l0_coef) == ("tanh", 0.01, 1.0, 0.0)
+
+
 # ---------------------------------------------------------------- checkpoint, resume
 class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_clt_resumes_bit_exact(tmp_path, tiny_run, monkeypatch):
+@pytest.mark.parametrize("sparsity", [[], ["--arch", "jumprelu", "--sparsity", "tanh", "--tanh-coef", "0.01"]],
+                         ids=["topk", "jumprelu-tanh"])
+def test_interrupted_clt_resumes_bit_exact(tmp_path, tiny_run, monkeypatch, sparsity):
     flags = ["--mode", "clt", "--name", "r", "--epochs", "2", "--batch-size", "128", "--expansion", "4", "--k", "8",
-             "--progress", "false", "--device", "cpu", "--checkpoint-every", "4", "--precision", "fp32"]
+             "--progress", "false", "--device", "cpu", "--checkpoint-every", "4", "--precision", "fp32", *sparsity]
     ref = copy_run(tiny_run, tmp_path / "ref")
     assert strata("train", ref, *flags) == 0
     run = copy_run(tiny_run, tmp_path / "run")
