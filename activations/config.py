@@ -16,6 +16,13 @@ def option(default, help_: str, **meta):
     return field(default=default, metadata={"help": help_, **meta})
 
 
+def identity_differences(saved: dict, now: dict, defaults: dict) -> list[str]:
+    """'field: old -> new' for each field where the identity a run was started with differs from this command's.
+    A field the saved identity lacks (added by a later Strata) counts as its default, which is what that run did."""
+    return [f"{k}: {saved.get(k, defaults.get(k))!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k, defaults.get(k)) != now.get(k)]
+
+
 @dataclass
 class HarvestConfig:
     run_dir: str = option("runs/default", "run directory to write")

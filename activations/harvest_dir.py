@@ -14,7 +14,7 @@ from pathlib import Path
 
 from activations import layout
 from activations.atomic import TMP_SUFFIX
-from activations.config import HarvestConfig
+from activations.config import HarvestConfig, identity_differences
 from activations.errors import StrataError
 
 # Outputs of later stages stored inside a run: made from its activations, never deleted by a harvest.
@@ -138,7 +138,7 @@ def resume_command(run, config: dict) -> str:
 def check_same_identity(run, old_config: dict, identity: dict) -> None:
     """A resume must ask for the run it continues: StrataError naming every field that differs, and the command
     that does continue it."""
-    diffs = [f"{k}: {old_config.get(k)!r} -> {v!r}" for k, v in identity.items() if old_config.get(k) != v]
+    diffs = identity_differences(old_config, identity, HarvestConfig().identity())
     if diffs:
         raise StrataError(f"cannot resume {run} with a different config ({'; '.join(diffs)}); "
                           f"continue it with `{resume_command(run, old_config)}`, or pass --overwrite")

@@ -13,6 +13,7 @@ import torch
 
 from activations import layout
 from activations.atomic import existing_dir, finish_replace
+from activations.config import identity_differences
 from activations.errors import StrataError
 from activations.lock import run_lock
 from activations.model import resolve_device
@@ -49,11 +50,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise StrataError(f"--heldout-fraction {cfg.heldout_fraction} must be in [0, 1)")
     if cfg.b_dec_init not in ("median", "mean", "zero"):
         raise StrataError(f"--b-dec-init {cfg.b_dec_init!r}: use median, mean or zero")
-
-
-def config_differences(saved: dict, now: dict) -> list[str]:
-    keys = sorted(set(saved) | set(now))
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
 def sample_rows(run, shards: list[int], n: int, seed: int) -> np.ndarray:
@@ -153,7 +149,7 @@ def _open_folder(cfg: TrainConfig, par: Parallel, tdir: Path, prec: Precision):
                 raise StrataError(f"nothing to resume in {tdir}; drop --resume to start training")
             train_folder.check_replaceable(tdir)  # killed before its config.json was written: starts afresh
         else:
-            diffs = config_differences(saved["identity"], cfg.identity())
+            diffs = identity_differences(saved["identity"], cfg.identity(), TrainConfig().identity())
             if diffs:
                 raise StrataError("the config differs from the run being resumed (" + "; ".join(diffs) + "); "
                                   "resume with the original flags or train under a new --name")

@@ -148,6 +148,23 @@ def test_train_config_json_is_accepted_back_by_resume(run, tmp_path, capsys):
     assert "the config differs from the run being resumed (k: 8 -> 16)" in capsys.readouterr().err
 
 
+def test_a_run_started_by_an_older_strata_resumes_when_new_fields_keep_their_defaults(run, capsys):
+    """A field added since the run started (say, the CLT's --sparsity) is absent from its saved identity: the run
+    did what the default does, so resuming it with the default is the same run; asking for another value is not."""
+    assert strata("train", run, "--name", "old", "--k", "8", "--batch-size", "256", "--layers", "1", *FAST) == 0
+    cfg_file = layout.train_dir(run, "old") / "config.json"
+    record = json.loads(cfg_file.read_text())
+    for field in ("sparsity", "tanh_coef", "tanh_c"):
+        del record["identity"][field]
+    cfg_file.write_text(json.dumps(record))
+    assert strata("train", run, "--name", "old", "--k", "8", "--batch-size", "256", "--layers", "1", *FAST,
+                  "--resume") == 0
+    capsys.readouterr()
+    assert strata("train", run, "--name", "old", "--k", "8", "--batch-size", "256", "--layers", "1", *FAST,
+                  "--resume", "--tanh-coef", "0.5") == 2
+    assert "(tanh_coef: 0.001 -> 0.5)" in capsys.readouterr().err
+
+
 def test_harvest_manifest_config_is_accepted_back_by_resume(tmp_path, tiny_llama, capsys):
     first = tmp_path / "h.yaml"
     first.write_text(f"model: {tiny_llama}\nsites: [resid, mlp_out]\nlayers: [1, 2]\ncontext: '32'\n"
