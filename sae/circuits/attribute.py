@@ -3,7 +3,8 @@
 Nodes: token embeddings (one per position), active features (activation > 0 at a layer and position), error nodes
 (per layer and position: the MLP output the transcoder misses; at a layer without a transcoder, the whole MLP
 output), and the top output logits. The direct effect of a source on a target is the source's write (embedding
-vector; activation x decoder vector; error vector) pushed through the frozen linear residual path
+vector; activation x decoder vector, for a CLT feature one into each MLP output at or after its layer, summed over
+the ones before the target; error vector) pushed through the frozen linear residual path
 (frozen.replacement_forward) to the target: a feature's pre-activation (its encoder direction at its layer and
 position) or a logit minus the mean logit at the last position. Targets are taken in batches of nearby positions
 of one layer; each batch runs the frozen model on the prompt's prefix up to its last position and up to its layer,
@@ -135,8 +136,10 @@ def active_features(adapter, clean: CleanPass):
 @torch.no_grad()
 def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
     """(constant MLP outputs, skip maps, error vectors [n_layers, T, D]). Covered layer: error = MLP output -
-    transcoder output (skip included); uncovered layer: the MLP output is frozen and is all error."""
+    the replacement's output there (the decodes of every source layer that writes into it, skip included);
+    uncovered layer: the MLP output is frozen and is all error."""
     n_layers = len(clean.mlp_out)
+    acts = {L: adapter.encode_layer(L, clean.mlp_in[L]) for L in adapter.layers}
     const, skips, errors = [], [], []
     for L in range(n_layers):
         y, x = clean.mlp_out[L], clean.mlp_in[L]
@@ -144,8 +147,7 @@ def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
             const.append(y), skips.append(None), errors.append(y)
             continue
         skip = adapter.skip(L)
-        acts = adapter.encode_layer(L, x)
-        recon = adapter.decode_to(L, {L: acts}) + (skip(x) if skip is not None else 0)
+        recon = adapter.decode_to(L, acts) + (skip(x) if skip is not None else 0)
         const.append(y - skip(x) if skip is not None else y), skips.append(skip), errors.append(y - recon)
     return const, skips, torch.stack(errors)
 
