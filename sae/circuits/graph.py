@@ -73,8 +73,8 @@ def _check_harvest(run, manifest) -> None:
                           f"`--mode transcoder`")
 
 
-def _what(adapter) -> str:
-    return "CLT" if adapter.mode == "clt" else "transcoder"
+def _uncovered(adapter, L: int) -> str:
+    return f"layer {L} is not one of the CLT's layers" if adapter.mode == "clt" else f"layer {L} has no transcoder"
 
 
 def _pinned(pins, adapter, feats) -> torch.Tensor:
@@ -82,8 +82,7 @@ def _pinned(pins, adapter, feats) -> torch.Tensor:
     out = []
     for L, i, p in pins:
         if L not in adapter.layers:
-            raise StrataError(f"--pin {L}:{i}: layer {L} has no {_what(adapter)}; pin features of layers "
-                              f"{adapter.layers}")
+            raise StrataError(f"--pin {L}:{i}: {_uncovered(adapter, L)}; pin features of layers {adapter.layers}")
         first, n = adapter.feature_offset(L), adapter.n_latents(L)
         if not first <= i < first + n:
             raise StrataError(f"--pin {L}:{i}: feature {i} does not exist in {adapter.sae_id(L)} at layer {L} "
@@ -150,7 +149,8 @@ def make_graph(cfg: GraphConfig):
     ids = torch.tensor(lm.tokenizer(cfg.prompt).input_ids, dtype=torch.long, device=device)
     limit = adapter.context_length() or manifest.context_length
     if ids.numel() > limit:
-        raise StrataError(f"the prompt is {ids.numel()} tokens but the {_what(adapter)} of {cfg.name} were trained on "
+        what = "CLT of {} was" if adapter.mode == "clt" else "transcoders of {} were"
+        raise StrataError(f"the prompt is {ids.numel()} tokens but the {what.format(cfg.name)} trained on "
                           f"{limit}-token contexts (positions beyond are untrained); shorten the prompt to at most "
                           f"{limit} tokens. Nothing was written")
     with run_lock(run, f"strata graph --name {cfg.name}", scope=f"graph-{cfg.name}"):
