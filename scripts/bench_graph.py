@@ -1,14 +1,18 @@
 """Benchmark of `strata graph`: one attribution graph for a 64-token prompt on SmolLM2-135M with transcoders at
-all 30 layers (targets: <= 2 minutes and <= 4 GiB peak memory on a 2-core machine).
+all 30 layers (targets: <= 2 minutes and <= 4 GiB peak memory on a 2-core machine), or (--mode clt) with a
+cross-layer transcoder over --clt-layers.
 
 1. Unless --run is given, a small harvest of mlp_in/mlp_out at every layer (64-token contexts) and TopK
-   transcoders trained on it briefly (the timing depends on how many features fire, k per position, not on how
-   well they are trained), in --work (reused when present).
+   transcoders (or a TopK CLT) trained on it briefly (the timing depends on how many features fire, k per position
+   and layer, not on how well they are trained), in --work (reused when present). A CLT's decoders grow with the
+   (source, target) layer pairs: 30 layers at expansion 8 would be 1.2 billion decoder weights, so the CLT bench
+   defaults to --clt-expansion 1 (576 latents per layer; 154 million decoder weights over 465 pairs).
 2. `strata graph` runs in a child process; its wall time and peak RSS (getrusage of the child) are printed with the
    nodes/edges before and after pruning and the share of logit influence the pruned graph keeps.
 
     python scripts/bench_graph.py                              # harvest + train once, then the graph
     python scripts/bench_graph.py --max-feature-nodes 1024     # a smaller feature budget
+    python scripts/bench_graph.py --mode clt                   # a CLT over all 30 layers
 """
 from __future__ import annotations
 
@@ -26,18 +30,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from activations import layout  # noqa: E402
 from strata.cli import main  # noqa: E402
 
-TRAIN = "tc-all"
+TRAIN = {"transcoder": "tc-all", "clt": "clt-all"}
 
 
-def prepare(work: Path, tokens: int, k: int, expansion: int) -> Path:
+def prepare(work: Path, tokens: int, mode: str, k: int, expansion: int, clt_layers: str) -> Path:
     run = work / "smol"
     if not (run / "manifest.json").is_file():
         assert main(["harvest", str(run), "--sites", "mlp_in,mlp_out", "--layers", "all", "--context", "64",
                      "--max-tokens", str(tokens), "--shard-tokens", "4096", "--progress", "false"]) == 0
-    if not layout.checkpoint_dir(run, TRAIN).is_dir():
-        assert main(["train", str(run), "--mode", "transcoder", "--arch", "topk", "--k", str(k), "--expansion",
-                     str(expansion), "--batch-size", "1024", "--name", TRAIN, "--heldout-fraction", "0",
-                     "--progress", "false"]) == 0
+    if not layout.checkpoint_dir(run, TRAIN[mode]).is_dir():
+        layers = ["--layers", clt_layers] if mode == "clt" and clt_layers != "all" else []
+        assert main(["train", str(run), "--mode", mode, "--arch", "topk", "--k", str(k), "--expansion",
+                     str(expansion), "--batch-size", "1024", "--name", TRAIN[mode], "--heldout-fraction", "0",
+                     *layers, "--progress", "false"]) == 0
     return run
 
 
@@ -62,18 +67,26 @@ def prompt_of(n_tokens: int) -> str:
 def main_bench() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/strata-bench-graph")
+    ap.add_argument("--mode", choices=sorted(TRAIN), default="transcoder", help="what replaces the MLPs")
     ap.add_argument("--run", default="", help="an existing run with transcoders (skips harvest and training)")
-    ap.add_argument("--name", default=TRAIN)
+    ap.add_argument("--name", default="", help="training run name (default tc-all, or clt-all with --mode clt)")
     ap.add_argument("--tokens", type=int, default=8192, help="harvest tokens for the quick transcoders")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--clt-expansion", type=int, default=1, help="latents per layer / d_model of the CLT")
+    ap.add_argument("--clt-layers", default="all", help="the CLT's layers (e.g. 0-9)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-feature-nodes", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
-    run = Path(args.run) if args.run else prepare(Path(args.work), args.tokens, args.k, args.expansion)
+    name = args.name or TRAIN[args.mode]
+    expansion = args.clt_expansion if args.mode == "clt" else args.expansion
+    t_prep = time.perf_counter()
+    run = Path(args.run) if args.run else prepare(Path(args.work), args.tokens, args.mode, args.k, expansion,
+                                                  args.clt_layers)
+    t_prep = time.perf_counter() - t_prep
     prompt = prompt_of(args.prompt_tokens)
-    cmd = [sys.executable, "-m", "strata.cli", "graph", str(run), "--name", args.name, "--prompt", prompt,
+    cmd = [sys.executable, "-m", "strata.cli", "graph", str(run), "--name", name, "--prompt", prompt,
            "--graph-name", "bench", "--overwrite", "true", "--max-feature-nodes", str(args.max_feature_nodes),
            "--batch-size", str(args.batch_size)]
     t0 = time.perf_counter()
@@ -81,11 +94,14 @@ def main_bench() -> None:
     wall = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     peak_gib, cpu = usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime
-    doc = json.loads(layout.graph_path(run, args.name, "bench").read_text())
+    doc = json.loads(layout.graph_path(run, name, "bench").read_text())
     m = doc["metadata"]
+    n_layers = len(m["saes"])
     print("machine: shared 2-core CPU (other jobs running; figures are noisy)")
+    print(f"harvest + training      {t_prep:.1f} s (0 when reused from --work)")
     print(f"prompt tokens           {len(m['prompt_ids'])}")
-    print(f"layers with transcoders {len(m['saes'])} (uncovered: {[u['layer'] for u in m['uncovered_layers']]})")
+    print(f"mode                    {m['mode']} (k={args.k} per position and layer, expansion {expansion})")
+    print(f"layers covered          {n_layers} (uncovered: {[u['layer'] for u in m['uncovered_layers']]})")
     print(f"active features         {m['n_active_features']} (rows computed for at most {m['max_feature_nodes']})")
     print(f"seconds (child, total)  {wall:.1f}   (inside the verb, model load included: {m['seconds']:.1f})")
     print(f"CPU seconds (user+sys)  {cpu:.1f}   (on an idle 2-core machine the wall time is about half of this)")

@@ -68,9 +68,9 @@ def _check_harvest(run, manifest) -> None:
     missing = [s for s in ("mlp_in", "mlp_out") if s not in sites]
     if missing:
         have = ",".join(sorted(sites | {"mlp_in", "mlp_out"}))
-        raise StrataError(f"the harvest in {run} has no {' or '.join(missing)} keys, which transcoders read and "
-                          f"predict: harvest with `strata harvest {run} --sites {have}`, then train with "
-                          f"`--mode transcoder`")
+        raise StrataError(f"the harvest in {run} has no {' or '.join(missing)} keys, which transcoders and CLTs read "
+                          f"and predict: harvest with `strata harvest {run} --sites {have}`, then train with "
+                          f"`--mode transcoder` or `--mode clt`")
 
 
 def _uncovered(adapter, L: int) -> str:
@@ -128,7 +128,7 @@ def make_graph(cfg: GraphConfig):
     t0 = time.perf_counter()
     run = cfg.run_dir
     if not cfg.name:
-        raise StrataError("say which training run's transcoders to use: --name <train name>")
+        raise StrataError("say which training run's transcoders or CLT to use: --name <train name>")
     if not cfg.prompt.strip():
         raise StrataError("give the prompt to explain: --prompt \"...\"")
     graph_name = cfg.graph_name or slug(cfg.prompt)

@@ -9,7 +9,9 @@ by (factor - 1) x the graph's direct edge feature -> logit. With `respond=True` 
 its pre-activation one for one, layer by layer (the slope of TopK, BatchTopK, JumpReLU and ReLU inside their active
 set; inactive features stay off), so the logit moves by (factor - 1) x `total_effects`: the sum over all paths
 through features of the products of their edges, each edge into a feature divided by that feature's activation
-(an edge is activation x effect per unit, and a responding feature passes on its change per unit).
+(an edge is activation x effect per unit, and a responding feature passes on its change per unit). Every active
+feature responds, so the two agree when every active feature is a graph node (`--max-feature-nodes` at least the
+number of active features).
 """
 from __future__ import annotations
 
