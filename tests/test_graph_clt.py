@@ -252,3 +252,43 @@ def test_zeroing_a_feature_moves_the_logits_as_the_graph_predicts(runs, name):
             torch.testing.assert_close(free, (factor - 1) * total[:, j], rtol=1e-3, atol=tol)
     # the responding features matter: at factor -999 the held and free predictions differ by 100x the tolerance
     assert 1000 * float(through_features[picks[0]]) > 100 * tol
+
+
+@pytest.mark.slow
+def test_clt_graph_on_real_smollm2(tmp_path):
+    run = tmp_path / "smol"
+    assert main(["harvest", str(run), "--layers", "0-2", "--sites", "mlp_in,mlp_out", "--context", "32",
+                 "--max-tokens", "2048", "--shard-tokens", "1024", "--progress", "false"]) == 0
+    assert main(["train", str(run), "--mode", "clt", "--name", "clt", "--arch", "topk", "--k", "16",
+                 "--expansion", "1", "--batch-size", "512", "--heldout-fraction", "0", "--progress", "false"]) == 0
+    prompt = "The capital of France is"
+    # thresholds 1: nothing pruned (with 27 of 30 MLPs frozen as error nodes, pruning would keep mostly errors)
+    assert main(["graph", str(run), "--name", "clt", "--prompt", prompt, "--max-feature-nodes", "256",
+                 "--node-threshold", "1", "--edge-threshold", "1"]) == 0
+    doc = read_graph(layout.graph_path(run, "clt", "the-capital-of-france-is"))
+    assert doc["metadata"]["mode"] == "clt"
+    assert [u["layer"] for u in doc["metadata"]["uncovered_layers"]] == list(range(3, 30))
+    lm = load_model("smollm2-135m", "cpu")
+    ids = torch.tensor(lm.tokenizer(prompt).input_ids)
+    adapter = adapter_for(load_saes(run, "clt"))
+    clean = clean_pass(lm.model, ids)
+    const, skips, _ = frozen_mlps(adapter, clean, active_features(adapter, clean))
+    base = replacement_forward(lm.model, clean, const, skips, {})[1]
+    assert torch.allclose(base[-1], lm.model(ids[None]).logits[0, -1], atol=1e-3)
+    # the strongest edge from a CLT feature to a logit is what all its decoders' writes do
+    nodes = {n["node_id"]: n for n in doc["nodes"]}
+    links = [lk for lk in doc["links"] if lk["target"].startswith("L_") and lk["source"] in nodes
+             and nodes[lk["source"]]["feature_type"] == "cross layer transcoder"]
+    assert links
+    link = max(links, key=lambda lk: abs(lk["weight"]))
+    src = nodes[link["source"]]
+    s, p = int(src["layer"]), src["ctx_idx"]
+    i = torch.tensor([src["feature"] - adapter.feature_offset(s)])
+    writes = {}
+    for t in adapter.layers[adapter.layers.index(s):]:
+        writes[t] = torch.zeros_like(clean.embed_TD)
+        writes[t][p] = src["activation"] * adapter.decoder_vectors(s, t, i)[0]
+    moved = replacement_forward(lm.model, clean, const, skips, writes)[1]
+    tok = torch.tensor([int(link["target"].split("_")[1])])
+    measured = float(centred(moved, tok) - centred(base, tok))
+    assert link["weight"] == pytest.approx(measured, rel=1e-2, abs=1e-4)
