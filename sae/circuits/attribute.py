@@ -51,14 +51,18 @@ def top_logits(logits_V: torch.Tensor, max_logits: int, coverage: float) -> tupl
 class _Sources:
     """The write vectors of every source, and how to turn gradients at the write points into their columns.
     The features of a source layer are laid out per position, padded to the most active features at one
-    position ([T, kmax, D]), so each position's effects are one small matmul (no [targets x features x D] gather)."""
+    position ([T, kmax]), so each position's effects are one small matmul (no [targets x features x D] gather).
+    Decoder vectors are gathered per batch, for its P positions only: held for every (source, target) layer pair
+    of a CLT they would take (active features) x (pairs / layers) x D floats (2.2 GiB for SmolLM2's 30 layers),
+    while the gather costs a fraction of the matmul it feeds (that one also runs over the batch's targets)."""
 
     def __init__(self, clean: CleanPass, adapter, feats: tuple, errors_LTD: torch.Tensor):
         self.clean, self.adapter, self.errors = clean, adapter, errors_LTD
         self.layer, self.pos, self.idx, self.act = feats
-        self.F, (self.n_layers, self.T, D) = self.layer.numel(), errors_LTD.shape
+        self.F, (self.n_layers, self.T, self.D) = self.layer.numel(), errors_LTD.shape
         self.n_cols = self.F + self.n_layers * self.T + self.T
-        # per source layer: (columns [T, kmax] (-1 = padding), [(target layer, act x decoder vectors [T, kmax, D])])
+        # per source layer: (layer, columns [T, kmax] (-1 = padding), latents [T, kmax], activations [T, kmax]
+        # (0 in padding), the target layers its decoders write)
         self.by_layer = []
         for src in adapter.layers:
             sel = (self.layer == src).nonzero().squeeze(1)
@@ -67,29 +71,32 @@ class _Sources:
             pos = self.pos[sel]
             counts = torch.bincount(pos, minlength=self.T)
             slot = torch.arange(sel.numel()) - (counts.cumsum(0) - counts)[pos]  # rank within its position
-            cols = torch.full((self.T, int(counts.max())), -1, dtype=torch.long)
+            shape = (self.T, int(counts.max()))
+            cols = torch.full(shape, -1, dtype=torch.long)
             cols[pos, slot] = sel
-            writes = []
-            for tgt in range(src, self.n_layers):
-                dec = adapter.decoder_vectors(src, tgt, self.idx[sel])
-                if dec is not None:
-                    vec = torch.zeros(self.T, cols.shape[1], D)
-                    vec[pos, slot] = self.act[sel, None] * dec
-                    writes.append((tgt, vec))
-            self.by_layer.append((cols, writes))
+            latents = torch.zeros(shape, dtype=torch.long)
+            latents[pos, slot] = self.idx[sel]
+            acts = torch.zeros(shape)
+            acts[pos, slot] = self.act[sel]
+            targets = [t for t in range(src, self.n_layers) if adapter.decoder_vectors(src, t, self.idx[sel[:1]])
+                       is not None]
+            self.by_layer.append((src, cols, latents, acts, targets))
 
     def columns(self, grads: dict) -> torch.Tensor:
         """grads: write point ("E" or layer) -> [n, P, D] for the first P positions (missing = zero; later
         positions cannot reach the targets) -> direct effects [n, n_cols]."""
         n, P, _ = next(iter(grads.values())).shape
         out = torch.zeros(n, self.n_cols)
-        for cols, writes in self.by_layer:
+        for src, cols, latents, acts, targets in self.by_layer:
             acc = None
-            for tgt, vec_TKD in writes:
+            flat = latents[:P].reshape(-1)
+            for tgt in targets:
                 if tgt in grads:
-                    e = torch.bmm(grads[tgt].transpose(0, 1), vec_TKD[:P].transpose(1, 2))  # [P, n, kmax]
-                    acc = e if acc is None else acc + e
+                    dec_PKD = self.adapter.decoder_vectors(src, tgt, flat).view(P, -1, self.D)
+                    e = torch.bmm(grads[tgt].transpose(0, 1), dec_PKD.transpose(1, 2))  # [P, n, kmax] per unit
+                    acc = e if acc is None else acc.add_(e)
             if acc is not None:
+                acc.mul_(acts[:P, None, :])  # x activation: the effect of the feature's whole write
                 c = cols[:P]
                 valid = c >= 0
                 out[:, c[valid]] = acc.permute(1, 0, 2)[:, valid]
