@@ -159,6 +159,13 @@ def test_each_clt_edge_equals_the_effect_measured_on_the_frozen_model(runs, clt_
     assert abs(float(att.adjacency[f2, layer0[0]]) - own_effect) > 1e-6
 
 
+def test_decoder_vectors_gathered_per_batch_give_the_same_graph(runs, clt_att):
+    run, lm, clean = runs
+    adapter, att = clt_att  # held: the tiny CLT's decoder vectors fit the default budget
+    lean = attribute(lm.model, clean, adapter, max_feature_nodes=10_000, batch_size=7, hold_bytes=0)
+    torch.testing.assert_close(lean.adjacency, att.adjacency, rtol=1e-5, atol=1e-7)
+
+
 def test_clt_pruning_keeps_the_influence_it_reports(clt_att):
     _, att = clt_att
     adj, probs = att.adjacency, att.logit_probs

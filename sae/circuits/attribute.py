@@ -52,11 +52,11 @@ class _Sources:
     """The write vectors of every source, and how to turn gradients at the write points into their columns.
     The features of a source layer are laid out per position, padded to the most active features at one
     position ([T, kmax]), so each position's effects are one small matmul (no [targets x features x D] gather).
-    Decoder vectors are gathered per batch, for its P positions only: held for every (source, target) layer pair
-    of a CLT they would take (active features) x (pairs / layers) x D floats (2.2 GiB for SmolLM2's 30 layers),
-    while the gather costs a fraction of the matmul it feeds (that one also runs over the batch's targets)."""
+    The features' decoder vectors ([T, kmax, D] per (source, target) layer pair) are gathered once and held when
+    they fit in `hold_bytes`; otherwise (a CLT over many layers: 2.2 GiB for SmolLM2's 30 layers and 465 pairs)
+    each batch gathers them for its P positions."""
 
-    def __init__(self, clean: CleanPass, adapter, feats: tuple, errors_LTD: torch.Tensor):
+    def __init__(self, clean: CleanPass, adapter, feats: tuple, errors_LTD: torch.Tensor, hold_bytes: int):
         self.clean, self.adapter, self.errors = clean, adapter, errors_LTD
         self.layer, self.pos, self.idx, self.act = feats
         self.F, (self.n_layers, self.T, self.D) = self.layer.numel(), errors_LTD.shape
@@ -81,6 +81,16 @@ class _Sources:
             targets = [t for t in range(src, self.n_layers) if adapter.decoder_vectors(src, t, self.idx[sel[:1]])
                        is not None]
             self.by_layer.append((src, cols, latents, acts, targets))
+        size = sum(4 * self.T * cols.shape[1] * self.D * len(targets) for _, cols, _, _, targets in self.by_layer)
+        self.held = {}
+        if size <= hold_bytes:
+            for src, _, latents, _, targets in self.by_layer:
+                for tgt in targets:
+                    self.held[src, tgt] = self._gather(src, tgt, latents)
+
+    def _gather(self, src: int, tgt: int, latents_PK: torch.Tensor) -> torch.Tensor:
+        """Decoder vectors src -> tgt of the laid-out latents: [P, kmax, D]."""
+        return self.adapter.decoder_vectors(src, tgt, latents_PK.reshape(-1)).view(*latents_PK.shape, self.D)
 
     def columns(self, grads: dict) -> torch.Tensor:
         """grads: write point ("E" or layer) -> [n, P, D] for the first P positions (missing = zero; later
@@ -89,10 +99,10 @@ class _Sources:
         out = torch.zeros(n, self.n_cols)
         for src, cols, latents, acts, targets in self.by_layer:
             acc = None
-            flat = latents[:P].reshape(-1)
             for tgt in targets:
                 if tgt in grads:
-                    dec_PKD = self.adapter.decoder_vectors(src, tgt, flat).view(P, -1, self.D)
+                    held = self.held.get((src, tgt))
+                    dec_PKD = held[:P] if held is not None else self._gather(src, tgt, latents[:P])
                     e = torch.bmm(grads[tgt].transpose(0, 1), dec_PKD.transpose(1, 2))  # [P, n, kmax] per unit
                     acc = e if acc is None else acc.add_(e)
             if acc is not None:
@@ -160,12 +170,13 @@ def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
 
 
 def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, max_logits: int = 10,
-              logit_coverage: float = 0.95, batch_size: int = 32, must_visit: torch.Tensor | None = None) -> Attribution:
+              logit_coverage: float = 0.95, batch_size: int = 32, must_visit: torch.Tensor | None = None,
+              hold_bytes: int = 2**30) -> Attribution:
     T, D = clean.embed_TD.shape
     n_layers = len(clean.mlp_out)
     feats = active_features(adapter, clean)
     const, skips, errors = frozen_mlps(adapter, clean, feats)
-    src = _Sources(clean, adapter, feats, errors)
+    src = _Sources(clean, adapter, feats, errors, hold_bytes)
     logit_ids, logit_probs = top_logits(clean.logits_TV[-1], max_logits, logit_coverage)
     K, F = logit_ids.numel(), src.F
 
