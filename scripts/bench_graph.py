@@ -11,12 +11,16 @@ all 30 layers (targets: <= 2 minutes and <= 4 GiB peak memory on a 2-core machin
 2. `strata graph` runs in a child process on the 64-token prompt; its wall time and peak RSS (getrusage of the
    child) are printed with the nodes/edges before and after pruning and the share of logit influence the pruned
    graph keeps, beside the held-out FVU per layer and the graph's replacement and completeness scores.
+   With --mode clt, a TopK cross-layer transcoder over --clt-layers instead (no skip; its decoders grow with the
+   (source, target) layer pairs: 30 layers at expansion 8 would be 1.2 billion decoder weights, so --clt-expansion
+   defaults to 1, 576 latents per layer, 154 million decoder weights over 465 pairs).
 3. A second graph on --prompt (short, with a confident next token: SmolLM2 gives ' writing' p=0.89), pruned
    harder (--read-thresholds) so the Circuits page can show it, and its strongest paths (scripts/graph_paths.py).
 
     python scripts/bench_graph.py                                          # everything, once
     python scripts/bench_graph.py --tokens 8192 --epochs 1 --skip false    # quick: timing only
     python scripts/bench_graph.py --max-feature-nodes 1024                 # a smaller feature budget
+    python scripts/bench_graph.py --mode clt --tokens 8192 --epochs 1      # a CLT over all 30 layers, quick
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from activations import layout  # noqa: E402
 from strata.cli import main  # noqa: E402
 
-TRAIN = "tc-skip"
+TRAIN = {"transcoder": "tc-skip", "clt": "clt-all"}
 ROOT = Path(__file__).resolve().parents[1]
 READABLE = "To open a file for reading, call open(path, 'r'). To open it for"
 
@@ -45,10 +49,14 @@ def prepare(work: Path, args) -> Path:
         assert main(["harvest", str(run), "--sites", "mlp_in,mlp_out", "--layers", "all", "--context", "64",
                      "--max-tokens", str(args.tokens), "--shard-tokens", "16384", "--progress", "false"]) == 0
     if not layout.checkpoint_dir(run, args.name).is_dir():
-        assert main(["train", str(run), "--mode", "transcoder", "--arch", "topk", "--k", str(args.k), "--expansion",
-                     str(args.expansion), "--skip", str(args.skip).lower(), "--batch-size", str(args.train_batch),
-                     "--epochs", str(args.epochs), "--lr", str(args.lr), "--precision", args.precision,
-                     "--name", args.name, "--progress", "false"]) == 0
+        if args.mode == "clt":
+            shape = ["--expansion", str(args.clt_expansion)] + (
+                ["--layers", args.clt_layers] if args.clt_layers != "all" else [])
+        else:
+            shape = ["--expansion", str(args.expansion), "--skip", str(args.skip).lower()]
+        assert main(["train", str(run), "--mode", args.mode, "--arch", "topk", "--k", str(args.k), *shape,
+                     "--batch-size", str(args.train_batch), "--epochs", str(args.epochs), "--lr", str(args.lr),
+                     "--precision", args.precision, "--name", args.name, "--progress", "false"]) == 0
     if not (layout.train_dir(run, args.name) / "eval.json").is_file():
         assert main(["eval", str(run), "--name", args.name, "--ce-contexts", "16", "--precision", args.precision]) == 0
     if not layout.index_path(run, args.name).is_file():
@@ -90,8 +98,8 @@ def print_eval(run: Path, name: str) -> None:
         print(f"(no {path}: run `strata eval {run} --name {name}` for the held-out FVU)")
         return
     saes = json.loads(path.read_text())["saes"]
-    fvu = {int(sid.rpartition(".")[2]): r["overall"]["fvu"] for sid, r in saes.items() if "fvu" in r["overall"]}
-    print("held-out FVU per layer  " + " ".join(f"{L}:{fvu[L]:.2f}" for L in sorted(fvu)))
+    fvu = {sid: r["overall"]["fvu"] for sid, r in saes.items() if "fvu" in r["overall"]}  # a CLT: one entry
+    print("held-out FVU            " + " ".join(f"{sid}:{v:.2f}" for sid, v in sorted(fvu.items())))
     print(f"held-out FVU mean       {sum(fvu.values()) / max(1, len(fvu)):.3f}")
     for r in saes.values():
         o = r["overall"]
@@ -104,12 +112,15 @@ def print_eval(run: Path, name: str) -> None:
 def main_bench() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/strata-bench-graph")
+    ap.add_argument("--mode", choices=sorted(TRAIN), default="transcoder", help="what replaces the MLPs")
     ap.add_argument("--run", default="", help="an existing run with transcoders (skips harvest and training)")
-    ap.add_argument("--name", default=TRAIN)
+    ap.add_argument("--name", default="", help="training run name (default tc-skip, or clt-all with --mode clt)")
     ap.add_argument("--tokens", type=int, default=131072, help="harvest tokens")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--clt-expansion", type=int, default=1, help="(--mode clt) latents per layer / d_model")
+    ap.add_argument("--clt-layers", default="all", help="(--mode clt) the CLT's layers (e.g. 0-9)")
     ap.add_argument("--skip", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                     help="skip transcoders (a learned linear x @ W_skip beside the features): true/false")
     ap.add_argument("--lr", type=float, default=8e-4)
@@ -124,6 +135,7 @@ def main_bench() -> None:
     ap.add_argument("--max-feature-nodes", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
+    args.name = args.name or TRAIN[args.mode]
     run = Path(args.run) if args.run else prepare(Path(args.work), args)
     t0 = time.perf_counter()
     doc = graph(run, args, prompt_of(args.prompt_tokens), "bench")
@@ -133,7 +145,8 @@ def main_bench() -> None:
     m = doc["metadata"]
     print("machine: shared 2-core CPU (other jobs running; figures are noisy)")
     print(f"prompt tokens           {len(m['prompt_ids'])}")
-    print(f"layers with transcoders {len(m['saes'])} (uncovered: {[u['layer'] for u in m['uncovered_layers']]})")
+    print(f"mode                    {m['mode']} (k={args.k} per position and layer)")
+    print(f"layers covered          {len(m['saes'])} (uncovered: {[u['layer'] for u in m['uncovered_layers']]})")
     print(f"active features         {m['n_active_features']} (rows computed for at most {m['max_feature_nodes']})")
     print(f"seconds (child, total)  {wall:.1f}   (inside the verb, model load included: {m['seconds']:.1f})")
     print(f"CPU seconds (user+sys)  {cpu:.1f}   (on an idle 2-core machine the wall time is about half of this)")

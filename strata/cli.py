@@ -148,8 +148,9 @@ def add_graph(sub):
               f"influence kept {meta['influence_kept']:.3f}, replacement {meta['replacement_score']:.3f}, "
               f"completeness {meta['completeness_score']:.3f} ({meta['seconds']:.1f} s)")
 
-    add_run_verb(sub, "graph", "attribution graph of one prompt on a run's transcoders (RUN/graphs/<name>/<graph>.json)",
-                 GraphConfig, "run directory with train/<name> (mode transcoder)", run)
+    add_run_verb(sub, "graph",
+                 "attribution graph of one prompt on a run's transcoders or CLT (RUN/graphs/<name>/<graph>.json)",
+                 GraphConfig, "run directory with train/<name> (mode transcoder or clt)", run)
 
 
 

@@ -719,6 +719,31 @@ GRAPH_CASES = [
 ]
 
 
+# `strata graph` on a cross-layer transcoder (sae/circuits/adapter.py CLTAdapter)
+def _clt_graph_run(w: Workspace) -> Path:
+    """ws.root/clt-graph-run: a copy of the harvest with a CLT "c" over MLPs 0 and 2 (made once, before a snapshot)."""
+    run = w.root / "clt-graph-run"
+    if not (run / "train" / "c").is_dir():
+        shutil.copytree(w.run, run, ignore=shutil.ignore_patterns("train", ".locks", ".strata.lock", "README-mine.txt"))
+        assert main(["train", str(run), "--mode", "clt", "--layers", "0,2", "--name", "c", "--max-tokens", "512",
+                     *FAST]) == 0
+    return run
+
+
+def _cltcase(case_id: str, tail: list, match: str) -> Case:
+    return Case(case_id, lambda w: ["graph", w.root / "clt-graph-run", "--name", "c", *tail], match,
+                lambda w, tmp: _clt_graph_run(w))
+
+
+CLTGRAPH_CASES = [  # the CLT's feature numbers: layer 2's block of 128 latents is 128-255
+    _cltcase("clt-graph-pin-outside-the-layer-block", ["--prompt", "The cat", "--pin", "2:5"],
+             "feature 5 does not exist in clt at layer 2 (128-255)"),
+    _cltcase("clt-graph-pin-uncovered-layer", ["--prompt", "The cat", "--pin", "1:130"],
+             "layer 1 is not one of the CLT's layers"),
+    _cltcase("clt-graph-prompt-too-long", ["--prompt", "word " * 40], "the CLT of c was trained on 32-token contexts"),
+]
+
+
 # `strata intervene` (sae/circuits/intervene.py): refused before the model loads
 def _intervene(w, edit, *more):
     return ["intervene", w.analyzed, "--name", "topk-layer", "--prompt", "a b c", "--edit", edit, "--device", "cpu", *more]
@@ -765,7 +790,7 @@ INTERVENE2_CASES = [
 
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
              + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER + SYNTH_CASES + CAUSAL_CASES
-             + CLT_CASES + GRAPH_CASES + INTERVENE_CASES + INTERVENE2_CASES + CLT_TANH)
+             + CLT_CASES + GRAPH_CASES + INTERVENE_CASES + INTERVENE2_CASES + CLT_TANH + CLTGRAPH_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

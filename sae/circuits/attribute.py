@@ -3,7 +3,8 @@
 Nodes: token embeddings (one per position), active features (activation > 0 at a layer and position), error nodes
 (per layer and position: the MLP output the transcoder misses; at a layer without a transcoder, the whole MLP
 output), and the top output logits. The direct effect of a source on a target is the source's write (embedding
-vector; activation x decoder vector; error vector) pushed through the frozen linear residual path
+vector; activation x decoder vector, for a CLT feature one into each MLP output at or after its layer, summed over
+the ones before the target; error vector) pushed through the frozen linear residual path
 (frozen.replacement_forward) to the target: a feature's pre-activation (its encoder direction at its layer and
 position) or a logit minus the mean logit at the last position. Targets are taken in batches of nearby positions
 of one layer; each batch runs the frozen model on the prompt's prefix up to its last position and up to its layer,
@@ -50,14 +51,18 @@ def top_logits(logits_V: torch.Tensor, max_logits: int, coverage: float) -> tupl
 class _Sources:
     """The write vectors of every source, and how to turn gradients at the write points into their columns.
     The features of a source layer are laid out per position, padded to the most active features at one
-    position ([T, kmax, D]), so each position's effects are one small matmul (no [targets x features x D] gather)."""
+    position ([T, kmax]), so each position's effects are one small matmul (no [targets x features x D] gather).
+    The features' decoder vectors ([T, kmax, D] per (source, target) layer pair) are gathered once and held when
+    they fit in `hold_bytes`; otherwise (a CLT over many layers: 2.2 GiB for SmolLM2's 30 layers and 465 pairs)
+    each batch gathers them for its P positions."""
 
-    def __init__(self, clean: CleanPass, adapter, feats: tuple, errors_LTD: torch.Tensor):
+    def __init__(self, clean: CleanPass, adapter, feats: tuple, errors_LTD: torch.Tensor, hold_bytes: int):
         self.clean, self.adapter, self.errors = clean, adapter, errors_LTD
         self.layer, self.pos, self.idx, self.act = feats
-        self.F, (self.n_layers, self.T, D) = self.layer.numel(), errors_LTD.shape
+        self.F, (self.n_layers, self.T, self.D) = self.layer.numel(), errors_LTD.shape
         self.n_cols = self.F + self.n_layers * self.T + self.T
-        # per source layer: (columns [T, kmax] (-1 = padding), [(target layer, act x decoder vectors [T, kmax, D])])
+        # per source layer: (layer, columns [T, kmax] (-1 = padding), latents [T, kmax], activations [T, kmax]
+        # (0 in padding), the target layers its decoders write)
         self.by_layer = []
         for src in adapter.layers:
             sel = (self.layer == src).nonzero().squeeze(1)
@@ -66,29 +71,42 @@ class _Sources:
             pos = self.pos[sel]
             counts = torch.bincount(pos, minlength=self.T)
             slot = torch.arange(sel.numel()) - (counts.cumsum(0) - counts)[pos]  # rank within its position
-            cols = torch.full((self.T, int(counts.max())), -1, dtype=torch.long)
+            shape = (self.T, int(counts.max()))
+            cols = torch.full(shape, -1, dtype=torch.long)
             cols[pos, slot] = sel
-            writes = []
-            for tgt in range(src, self.n_layers):
-                dec = adapter.decoder_vectors(src, tgt, self.idx[sel])
-                if dec is not None:
-                    vec = torch.zeros(self.T, cols.shape[1], D)
-                    vec[pos, slot] = self.act[sel, None] * dec
-                    writes.append((tgt, vec))
-            self.by_layer.append((cols, writes))
+            latents = torch.zeros(shape, dtype=torch.long)
+            latents[pos, slot] = self.idx[sel]
+            acts = torch.zeros(shape)
+            acts[pos, slot] = self.act[sel]
+            targets = [t for t in range(src, self.n_layers) if adapter.decoder_vectors(src, t, self.idx[sel[:1]])
+                       is not None]
+            self.by_layer.append((src, cols, latents, acts, targets))
+        size = sum(4 * self.T * cols.shape[1] * self.D * len(targets) for _, cols, _, _, targets in self.by_layer)
+        self.held = {}
+        if size <= hold_bytes:
+            for src, _, latents, _, targets in self.by_layer:
+                for tgt in targets:
+                    self.held[src, tgt] = self._gather(src, tgt, latents)
+
+    def _gather(self, src: int, tgt: int, latents_PK: torch.Tensor) -> torch.Tensor:
+        """Decoder vectors src -> tgt of the laid-out latents: [P, kmax, D]."""
+        return self.adapter.decoder_vectors(src, tgt, latents_PK.reshape(-1)).view(*latents_PK.shape, self.D)
 
     def columns(self, grads: dict) -> torch.Tensor:
         """grads: write point ("E" or layer) -> [n, P, D] for the first P positions (missing = zero; later
         positions cannot reach the targets) -> direct effects [n, n_cols]."""
         n, P, _ = next(iter(grads.values())).shape
         out = torch.zeros(n, self.n_cols)
-        for cols, writes in self.by_layer:
+        for src, cols, latents, acts, targets in self.by_layer:
             acc = None
-            for tgt, vec_TKD in writes:
+            for tgt in targets:
                 if tgt in grads:
-                    e = torch.bmm(grads[tgt].transpose(0, 1), vec_TKD[:P].transpose(1, 2))  # [P, n, kmax]
-                    acc = e if acc is None else acc + e
+                    held = self.held.get((src, tgt))
+                    dec_PKD = held[:P] if held is not None else self._gather(src, tgt, latents[:P])
+                    e = torch.bmm(grads[tgt].transpose(0, 1), dec_PKD.transpose(1, 2))  # [P, n, kmax] per unit
+                    acc = e if acc is None else acc.add_(e)
             if acc is not None:
+                acc.mul_(acts[:P, None, :])  # x activation: the effect of the feature's whole write
                 c = cols[:P]
                 valid = c >= 0
                 out[:, c[valid]] = acc.permute(1, 0, 2)[:, valid]
@@ -135,8 +153,10 @@ def active_features(adapter, clean: CleanPass):
 @torch.no_grad()
 def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
     """(constant MLP outputs, skip maps, error vectors [n_layers, T, D]). Covered layer: error = MLP output -
-    transcoder output (skip included); uncovered layer: the MLP output is frozen and is all error."""
+    the replacement's output there (the decodes of every source layer that writes into it, skip included);
+    uncovered layer: the MLP output is frozen and is all error."""
     n_layers = len(clean.mlp_out)
+    acts = {L: adapter.encode_layer(L, clean.mlp_in[L]) for L in adapter.layers}
     const, skips, errors = [], [], []
     for L in range(n_layers):
         y, x = clean.mlp_out[L], clean.mlp_in[L]
@@ -144,19 +164,19 @@ def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
             const.append(y), skips.append(None), errors.append(y)
             continue
         skip = adapter.skip(L)
-        acts = adapter.encode_layer(L, x)
-        recon = adapter.decode_to(L, {L: acts}) + (skip(x) if skip is not None else 0)
+        recon = adapter.decode_to(L, acts) + (skip(x) if skip is not None else 0)
         const.append(y - skip(x) if skip is not None else y), skips.append(skip), errors.append(y - recon)
     return const, skips, torch.stack(errors)
 
 
 def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, max_logits: int = 10,
-              logit_coverage: float = 0.95, batch_size: int = 32, must_visit: torch.Tensor | None = None) -> Attribution:
+              logit_coverage: float = 0.95, batch_size: int = 32, must_visit: torch.Tensor | None = None,
+              hold_bytes: int = 2**30) -> Attribution:
     T, D = clean.embed_TD.shape
     n_layers = len(clean.mlp_out)
     feats = active_features(adapter, clean)
     const, skips, errors = frozen_mlps(adapter, clean, feats)
-    src = _Sources(clean, adapter, feats, errors)
+    src = _Sources(clean, adapter, feats, errors, hold_bytes)
     logit_ids, logit_probs = top_logits(clean.logits_TV[-1], max_logits, logit_coverage)
     K, F = logit_ids.numel(), src.F
 

@@ -1,4 +1,8 @@
-"""`strata graph RUN --name N --prompt "..."`: the attribution graph of one prompt on a run's transcoders.
+"""`strata graph RUN --name N --prompt "..."`: the attribution graph of one prompt on a run's transcoders or CLT.
+
+A CLT feature is a node at its encoder (source) layer, as circuit-tracer places it; its outgoing edges carry the
+writes of all its decoders (into that layer's MLP output and every later covered one). Its `feature` number is
+the CLT's own (layer block s starts at s x latents per layer), the number the feature index and Features page use.
 
 Layers without a transcoder: their MLP output is frozen at its clean value and appears as one error node per
 position ("mlp reconstruction error" holding the whole MLP output), so the replacement still reproduces the clean
@@ -28,8 +32,8 @@ UNCOVERED = "MLP output frozen at its clean value: one error node per position h
 
 @dataclass
 class GraphConfig:
-    run_dir: str = _f("runs/default", "run directory with train/<name> (transcoders)", cli=False)
-    name: str = _f("", "training run whose transcoders replace the MLPs (RUN/train/<name>)")
+    run_dir: str = _f("runs/default", "run directory with train/<name> (transcoders or a CLT)", cli=False)
+    name: str = _f("", "training run whose transcoders or CLT replace the MLPs (RUN/train/<name>)")
     prompt: str = _f("", "the prompt to explain (its last position's top logits are the graph's outputs)")
     graph_name: str = _f("", "graph file name: RUN/graphs/<name>/<graph-name>.json (default: a slug of the prompt)")
     max_feature_nodes: Annotated[int, Gt(0)] = _f(2048, "features whose inputs are computed (most influential first)")
@@ -37,7 +41,8 @@ class GraphConfig:
     logit_coverage: Annotated[float, Interval(gt=0, le=1)] = _f(0.95, "top logits until their probability sums to this")
     node_threshold: Annotated[float, Interval(gt=0, le=1)] = _f(0.8, "keep the nodes holding this share of the influence")
     edge_threshold: Annotated[float, Interval(gt=0, le=1)] = _f(0.98, "then the edges holding this share")
-    pin: str = _f("", "features always kept: LAYER:FEATURE[@POS], comma separated (e.g. 3:17,5:2@4)")
+    pin: str = _f("", "features always kept: LAYER:FEATURE[@POS], comma separated (e.g. 3:17,5:2@4); FEATURE as "
+                      "the graph's nodes number it")
     batch_size: Annotated[int, Gt(0)] = _f(32, "targets per batched backward pass")
     threads: Annotated[int, Ge(0)] = _f(0, "CPU threads (0 = torch's default)")
     overwrite: bool = _f(False, "replace an existing graph of the same name")
@@ -63,9 +68,13 @@ def _check_harvest(run, manifest) -> None:
     missing = [s for s in ("mlp_in", "mlp_out") if s not in sites]
     if missing:
         have = ",".join(sorted(sites | {"mlp_in", "mlp_out"}))
-        raise StrataError(f"the harvest in {run} has no {' or '.join(missing)} keys, which transcoders read and "
-                          f"predict: harvest with `strata harvest {run} --sites {have}`, then train with "
-                          f"`--mode transcoder`")
+        raise StrataError(f"the harvest in {run} has no {' or '.join(missing)} keys, which transcoders and CLTs read "
+                          f"and predict: harvest with `strata harvest {run} --sites {have}`, then train with "
+                          f"`--mode transcoder` or `--mode clt`")
+
+
+def _uncovered(adapter, L: int) -> str:
+    return f"layer {L} is not one of the CLT's layers" if adapter.mode == "clt" else f"layer {L} has no transcoder"
 
 
 def _pinned(pins, adapter, feats) -> torch.Tensor:
@@ -73,12 +82,12 @@ def _pinned(pins, adapter, feats) -> torch.Tensor:
     out = []
     for L, i, p in pins:
         if L not in adapter.layers:
-            raise StrataError(f"--pin {L}:{i}: layer {L} has no transcoder; pin features of layers {adapter.layers}")
-        n = adapter.n_latents(L)
-        if not 0 <= i < n:
-            raise StrataError(f"--pin {L}:{i}: feature {i} does not exist in {adapter.sae_id(L)} (0-{n - 1}); "
-                              f"pick one in range")
-        hit = (layer == L) & (idx == i) & ((pos == p) if p is not None else True)
+            raise StrataError(f"--pin {L}:{i}: {_uncovered(adapter, L)}; pin features of layers {adapter.layers}")
+        first, n = adapter.feature_offset(L), adapter.n_latents(L)
+        if not first <= i < first + n:
+            raise StrataError(f"--pin {L}:{i}: feature {i} does not exist in {adapter.sae_id(L)} at layer {L} "
+                              f"({first}-{first + n - 1}); pick one in range")
+        hit = (layer == L) & (idx == i - first) & ((pos == p) if p is not None else True)
         if not bool(hit.any()):
             where = f" at position {p}" if p is not None else ""
             raise StrataError(f"--pin {L}:{i}: feature {i} of {adapter.sae_id(L)} does not fire{where} on this prompt; "
@@ -98,11 +107,10 @@ def _explanations(run, name: str, adapter) -> dict:
     except StrataError:
         return {}
     try:
-        out = {}
-        for L in adapter.layers:
-            sid = adapter.sae_id(L)
+        out = {}  # sae id -> explanation per feature number
+        for sid in {adapter.sae_id(L) for L in adapter.layers}:
             if sid in idx.sae_ids and idx.has(sid, "explanation"):
-                out[L] = idx.column(sid, "explanation")
+                out[sid] = idx.column(sid, "explanation")
         return out
     finally:
         idx.close()
@@ -112,7 +120,7 @@ def make_graph(cfg: GraphConfig):
     """Validate everything, then build, prune and write the graph; returns (path, metadata)."""
     from activations.model import load_model
     from sae.checkpoint import load_saes
-    from sae.circuits.adapter import TranscoderSet
+    from sae.circuits.adapter import adapter_for
     from sae.circuits.attribute import active_features, attribute
     from sae.circuits.frozen import check_architecture, clean_pass
     from sae.circuits.graph_file import read_graph, write_graph
@@ -120,7 +128,7 @@ def make_graph(cfg: GraphConfig):
     t0 = time.perf_counter()
     run = cfg.run_dir
     if not cfg.name:
-        raise StrataError("say which training run's transcoders to use: --name <train name>")
+        raise StrataError("say which training run's transcoders or CLT to use: --name <train name>")
     if not cfg.prompt.strip():
         raise StrataError("give the prompt to explain: --prompt \"...\"")
     graph_name = cfg.graph_name or slug(cfg.prompt)
@@ -135,13 +143,14 @@ def make_graph(cfg: GraphConfig):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cpu")  # the attribution runs on the CPU (the graph's matrices live there)
-    adapter = TranscoderSet(load_saes(run, cfg.name, device))
+    adapter = adapter_for(load_saes(run, cfg.name, device))
     lm = load_model(manifest.model["id"], device, torch.float32)
     check_architecture(lm.model)
     ids = torch.tensor(lm.tokenizer(cfg.prompt).input_ids, dtype=torch.long, device=device)
     limit = adapter.context_length() or manifest.context_length
     if ids.numel() > limit:
-        raise StrataError(f"the prompt is {ids.numel()} tokens but the transcoders of {cfg.name} were trained on "
+        what = "CLT of {} was" if adapter.mode == "clt" else "transcoders of {} were"
+        raise StrataError(f"the prompt is {ids.numel()} tokens but the {what.format(cfg.name)} trained on "
                           f"{limit}-token contexts (positions beyond are untrained); shorten the prompt to at most "
                           f"{limit} tokens. Nothing was written")
     with run_lock(run, f"strata graph --name {cfg.name}", scope=f"graph-{cfg.name}"):
@@ -180,10 +189,12 @@ def assemble(att, lm, clean, adapter, cfg: GraphConfig, clerps: dict, pinned_fea
     tok = lm.tokenizer
     ids = clean.ids.tolist()
     nodes = []
+    kind = "cross layer transcoder" if adapter.mode == "clt" else "transcoder"
     for j, f in enumerate(att.visited.tolist()):
-        L, p, i = int(att.feat_layer[f]), int(att.feat_pos[f]), int(att.feat_idx[f])
-        clerp = str(clerps[L][i]) if L in clerps and i < len(clerps[L]) else ""
-        nodes.append(node("transcoder", str(L), i, p, sae=adapter.sae_id(L), activation=float(att.feat_act[f]),
+        L, p = int(att.feat_layer[f]), int(att.feat_pos[f])
+        sid, i = adapter.sae_id(L), adapter.feature_offset(L) + int(att.feat_idx[f])
+        clerp = str(clerps[sid][i]) if sid in clerps and i < len(clerps[sid]) else ""
+        nodes.append(node(kind, str(L), i, p, sae=sid, activation=float(att.feat_act[f]),
                           influence=float(pr.influence[j]), clerp=clerp))
     for L in range(n_layers):
         for p in range(T):
