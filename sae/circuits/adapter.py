@@ -92,7 +92,7 @@ class TranscoderSet:
 
     def encoder_vectors(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
         sae = self.by_layer[layer][1]
-        return sae.W_enc[:, idx].t() * sae.in_scale(sae.cfg.in_keys[0])
+        return sae.W_enc_ND[idx] * sae.in_scale(sae.cfg.in_keys[0])
 
     def skip(self, layer: int):
         sae = self.by_layer[layer][1]
