@@ -24,6 +24,27 @@ class TopKSAE(SAE):
     def after_select(self, vals: torch.Tensor, n_rows: int) -> None:
         pass
 
+    # rows per block of pre-activations in `choose` (None: the whole batch at once): TopK picks each row's latents
+    # alone. On CPU (bf16, d=576, 4,608 latents, batch 4,096) blocks of 512 to 2,048 rows time alike, and choosing
+    # costs ~15 ms less than over the whole batch's B x n tensor.
+    choose_block_rows: int | None = 1024
+
+    @torch.no_grad()
+    def choose(self, x_c: torch.Tensor, with_aux: bool):
+        """(rows, cols, vals) of the active latents (sorted by row, vals in the compute dtype) and AuxK's picks (or
+        None), from detached pre-activations made and used block by block of rows (SAE.selection_blocks)."""
+        dead = self.dead_mask() if with_aux else None
+        picks, aux_picks = [], []
+        for start, pre in self.selection_blocks(x_c, self.choose_block_rows or x_c.shape[0]):
+            rows, cols, vals = self.select(pre)
+            picks.append((rows + start, cols, vals))
+            aux = kernels.aux_select(pre, dead, self.cfg.k_aux) if with_aux else None
+            if aux is not None:
+                aux_picks.append((aux[0] + start, aux[1], aux[2]))
+        rows, cols, vals = (torch.cat(p) for p in zip(*picks))
+        aux = tuple(torch.cat(p) for p in zip(*aux_picks)) if aux_picks else None
+        return rows, cols, vals, aux
+
     def encode_n(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.raw_preacts(self.centered(x))
         rows, cols, vals = self.select(pre)
@@ -46,10 +67,7 @@ class TopKSAE(SAE):
         B, n = x.shape[0], self.cfg.n_latents
         with torch.no_grad():
             x_c = self.centered(x)
-            pre = self.selection_preacts(x_c)
-            rows, cols, vals = self.select(pre)
-            aux = kernels.aux_select(pre, self.dead_mask(), self.cfg.k_aux) if self.training else None
-            del pre
+            rows, cols, vals, aux = self.choose(x_c, with_aux=self.training)
             if vals.dtype != torch.float32:  # chosen in bf16: the chosen values exactly, in fp32
                 vals = self._exact(x_c, rows, cols, B)
                 if aux is not None:
@@ -84,6 +102,7 @@ class BatchTopKSAE(TopKSAE):
     the smallest kept activation per training batch."""
 
     beta = 0.999
+    choose_block_rows = None  # the batch's top k*B is chosen over the whole batch
 
     def __init__(self, cfg):
         super().__init__(cfg)

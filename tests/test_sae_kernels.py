@@ -18,7 +18,7 @@ def test_grouped_topk_picks_the_same_latents_as_torch_topk():
         ref_vals, ref_cols = pre.topk(k, dim=1)
         assert same_set(vals, ref_vals) and same_set(cols, ref_cols)
         assert torch.equal(pre.gather(1, cols), vals)
-    assert kernels._group_size(4608, 32) == 12 and kernels._group_size(97, 5) is None
+    assert kernels._group_size(4608, 32) == 24 and kernels._group_size(97, 5) is None
 
 
 def test_grouped_topk_with_ties_infinities_and_a_nan_row():
@@ -93,6 +93,32 @@ def test_bf16_step_chooses_in_bf16_and_decodes_the_exact_fp32_values():
     assert torch.allclose(out.recon[untied], ref[untied], atol=1e-5)
     out.loss.backward()
     assert sae.W_enc_ND.grad.dtype == torch.float32 and bool(torch.isfinite(sae.W_enc_ND.grad).all())
+
+
+def test_choosing_block_by_block_picks_each_rows_dense_top_k_and_auxk():
+    torch.manual_seed(3)
+    d, n, k, k_aux, B = 32, 256, 8, 16, 70
+    sae = build_sae(SAEConfig(arch="topk", d_in=d, d_out=d, n_latents=n, k=k, k_aux=k_aux, in_keys=["x"],
+                              out_keys=["x"], in_scales=[1.0], out_scales=[1.0]))
+    sae.stale_tokens[::3] = sae.cfg.dead_tokens  # every third latent dead: AuxK picks among them
+    sae.choose_block_rows = 16  # five blocks, the last of 6 rows
+    x = torch.randn(B, d)
+    with torch.no_grad():
+        x_c = sae.centered(x)
+        rows, cols, vals, (aux_rows, aux_cols, aux_vals) = sae.choose(x_c, with_aux=True)
+        pre = x_c @ sae.W_enc + sae.b_enc
+    assert torch.equal(rows, torch.arange(B).repeat_interleave(k))
+    assert same_set(cols.view(B, k), pre.topk(k, dim=1).indices)
+    assert torch.allclose(vals.view(B, k), pre.gather(1, cols.view(B, k)).clamp(min=0), atol=1e-6)
+    dead = torch.arange(0, n, 3)
+    assert torch.equal(aux_rows, torch.arange(B).repeat_interleave(k_aux))
+    assert same_set(aux_cols.view(B, k_aux), dead[pre[:, dead].topk(k_aux, dim=1).indices])
+    assert torch.allclose(aux_vals.view(B, k_aux), pre.gather(1, aux_cols.view(B, k_aux)).clamp(min=0), atol=1e-6)
+    blocked = sae(x, x)
+    sae.choose_block_rows = None  # the whole batch at once: the same step
+    whole = sae(x, x)
+    assert torch.allclose(blocked.loss, whole.loss) and torch.equal(blocked.fired, whole.fired)
+    assert float(blocked.parts["auxk"]) > 0
 
 
 def test_transpose_matmul_is_the_dense_transposed_product():
