@@ -151,3 +151,15 @@ def attn_run(tmp_path_factory, tiny_llama) -> Path:
                           progress=False, wandb_mode="disabled", device="cpu"))
     analyze(AnalyzeConfig(run_dir=str(run), progress=False, device="cpu", precision="fp32"))  # shares to 1e-4
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2_mlp_run(tmp_path_factory) -> Path:
+    """(slow tests) the real packaged SmolLM2 harvested at mlp_in/mlp_out 0-2, 2,048 tokens of 32-token contexts;
+    each test trains its own name on it (transcoders, a CLT)."""
+    from strata.cli import main
+
+    run = tmp_path_factory.mktemp("smol") / "smol"
+    assert main(["harvest", str(run), "--layers", "0-2", "--sites", "mlp_in,mlp_out", "--context", "32",
+                 "--max-tokens", "2048", "--shard-tokens", "1024", "--progress", "false"]) == 0
+    return run

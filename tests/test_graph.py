@@ -220,11 +220,9 @@ def test_feature_budget_visits_the_most_influential_first(setup, att):
 
 
 @pytest.mark.slow
-def test_graph_on_real_smollm2_with_two_transcoders(tmp_path):
-    run = tmp_path / "smol"
-    assert main(["harvest", str(run), "--layers", "0-1", "--sites", "mlp_in,mlp_out", "--context", "32",
-                 "--max-tokens", "2048", "--shard-tokens", "1024", "--progress", "false"]) == 0
-    assert main(["train", str(run), "--mode", "transcoder", "--name", "tc", "--arch", "topk", "--k", "16",
+def test_graph_on_real_smollm2_with_two_transcoders(smollm2_mlp_run):
+    run = smollm2_mlp_run
+    assert main(["train", str(run), "--mode", "transcoder", "--name", "tc", "--layers", "0-1", "--arch", "topk", "--k", "16",
                  "--expansion", "2", "--batch-size", "512", "--heldout-fraction", "0", "--progress", "false"]) == 0
     prompt = "The capital of France is"
     # thresholds 1: nothing pruned (with 28 of 30 MLPs frozen as error nodes, pruning would keep mostly errors)

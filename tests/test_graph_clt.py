@@ -262,10 +262,8 @@ def test_zeroing_a_feature_moves_the_logits_as_the_graph_predicts(runs, name):
 
 
 @pytest.mark.slow
-def test_clt_graph_on_real_smollm2(tmp_path):
-    run = tmp_path / "smol"
-    assert main(["harvest", str(run), "--layers", "0-2", "--sites", "mlp_in,mlp_out", "--context", "32",
-                 "--max-tokens", "2048", "--shard-tokens", "1024", "--progress", "false"]) == 0
+def test_clt_graph_on_real_smollm2(smollm2_mlp_run):
+    run = smollm2_mlp_run
     assert main(["train", str(run), "--mode", "clt", "--name", "clt", "--arch", "topk", "--k", "16",
                  "--expansion", "1", "--batch-size", "512", "--heldout-fraction", "0", "--progress", "false"]) == 0
     prompt = "The capital of France is"
