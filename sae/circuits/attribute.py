@@ -139,23 +139,34 @@ def _influence_order(rows: torch.Tensor, row_cols: torch.Tensor, n_logits: int, 
 
 
 @torch.no_grad()
-def active_features(adapter, clean: CleanPass):
+def active_features(adapter, clean: CleanPass, exclude_first: int = 0):
+    """Every (layer, position, latent) with activation > 0, at positions >= exclude_first (the first
+    `exclude_first` positions of a context were left out of training: their features are not nodes)."""
     layers, pos, idx, act = [], [], [], []
     for L in adapter.layers:
         a_TN = adapter.encode_layer(L, clean.mlp_in[L])
-        p, i = (a_TN > 0).nonzero(as_tuple=True)
+        p, i = (a_TN[exclude_first:] > 0).nonzero(as_tuple=True)
+        p = p + exclude_first
         layers.append(torch.full_like(p, L)), pos.append(p), idx.append(i), act.append(a_TN[p, i])
     if not layers:
         return (torch.zeros(0, dtype=torch.long),) * 3 + (torch.zeros(0),)
     return torch.cat(layers), torch.cat(pos), torch.cat(idx), torch.cat(act).float()
 
 
+def _skip_from(skip, first: int):
+    """The skip term, zero at positions < first (there the MLP output is frozen whole)."""
+    if skip is None or first == 0:
+        return skip
+    return lambda x: skip(x) * (torch.arange(x.shape[-2]) >= first)[:, None]
+
+
 @torch.no_grad()
-def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
+def frozen_mlps(adapter, clean: CleanPass, feats: tuple, exclude_first: int = 0):
     """(constant MLP outputs, skip maps, error vectors [n_layers, T, D]). Covered layer: error = MLP output -
     the replacement's output there (the decodes of every source layer that writes into it, skip included);
-    uncovered layer: the MLP output is frozen and is all error."""
-    n_layers = len(clean.mlp_out)
+    uncovered layer, and positions < exclude_first of every layer (the transcoders never trained there): the MLP
+    output is frozen and is all error."""
+    n_layers, first = len(clean.mlp_out), exclude_first
     acts = {L: adapter.encode_layer(L, clean.mlp_in[L]) for L in adapter.layers}
     const, skips, errors = [], [], []
     for L in range(n_layers):
@@ -163,19 +174,21 @@ def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
         if L not in adapter.layers:
             const.append(y), skips.append(None), errors.append(y)
             continue
-        skip = adapter.skip(L)
+        skip = _skip_from(adapter.skip(L), first)
         recon = adapter.decode_to(L, acts) + (skip(x) if skip is not None else 0)
-        const.append(y - skip(x) if skip is not None else y), skips.append(skip), errors.append(y - recon)
+        err = y - recon
+        err[:first] = y[:first]
+        const.append(y - skip(x) if skip is not None else y), skips.append(skip), errors.append(err)
     return const, skips, torch.stack(errors)
 
 
 def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, max_logits: int = 10,
               logit_coverage: float = 0.95, batch_size: int = 32, must_visit: torch.Tensor | None = None,
-              hold_bytes: int = 2**30) -> Attribution:
+              hold_bytes: int = 2**30, exclude_first: int = 0) -> Attribution:
     T, D = clean.embed_TD.shape
     n_layers = len(clean.mlp_out)
-    feats = active_features(adapter, clean)
-    const, skips, errors = frozen_mlps(adapter, clean, feats)
+    feats = active_features(adapter, clean, exclude_first)
+    const, skips, errors = frozen_mlps(adapter, clean, feats, exclude_first)
     src = _Sources(clean, adapter, feats, errors, hold_bytes)
     logit_ids, logit_probs = top_logits(clean.logits_TV[-1], max_logits, logit_coverage)
     K, F = logit_ids.numel(), src.F
