@@ -182,7 +182,7 @@ def test_scores_as_circuit_tracer_defines_them():
 
 def test_graph_cli_writes_the_shared_schema(tc_run, setup, capsys):
     lm, adapter, clean = setup
-    layer, pos, idx, act = active_features(adapter, clean)
+    layer, pos, idx, act = active_features(adapter, clean, 1)  # tc trained without position 0 (--exclude-first 1)
     weakest = int(act.argmin())  # the feature least likely to survive pruning by itself
     pin = f"{int(layer[weakest])}:{int(idx[weakest])}@{int(pos[weakest])}"
     assert main(["graph", str(tc_run), "--name", "tc", "--prompt", PROMPT, "--pin", pin]) == 0
