@@ -281,3 +281,24 @@ def test_graph_on_real_smollm2_with_two_transcoders(smollm2_mlp_run):
     moved = replacement_forward(lm.model, clean, const, skips, {L: w})[1]
     measured = float((moved[-1, tok] - moved[-1].mean()) - (base[-1, tok] - base[-1].mean()))
     assert link["weight"] == pytest.approx(measured, rel=1e-2, abs=1e-4)
+
+
+def test_influence_order_is_the_walk_over_the_normalised_rows():
+    """The visiting order's influence: (w_0 + w_1 + ...) A with A the rows' normalised |weights| and each w_{t+1}
+    the previous walk step read at the columns of the rows' own features, as the dense definition gives it."""
+    from sae.circuits.attribute import _influence_order
+
+    g = torch.Generator().manual_seed(1)
+    K, n_rows, n_cols = 3, 40, 700
+    rows = torch.randn(K + n_rows, n_cols, generator=g) * (torch.rand(K + n_rows, n_cols, generator=g) < 0.3)
+    row_cols = torch.randperm(n_cols, generator=g)[:n_rows]
+    rows[K:, row_cols] = rows[K:, row_cols].tril(-1)  # features read only features visited before them: acyclic
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    a = rows.abs() / rows.abs().sum(1, keepdim=True)
+    w, total = torch.cat([probs, torch.zeros(n_rows)]), torch.zeros(n_cols)
+    for _ in range(n_rows + 2):
+        step = w @ a
+        total += step
+        w = torch.cat([torch.zeros(K), step[row_cols]])
+    assert bool((total[row_cols] > 0).any())
+    assert torch.allclose(_influence_order(rows, row_cols, K, probs, n_rows + 2, chunk=7), total, atol=1e-6)
