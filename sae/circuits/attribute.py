@@ -250,13 +250,14 @@ def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, m
     order_t = torch.tensor(order, dtype=torch.long)
     keep = order_t.argsort()  # node order: features sorted by (layer, position, latent) as they were found
     visited_sorted = order_t[keep]
-    feat_rows = rows[K:K + len(order)][keep]
-    # square adjacency over the graph's nodes; unvisited features are not nodes
+    # square adjacency over the graph's nodes; unvisited features are not nodes (their columns are dropped first,
+    # so no second copy of the [rows x all features] matrix is made)
     n_err, N = n_layers * T, len(order) + n_layers * T + T + K
     col_of_node = torch.cat([visited_sorted, torch.arange(F, F + n_err + T)])
-    adj = torch.zeros(N, N)
-    adj[:len(order), :len(order) + n_err + T] = feat_rows[:, col_of_node]
-    adj[N - K:, :len(order) + n_err + T] = rows[:K][:, col_of_node]
+    node_cols = rows[:K + len(order), col_of_node]
     del rows
+    adj = torch.zeros(N, N)
+    adj[:len(order), :len(order) + n_err + T] = node_cols[K:][keep]
+    adj[N - K:, :len(order) + n_err + T] = node_cols[:K]
     return Attribution(*feats, visited=visited_sorted, logit_ids=logit_ids, logit_probs=logit_probs,
                        adjacency=adj, error_vectors=errors, n_layers=n_layers, T=T)
