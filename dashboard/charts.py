@@ -222,6 +222,20 @@ def circuit_positions(graph: dict) -> dict[str, tuple[float, float]]:
     return pos
 
 
+MAX_LINKS = 3000  # a browser draws ~300k plotly line segments in tens of seconds, 3,000 in a blink
+
+
+def drawable_links(links: list[dict], max_links: int = MAX_LINKS) -> list[dict]:
+    """At most `max_links` links: those carrying the largest share of their target's input (|weight| over the
+    sum of |weights| into the target, the normalisation graph pruning uses), so every node keeps its main inputs."""
+    if len(links) <= max_links:
+        return links
+    into: dict[str, float] = {}
+    for ln in links:
+        into[ln["target"]] = into.get(ln["target"], 0.0) + abs(ln["weight"])
+    return sorted(links, key=lambda ln: -abs(ln["weight"]) / (into[ln["target"]] or 1.0))[:max_links]
+
+
 def strongest_links(graph: dict, node_id: str, top: int = 5) -> tuple[list[dict], list[dict]]:
     """(inputs, outputs) of a node: the links into and out of it with the largest |weight|, at most `top` each."""
     ins = [ln for ln in graph["links"] if ln["target"] == node_id]
@@ -234,12 +248,13 @@ def circuit_figure(graph: dict, selected: str | None = None, hover: dict | None 
     """The pruned graph laid out by token position (x) and layer (y); links as lines (width ~ |weight|, blue
     excites, red inhibits); nodes labelled with their explanation; supernodes boxed and named; pinned nodes
     (qParams.pinnedIds) drawn as red-edged diamonds. With a node `selected`, only its strongest inputs and outputs
-    are drawn, the rest of the graph faded (pinned nodes stay lit). `hover`: node_id ->
+    are drawn, the rest of the graph faded (pinned nodes stay lit); otherwise at most MAX_LINKS links, the
+    strongest for their targets (drawable_links). `hover`: node_id ->
     extra hover text (e.g. top contexts, already escaped); `hrefs`: node_id -> link put into the customdata."""
     hover, hrefs = hover or {}, hrefs or {}
     pos = circuit_positions(graph)
     by_id = {n["node_id"]: n for n in graph["nodes"]}
-    links = [ln for ln in graph["links"] if ln["source"] in pos and ln["target"] in pos]
+    links = drawable_links([ln for ln in graph["links"] if ln["source"] in pos and ln["target"] in pos])
     pinned = set(pinned_ids(graph)) & set(by_id)
     lit: set[str] = set()
     if selected in by_id:

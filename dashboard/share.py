@@ -260,7 +260,7 @@ def circuit_page(graph: dict, train: str, name: str, shared: dict[str, set]) -> 
               "pinned": n["node_id"] in pinned} for n in graph["nodes"]]
     return TEMPLATES.get_template("circuit.html").render(
         css=CSS, root="../../../", train=train, name=name, prompt=graph["metadata"].get("prompt", ""),
-        n_links=len(graph["links"]), nodes=nodes, pinned=pinned,
+        n_links=len(graph["links"]), max_links=charts.MAX_LINKS, nodes=nodes, pinned=pinned,
         supernodes=[{"label": g[0], "members": g[1:]} for g in graph["qParams"]["supernodes"]],
         figure=fig_html(charts.circuit_figure(graph, hrefs=hrefs), OPEN_CIRCUIT_NODE))
 

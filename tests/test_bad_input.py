@@ -718,6 +718,11 @@ GRAPH_CASES = [
                                          "--prompt", "The cat"], "--sites mlp_in,mlp_out,resid", setup=_resid_only_harvest),
 ]
 
+GRAPHPERF_CASES = [  # tc trained with the default --exclude-first 1: position 0 has no feature nodes
+    _gcase("graph-pin-untrained-position", ["--prompt", "The cat", "--pin", "0:3@0"],
+           "trained without (--exclude-first), so it has no feature nodes"),
+]
+
 
 # `strata graph` on a cross-layer transcoder (sae/circuits/adapter.py CLTAdapter)
 def _clt_graph_run(w: Workspace) -> Path:
@@ -790,7 +795,8 @@ INTERVENE2_CASES = [
 
 ALL_CASES = (CONFIG_CASES + DATA_LOSS_CASES + HARVEST_CASES + INPUT_CASES + TRAIN_CASES + INTEROP_CASES
              + DASHBOARD_CASES + EVAL_SUITE_CASES + SEEDS + EVAL_CASES + EXPLORER + SYNTH_CASES + CAUSAL_CASES
-             + CLT_CASES + GRAPH_CASES + INTERVENE_CASES + INTERVENE2_CASES + CLT_TANH + CLTGRAPH_CASES)
+             + CLT_CASES + GRAPH_CASES + INTERVENE_CASES + INTERVENE2_CASES + CLT_TANH + CLTGRAPH_CASES
+             + GRAPHPERF_CASES)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])

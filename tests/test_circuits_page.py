@@ -317,3 +317,45 @@ def test_a_broken_graph_file_is_one_error(graph_run, monkeypatch, tmp_path):
                                                f"`strata graph`"]
     finally:
         bad.unlink()
+
+
+def write_dense_graph(run: Path, name: str = "dense") -> dict:
+    """The small graph's embeddings and logit with 80 features linked all to all (3,160 links, more than the
+    page draws), weights of both signs; each feature's first input is its strongest by far."""
+    base = json.loads(layout.graph_path(run, TRAIN, GRAPH).read_text())
+    T = len(base["metadata"]["prompt_ids"])
+    feats = [{"node_id": f"{1 + i % 2}_{i}_{i % T}", "feature_type": "transcoder", "layer": str(1 + i % 2),
+              "ctx_idx": i % T, "feature": i, "sae": f"resid.{1 + i % 2}", "activation": 1.0,
+              "influence": 0.5, "token_prob": 0.0, "is_target_logit": False, "clerp": ""} for i in range(80)]
+    g = torch.Generator().manual_seed(0)
+    links = [{"source": feats[i]["node_id"], "target": feats[j]["node_id"],
+              "weight": 5.0 if i == 0 else float(torch.rand(1, generator=g) * 2 - 1)}
+             for j in range(80) for i in range(j)]
+    doc = dict(base, nodes=[n for n in base["nodes"] if n["feature_type"] in ("embedding", "logit")] + feats,
+               links=links, metadata=dict(base["metadata"], slug=name))
+    layout.graph_path(run, TRAIN, name).write_text(json.dumps(doc))
+    return doc
+
+
+def test_a_dense_graph_draws_the_strongest_links_of_each_node(graph_run, monkeypatch):
+    """A graph pruned with circuit-tracer's defaults can hold 300k links; the page draws the 3,000 carrying the
+    largest share of their target's input and says so."""
+    from dashboard.charts import MAX_LINKS
+
+    run, _ = graph_run
+    doc = write_dense_graph(run)
+    try:
+        at = app(run, monkeypatch, graph=f"{TRAIN}/dense")
+        assert len(doc["links"]) == 3160 > MAX_LINKS == 3000
+        assert any("drawing the 3,000 strongest of their 3,160 links" in c.value for c in at.caption)
+        spec = circuit_spec(at)
+        drawn = {(x0, y0, x1, y1) for t in spec["data"] if t.get("mode") == "lines"
+                 for x0, y0, x1, y1 in zip(t["x"][::3], t["y"][::3], t["x"][1::3], t["y"][1::3])}
+        assert sum(len(t["x"]) // 3 for t in spec["data"] if t.get("mode") == "lines") == MAX_LINKS
+        nodes = node_trace(spec)
+        xy = {cd[0]: (x, y) for cd, x, y in zip(nodes["customdata"], nodes["x"], nodes["y"])}
+        assert len(xy) == len(doc["nodes"])  # every node is shown, only links are left out
+        first = doc["nodes"][-80]["node_id"]  # feature 0: the strongest input of every other feature
+        assert all((*xy[first], *xy[ln["target"]]) in drawn for ln in doc["links"] if ln["source"] == first)
+    finally:
+        layout.graph_path(run, TRAIN, "dense").unlink()

@@ -359,3 +359,26 @@ def test_circuits_page_pin_a_node_in_chromium(analyzed_run, tmp_path, page):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_circuits_page_draws_a_dense_graph_capped_in_chromium(analyzed_run, tmp_path, page):
+    """A graph with more links than the page draws (3,160): every node is shown, 3,000 links are drawn, and the
+    caption says which."""
+    import shutil
+
+    from test_circuits_page import TRAIN, write_dense_graph, write_graph_file
+
+    run = tmp_path / "run"
+    shutil.copytree(analyzed_run, run, ignore=shutil.ignore_patterns("share", ".locks", ".strata.lock"))
+    write_graph_file(run)
+    doc = write_dense_graph(run)
+    with dashboard_server(run) as url:
+        page.set_default_timeout(LOAD_MS)
+        page.goto(f"{url}/?page=circuits&graph={TRAIN}/dense")
+        page.locator(".js-plotly-plot .scatterlayer .trace").last.locator(".point").first.wait_for()
+        page.get_by_text("drawing the 3,000 strongest of their 3,160 links").wait_for()
+        drawn = page.evaluate("() => document.querySelector('.js-plotly-plot').data"
+                              ".filter(t => t.mode === 'lines').reduce((n, t) => n + t.x.length / 3, 0)")
+        assert drawn == 3000
+        points = page.locator(".js-plotly-plot .scatterlayer .trace").last.locator(".point")
+        assert points.count() == len(doc["nodes"])

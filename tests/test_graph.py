@@ -78,9 +78,13 @@ def _run_with(lm, clean, const, skips, where=None, vector=None):
 
 
 def test_each_edge_equals_the_effect_measured_on_the_frozen_model(setup, att):
+    _check_edges_against_frozen_model(setup, att, exclude_first=0)
+
+
+def _check_edges_against_frozen_model(setup, att, exclude_first: int):
     lm, adapter, clean = setup
     feats = (att.feat_layer, att.feat_pos, att.feat_idx, att.feat_act)
-    const, skips, _ = frozen_mlps(adapter, clean, feats)
+    const, skips, _ = frozen_mlps(adapter, clean, feats, exclude_first)
     T, n_layers, Fv, K = att.T, att.n_layers, att.visited.numel(), att.logit_ids.numel()
     N = att.adjacency.shape[0]
     assert Fv == att.feat_layer.numel()  # budget not reached: every active feature is a node
@@ -109,6 +113,7 @@ def test_each_edge_equals_the_effect_measured_on_the_frozen_model(setup, att):
     layer2 = [i for i in range(Fv) if int(att.feat_layer[att.visited[i]]) == 2]
     targets = list(range(N - K, N)) + [layer2[int(j)] for j in torch.randint(len(layer2), (3,), generator=g)]
     sources = torch.randperm(N - K, generator=g)[:25].tolist() + [Fv + n_layers * T + T - 1]  # + the last token
+    sources += [Fv + L * T + p for L in (0, 2) for p in range(exclude_first)]  # errors holding whole MLPs
     # the frozen model is affine: running it with and without one source's write measures its direct effects
     base = _run_with(lm, clean, const, skips)
     checked = 0
@@ -119,6 +124,25 @@ def test_each_edge_equals_the_effect_measured_on_the_frozen_model(setup, att):
             assert float(att.adjacency[i, j]) == pytest.approx(measured, rel=1e-3, abs=1e-5), (i, j)
             checked += measured != 0
     assert checked > 20  # most sampled pairs are real edges, not structural zeros
+
+
+def test_positions_left_out_of_training_have_no_feature_nodes(setup, att):
+    """Training left out the first positions of every context (--exclude-first): there the graph freezes every MLP
+    output whole (the error node holds it) and has no features; logits and edges stay exact."""
+    lm, adapter, clean = setup
+    first = 2
+    cut = attribute(lm.model, clean, adapter, max_feature_nodes=10_000, batch_size=7, exclude_first=first)
+    assert int(cut.feat_pos.min()) == first and bool((att.feat_pos < first).any())
+    later = att.feat_pos >= first  # the same features as without the cut, from position `first` on
+    assert torch.equal(cut.feat_idx, att.feat_idx[later]) and torch.equal(cut.feat_layer, att.feat_layer[later])
+    feats = (cut.feat_layer, cut.feat_pos, cut.feat_idx, cut.feat_act)
+    const, skips, errors = frozen_mlps(adapter, clean, feats, first)
+    _, logits = replacement_forward(lm.model, clean, const, skips, {})
+    assert torch.allclose(logits, lm.model(clean.ids[None]).logits[0], atol=1e-5)
+    for L in range(len(clean.mlp_out)):
+        assert torch.equal(errors[L, :first], clean.mlp_out[L][:first])  # the whole MLP output, skip term included
+        assert torch.equal(errors[L, first:], att.error_vectors[L, first:])
+    _check_edges_against_frozen_model(setup, cut, exclude_first=first)
 
 
 def test_pruning_keeps_the_influence_it_reports(att):
@@ -158,7 +182,7 @@ def test_scores_as_circuit_tracer_defines_them():
 
 def test_graph_cli_writes_the_shared_schema(tc_run, setup, capsys):
     lm, adapter, clean = setup
-    layer, pos, idx, act = active_features(adapter, clean)
+    layer, pos, idx, act = active_features(adapter, clean, 1)  # tc trained without position 0 (--exclude-first 1)
     weakest = int(act.argmin())  # the feature least likely to survive pruning by itself
     pin = f"{int(layer[weakest])}:{int(idx[weakest])}@{int(pos[weakest])}"
     assert main(["graph", str(tc_run), "--name", "tc", "--prompt", PROMPT, "--pin", pin]) == 0
@@ -169,6 +193,8 @@ def test_graph_cli_writes_the_shared_schema(tc_run, setup, capsys):
     assert m["schema"] == "strata-graph/1" and m["mode"] == "transcoder" and m["train"] == "tc"
     assert m["saes"] == [adapter.sae_id(0), adapter.sae_id(2)]
     assert [u["layer"] for u in m["uncovered_layers"]] == [1]
+    assert m["untrained_positions"]["exclude_first"] == 1 and m["untrained_positions"]["positions"] == [0]
+    assert not [n for n in doc["nodes"] if n["feature_type"] == "transcoder" and n["ctx_idx"] == 0]
     assert m["prompt_ids"] == clean.ids.tolist() and len(m["prompt_tokens"]) == len(m["prompt_ids"])
     assert 0 < m["influence_kept"] <= 1 and 0 <= m["replacement_score"] <= 1 and 0 <= m["completeness_score"] <= 1
     by_id = {n["node_id"]: n for n in doc["nodes"]}
@@ -255,3 +281,24 @@ def test_graph_on_real_smollm2_with_two_transcoders(smollm2_mlp_run):
     moved = replacement_forward(lm.model, clean, const, skips, {L: w})[1]
     measured = float((moved[-1, tok] - moved[-1].mean()) - (base[-1, tok] - base[-1].mean()))
     assert link["weight"] == pytest.approx(measured, rel=1e-2, abs=1e-4)
+
+
+def test_influence_order_is_the_walk_over_the_normalised_rows():
+    """The visiting order's influence: (w_0 + w_1 + ...) A with A the rows' normalised |weights| and each w_{t+1}
+    the previous walk step read at the columns of the rows' own features, as the dense definition gives it."""
+    from sae.circuits.attribute import _influence_order
+
+    g = torch.Generator().manual_seed(1)
+    K, n_rows, n_cols = 3, 40, 700
+    rows = torch.randn(K + n_rows, n_cols, generator=g) * (torch.rand(K + n_rows, n_cols, generator=g) < 0.3)
+    row_cols = torch.randperm(n_cols, generator=g)[:n_rows]
+    rows[K:, row_cols] = rows[K:, row_cols].tril(-1)  # features read only features visited before them: acyclic
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    a = rows.abs() / rows.abs().sum(1, keepdim=True)
+    w, total = torch.cat([probs, torch.zeros(n_rows)]), torch.zeros(n_cols)
+    for _ in range(n_rows + 2):
+        step = w @ a
+        total += step
+        w = torch.cat([torch.zeros(K), step[row_cols]])
+    assert bool((total[row_cols] > 0).any())
+    assert torch.allclose(_influence_order(rows, row_cols, K, probs, n_rows + 2, chunk=7), total, atol=1e-6)

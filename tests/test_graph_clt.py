@@ -187,7 +187,7 @@ def test_graph_cli_on_a_clt_run_and_the_circuits_page_opens_it(runs, monkeypatch
 
     run, lm, clean = runs
     adapter = adapter_for(load_saes(run, "clt"))
-    layer, pos, idx, act = active_features(adapter, clean)
+    layer, pos, idx, act = active_features(adapter, clean, 1)  # position 0 was left out of training (exclude_first)
     one = int(((layer == 1).float() * act).argmax())  # the strongest layer-1 feature, pinned by its CLT number
     number = adapter.feature_offset(1) + int(idx[one])
     assert main(["graph", str(run), "--name", "clt", "--prompt", PROMPT, "--graph-name", "cat",

@@ -437,6 +437,19 @@ def test_a_saved_graph_is_in_the_bundle(circuit_bundle):
         f'<tr class="pinned"><td><a href="../resid.1/{b["feature"]}.html">{b["node_id"]}</a></td>' in page
 
 
+def test_a_dense_graph_in_the_bundle_says_which_links_it_draws(circuit_bundle):
+    """The bundle's page of a graph with more links than the figure draws (3,000) says so."""
+    from test_circuits_page import TRAIN, write_dense_graph
+
+    from dashboard.share import circuit_page
+
+    run, _ = circuit_bundle
+    doc = write_dense_graph(run)
+    (run / "graphs" / TRAIN / "dense.json").unlink()  # the bundle of the fixture stays as it was
+    page = circuit_page(doc, TRAIN, "dense", {})
+    assert "3160 links (the 3000 with the largest share of their target's input drawn)" in page
+
+
 @needs_chromium
 def test_clicking_a_circuit_node_in_the_bundle_opens_its_feature_page(circuit_bundle, page):
     from test_circuits_page import GRAPH, TRAIN

@@ -162,7 +162,10 @@ def render(ctx: Ctx) -> None:
                                "logits and pinned nodes are always shown")
     view = charts.filter_by_influence(graph, threshold)
     pinned = charts.pinned_ids(graph)
-    st.caption(f"showing {len(view['nodes'])} of {len(graph['nodes'])} nodes"
+    n_links = len(view["links"])
+    drawn = (f" · drawing the {charts.MAX_LINKS:,} strongest of their {n_links:,} links (largest share of their "
+             f"target's input; a lower node threshold shows fewer)" if n_links > charts.MAX_LINKS else "")
+    st.caption(f"showing {len(view['nodes'])} of {len(graph['nodes'])} nodes{drawn}"
                + (f" · pinned: {', '.join(pinned)}" if pinned else " · no pinned nodes: select a node to pin it"))
     event = st.plotly_chart(charts.circuit_figure(view, st.session_state.get("circuits_node") or None,
                                                   top_contexts_hover(ctx, train, graph), feature_hrefs(train, graph)),

@@ -121,41 +121,56 @@ class _Sources:
 
 
 def _influence_order(rows: torch.Tensor, row_cols: torch.Tensor, n_logits: int, probs: torch.Tensor,
-                     n_steps: int) -> torch.Tensor:
-    """Influence on the logits of every source column, through the rows computed so far (normalised |weights|)."""
-    a = rows.abs()
-    a.div_(a.sum(1, keepdim=True).clamp_min(1e-10))
+                     n_steps: int, chunk: int = 256) -> torch.Tensor:
+    """Influence on the logits of every source column, through the rows computed so far (normalised |weights|):
+    (w_0 + w_1 + ...) A, where w_0 holds the logits' probabilities and w_{t+1} = w_t A read at the columns of the
+    rows' own features. The walk runs on the small square part A[:, row_cols]; the one product with every column
+    is taken over row chunks, so no second [rows x columns] matrix (|rows|, 0.5 GiB at 2,048 rows) is made."""
+    inv = torch.cat([r.abs().sum(1) for r in rows.split(chunk)]).clamp_min(1e-10).reciprocal()
+    square = rows[:, row_cols].abs().mul_(inv[:, None])
     w = torch.zeros(rows.shape[0])
     w[:n_logits] = probs
-    total = torch.zeros(rows.shape[1])
+    walked = torch.zeros_like(w)
     for _ in range(n_steps):
-        step = w @ a
-        total += step
-        w = torch.zeros_like(w)
-        w[n_logits:] = step[row_cols]
+        walked += w
+        w = torch.cat([torch.zeros(n_logits), w @ square])
         if not bool(w.any()):
             break
+    total = torch.zeros(rows.shape[1])
+    for a in range(0, rows.shape[0], chunk):
+        total.addmv_(rows[a:a + chunk].abs().T, walked[a:a + chunk] * inv[a:a + chunk])
     return total
 
 
 @torch.no_grad()
-def active_features(adapter, clean: CleanPass):
+def active_features(adapter, clean: CleanPass, exclude_first: int = 0):
+    """Every (layer, position, latent) with activation > 0, at positions >= exclude_first (the first
+    `exclude_first` positions of a context were left out of training: their features are not nodes)."""
     layers, pos, idx, act = [], [], [], []
     for L in adapter.layers:
         a_TN = adapter.encode_layer(L, clean.mlp_in[L])
-        p, i = (a_TN > 0).nonzero(as_tuple=True)
+        p, i = (a_TN[exclude_first:] > 0).nonzero(as_tuple=True)
+        p = p + exclude_first
         layers.append(torch.full_like(p, L)), pos.append(p), idx.append(i), act.append(a_TN[p, i])
     if not layers:
         return (torch.zeros(0, dtype=torch.long),) * 3 + (torch.zeros(0),)
     return torch.cat(layers), torch.cat(pos), torch.cat(idx), torch.cat(act).float()
 
 
+def _skip_from(skip, first: int):
+    """The skip term, zero at positions < first (there the MLP output is frozen whole)."""
+    if skip is None or first == 0:
+        return skip
+    return lambda x: skip(x) * (torch.arange(x.shape[-2]) >= first)[:, None]
+
+
 @torch.no_grad()
-def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
+def frozen_mlps(adapter, clean: CleanPass, feats: tuple, exclude_first: int = 0):
     """(constant MLP outputs, skip maps, error vectors [n_layers, T, D]). Covered layer: error = MLP output -
     the replacement's output there (the decodes of every source layer that writes into it, skip included);
-    uncovered layer: the MLP output is frozen and is all error."""
-    n_layers = len(clean.mlp_out)
+    uncovered layer, and positions < exclude_first of every layer (the transcoders never trained there): the MLP
+    output is frozen and is all error."""
+    n_layers, first = len(clean.mlp_out), exclude_first
     acts = {L: adapter.encode_layer(L, clean.mlp_in[L]) for L in adapter.layers}
     const, skips, errors = [], [], []
     for L in range(n_layers):
@@ -163,19 +178,21 @@ def frozen_mlps(adapter, clean: CleanPass, feats: tuple):
         if L not in adapter.layers:
             const.append(y), skips.append(None), errors.append(y)
             continue
-        skip = adapter.skip(L)
+        skip = _skip_from(adapter.skip(L), first)
         recon = adapter.decode_to(L, acts) + (skip(x) if skip is not None else 0)
-        const.append(y - skip(x) if skip is not None else y), skips.append(skip), errors.append(y - recon)
+        err = y - recon
+        err[:first] = y[:first]
+        const.append(y - skip(x) if skip is not None else y), skips.append(skip), errors.append(err)
     return const, skips, torch.stack(errors)
 
 
 def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, max_logits: int = 10,
               logit_coverage: float = 0.95, batch_size: int = 32, must_visit: torch.Tensor | None = None,
-              hold_bytes: int = 2**30) -> Attribution:
+              hold_bytes: int = 2**30, exclude_first: int = 0) -> Attribution:
     T, D = clean.embed_TD.shape
     n_layers = len(clean.mlp_out)
-    feats = active_features(adapter, clean)
-    const, skips, errors = frozen_mlps(adapter, clean, feats)
+    feats = active_features(adapter, clean, exclude_first)
+    const, skips, errors = frozen_mlps(adapter, clean, feats, exclude_first)
     src = _Sources(clean, adapter, feats, errors, hold_bytes)
     logit_ids, logit_probs = top_logits(clean.logits_TV[-1], max_logits, logit_coverage)
     K, F = logit_ids.numel(), src.F
@@ -233,13 +250,14 @@ def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, m
     order_t = torch.tensor(order, dtype=torch.long)
     keep = order_t.argsort()  # node order: features sorted by (layer, position, latent) as they were found
     visited_sorted = order_t[keep]
-    feat_rows = rows[K:K + len(order)][keep]
-    # square adjacency over the graph's nodes; unvisited features are not nodes
+    # square adjacency over the graph's nodes; unvisited features are not nodes (their columns are dropped first,
+    # so no second copy of the [rows x all features] matrix is made)
     n_err, N = n_layers * T, len(order) + n_layers * T + T + K
     col_of_node = torch.cat([visited_sorted, torch.arange(F, F + n_err + T)])
-    adj = torch.zeros(N, N)
-    adj[:len(order), :len(order) + n_err + T] = feat_rows[:, col_of_node]
-    adj[N - K:, :len(order) + n_err + T] = rows[:K][:, col_of_node]
+    node_cols = rows[:K + len(order), col_of_node]
     del rows
+    adj = torch.zeros(N, N)
+    adj[:len(order), :len(order) + n_err + T] = node_cols[K:][keep]
+    adj[N - K:, :len(order) + n_err + T] = node_cols[:K]
     return Attribution(*feats, visited=visited_sorted, logit_ids=logit_ids, logit_probs=logit_probs,
                        adjacency=adj, error_vectors=errors, n_layers=n_layers, T=T)

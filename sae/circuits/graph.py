@@ -7,7 +7,10 @@ the CLT's own (layer block s starts at s x latents per layer), the number the fe
 Layers without a transcoder: their MLP output is frozen at its clean value and appears as one error node per
 position ("mlp reconstruction error" holding the whole MLP output), so the replacement still reproduces the clean
 logits exactly; metadata.uncovered_layers lists them. A prompt longer than the transcoders' training context is
-refused (their features were never trained on later positions).
+refused (their features were never trained on later positions). Likewise the first positions that training left
+out of every context (`--exclude-first`, default 1: the attention sink): there every MLP output is frozen at its
+clean value (held by that position's error nodes) and no feature is a node, as circuit-tracer treats BOS;
+metadata.untrained_positions records it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from activations.lock import run_lock
 from activations.manifest import load_manifest, software_versions
 
 UNCOVERED = "MLP output frozen at its clean value: one error node per position holds all of it"
+UNTRAINED = ("positions the transcoders never trained on (training's exclude_first): every MLP output there is "
+             "frozen at its clean value, held by the error node, and no feature is a node")
 
 
 @dataclass
@@ -124,6 +129,7 @@ def make_graph(cfg: GraphConfig):
     from sae.circuits.attribute import active_features, attribute
     from sae.circuits.frozen import check_architecture, clean_pass
     from sae.circuits.graph_file import read_graph, write_graph
+    from sae.train_folder import read_config
 
     t0 = time.perf_counter()
     run = cfg.run_dir
@@ -140,6 +146,13 @@ def make_graph(cfg: GraphConfig):
     manifest = load_manifest(run)
     _check_harvest(run, manifest)
     pins = parse_pins(cfg.pin)
+    saved = read_config(layout.train_dir(run, cfg.name))  # a damaged config.json: one line naming it
+    exclude_first = int(saved["identity"].get("exclude_first", 0)) if saved is not None else 0
+    for L, i, p in pins:
+        if p is not None and p < exclude_first:
+            raise StrataError(f"--pin {L}:{i}@{p}: position {p} is one of the first {exclude_first} that {cfg.name} "
+                              f"trained without (--exclude-first), so it has no feature nodes; pin a feature at "
+                              f"position {exclude_first} or later")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cpu")  # the attribution runs on the CPU (the graph's matrices live there)
@@ -155,9 +168,10 @@ def make_graph(cfg: GraphConfig):
                           f"{limit} tokens. Nothing was written")
     with run_lock(run, f"strata graph --name {cfg.name}", scope=f"graph-{cfg.name}"):
         clean = clean_pass(lm.model, ids)
-        pinned_feats = _pinned(pins, adapter, active_features(adapter, clean)) if pins else None
+        feats = active_features(adapter, clean, exclude_first)
+        pinned_feats = _pinned(pins, adapter, feats) if pins else None
         att = attribute(lm.model, clean, adapter, cfg.max_feature_nodes, cfg.max_logits, cfg.logit_coverage,
-                        cfg.batch_size, must_visit=pinned_feats)
+                        cfg.batch_size, must_visit=pinned_feats, exclude_first=exclude_first)
         doc = assemble(att, lm, clean, adapter, cfg, _explanations(run, cfg.name, adapter), pinned_feats)
         n_layers = att.n_layers
         meta = dict(doc["metadata"], slug=graph_name, scan=f"strata:{Path(run).resolve().name}/{cfg.name}",
@@ -165,6 +179,9 @@ def make_graph(cfg: GraphConfig):
                     saes=[adapter.sae_id(L) for L in adapter.layers], mode=adapter.mode,
                     uncovered_layers=[{"layer": L, "treatment": UNCOVERED} for L in range(n_layers)
                                       if L not in adapter.layers],
+                    untrained_positions={"exclude_first": exclude_first,
+                                         "positions": list(range(min(exclude_first, ids.numel()))),
+                                         "treatment": UNTRAINED},
                     node_threshold=cfg.node_threshold, edge_threshold=cfg.edge_threshold,
                     seconds=round(time.perf_counter() - t0, 3),
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
