@@ -92,6 +92,12 @@ def graph(run: Path, args, prompt: str, graph_name: str, *extra: str) -> dict:
     return json.loads(layout.graph_path(run, args.name, graph_name).read_text())
 
 
+def by_layer(item: tuple[str, float]) -> tuple:
+    """SAE ids in layer order (transcoder.2 before transcoder.10)."""
+    stem, _, last = item[0].rpartition(".")
+    return (stem, int(last)) if last.isdigit() else (item[0], -1)
+
+
 def print_eval(run: Path, name: str) -> None:
     path = layout.train_dir(run, name) / "eval.json"
     if not path.is_file():
@@ -99,7 +105,7 @@ def print_eval(run: Path, name: str) -> None:
         return
     saes = json.loads(path.read_text())["saes"]
     fvu = {sid: r["overall"]["fvu"] for sid, r in saes.items() if "fvu" in r["overall"]}  # a CLT: one entry
-    print("held-out FVU            " + " ".join(f"{sid}:{v:.2f}" for sid, v in sorted(fvu.items())))
+    print("held-out FVU            " + " ".join(f"{sid}:{v:.2f}" for sid, v in sorted(fvu.items(), key=by_layer)))
     print(f"held-out FVU mean       {sum(fvu.values()) / max(1, len(fvu)):.3f}")
     for r in saes.values():
         o = r["overall"]
