@@ -90,7 +90,7 @@ def test_templates_escape_by_default():
     out = TEMPLATES.get_template("circuit.html").render(
         css="", root="", train="<b>t</b>", name="<i>g</i>", prompt="<script>alert(3)</script>", n_links=1, figure="",
         supernodes=[{"label": "<svg/onload=alert(1)>", "members": ["<img src=x onerror=alert(1)>"]}],
-        pinned=["<script>alert(4)</script>"],
+        pinned=["<script>alert(4)</script>"], max_links=3000,
         nodes=[{"node_id": "<b>1_2_3</b>", "label": "</table><script>alert(2)</script>", "layer": "1", "ctx_idx": 3,
                 "influence": 0.5, "href": "x\" onclick=\"alert(1)", "pinned": True}])
     assert_no_active_markup(out.split("</head>")[1])
