@@ -203,23 +203,45 @@ def filter_by_influence(graph: dict, threshold: float) -> dict:
     return {**graph, "nodes": keep, "links": links}
 
 
-def circuit_positions(graph: dict) -> dict[str, tuple[float, float]]:
-    """node_id -> (x, y): x = token position (nodes sharing a layer and position spread side by side within
-    it), y = layer (embeddings at the bottom, logits at the top)."""
+def circuit_cells(graph: dict) -> dict[tuple, list[dict]]:
+    """(layer y, token position) -> the nodes in that cell, error nodes first, then most influential first."""
     nodes = graph["nodes"]
     n_layers = max([int(n["layer"]) for n in nodes if str(n["layer"]).isdigit()
                     and n["feature_type"] == "logit"] or [0])
     cells: dict[tuple, list[dict]] = {}
     for n in nodes:
         cells.setdefault((graph_layer(n, n_layers), int(n["ctx_idx"])), []).append(n)
+    return {cell: sorted(members, key=lambda n: (n["feature_type"] != "mlp reconstruction error", influence_rank(n)))
+            for cell, members in cells.items()}
+
+
+def circuit_positions(graph: dict) -> dict[str, tuple[float, float]]:
+    """node_id -> (x, y): x = token position (nodes sharing a layer and position spread side by side within
+    it), y = layer (embeddings at the bottom, logits at the top)."""
     pos = {}
-    for (y, x), members in cells.items():
-        members = sorted(members, key=lambda n: (n["feature_type"] != "mlp reconstruction error", influence_rank(n)))
+    for (y, x), members in circuit_cells(graph).items():
         width = min(0.8, 0.16 * len(members))
         for i, n in enumerate(members):
             dx = 0.0 if len(members) == 1 else -width / 2 + width * i / (len(members) - 1)
             pos[n["node_id"]] = (x + dx, y)
     return pos
+
+
+def circuit_labels(graph: dict, always: set[str]) -> dict[str, str]:
+    """node_id -> the text drawn beside it. One label per cell, so a crowded cell stays legible: its most
+    influential feature's (or its node's, in a cell without features), with "+N" for the others (their names are on
+    hover); the nodes in `always` (selected, pinned) keep theirs."""
+    labels = {}
+    for members in circuit_cells(graph).values():
+        feats = [n for n in members if n["feature_type"] != "mlp reconstruction error"]
+        lead = min(feats or members, key=influence_rank)
+        rest = len(members) - 1
+        for n in members:
+            if n is lead:
+                labels[n["node_id"]] = short(node_label(n), 24) + (f" (+{rest})" if rest else "")
+            else:
+                labels[n["node_id"]] = short(node_label(n), 24) if n["node_id"] in always else ""
+    return labels
 
 
 MAX_LINKS = 3000  # a browser draws ~300k plotly line segments in tens of seconds, 3,000 in a blink
@@ -278,9 +300,10 @@ def circuit_figure(graph: dict, selected: str | None = None, hover: dict | None 
     ids = list(pos)
     nodes = [by_id[i] for i in ids]
     faded = bool(lit)
+    labels = circuit_labels(graph, pinned | ({selected} if selected else set()))
     fig.add_trace(go.Scatter(
         x=[pos[i][0] for i in ids], y=[pos[i][1] for i in ids], mode="markers+text",
-        text=[short(node_label(n), 24) for n in nodes], textposition="top center", textfont={"size": 10},
+        text=[labels[i] for i in ids], textposition="top center", textfont={"size": 10},
         marker={"size": [16 if n["node_id"] == selected else 14 if n["node_id"] in pinned else 11 for n in nodes],
                 "symbol": ["diamond" if n["node_id"] in pinned else "circle" for n in nodes],
                 "color": [NODE_COLOURS.get(n["feature_type"], "#7c3aed") for n in nodes],

@@ -136,7 +136,13 @@ def test_the_graph_is_laid_out_by_position_and_layer(graph_run, monkeypatch):
     texts = {i: t for i, (_, _, t) in by_id.items()}
     a, b, c = doc["nodes"][-5:-2]
     assert texts[a["node_id"]] == "&lt;b&gt;brown&lt;/b&gt; &amp; colours"
-    assert texts[c["node_id"]] == "says fox" and texts[b["node_id"]] == f"L1 #{b['feature']}"
+    assert texts[c["node_id"]] == "says fox" and texts[b["node_id"]] == f"L1 #{b['feature']} (+1)"
+    # one label per (layer, position) cell, its most influential feature's, "+N" counting the others there
+    cells = {}
+    for n in doc["nodes"]:
+        cells.setdefault((n["layer"], n["ctx_idx"]), []).append(texts[n["node_id"]])
+    assert all(sum(bool(t) for t in ts) == 1 for ts in cells.values())
+    assert all(ts == [t for t in ts if t] or any(f"(+{len(ts) - 1})" in t for t in ts) for ts in cells.values())
     # hover: the feature's top contexts from the run's index; the feature page link in customdata
     hover = dict(zip([cd[0] for cd in nodes["customdata"]], nodes["hovertext"]))
     assert "top contexts:" in hover[a["node_id"]] and "top contexts:" not in hover[doc["nodes"][0]["node_id"]]
