@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -355,20 +356,24 @@ class ActivationReader:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
+        def put(item) -> bool:
+            """Hand `item` to the consumer; False once it has stopped (a full queue never blocks the worker)."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def work():
             try:
                 for batch in self._generate():
-                    while not stop.is_set():
-                        try:
-                            q.put(batch, timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(batch):
                         return
-                q.put(None)
+                put(None)
             except BaseException as e:  # surfaced in the consumer
-                q.put(e)
+                put(e)
 
         t = threading.Thread(target=work, daemon=True)
         t.start()
@@ -380,5 +385,7 @@ class ActivationReader:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        finally:
-            stop.set()
+        finally:  # the consumer stopped (or finished): no reader thread may outlive it, for one inside an h5py call
+            stop.set()  # at interpreter exit would hold h5py's lock and hang the exit
+            if not sys.is_finalizing():
+                t.join()

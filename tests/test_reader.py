@@ -34,6 +34,21 @@ def test_each_token_once_per_epoch_in_a_seeded_order(tiny_run):
     assert torch.equal(again, torch.cat([e0, e1])), "same seed, same order"
 
 
+def test_a_consumer_that_stops_early_leaves_no_reader_thread_behind(tiny_run):
+    """Training that stops after a few batches (a max-tokens budget, an error) closes the reader: its prefetch
+    thread has ended when the loop has, even with its queue full, so none can hang the process's exit inside h5py."""
+    import threading
+    import time
+
+    run = open_run(tiny_run)
+    before = set(threading.enumerate())
+    batches = iter(ActivationReader(run, ["resid.1"], 64, epochs=3, seed=0, prefetch=1))
+    next(batches)
+    time.sleep(0.5)  # the worker has read ahead and waits on the full queue
+    batches.close()
+    assert set(threading.enumerate()) <= before, "the prefetch thread ended with the consumer"
+
+
 def test_batches_hold_the_same_tokens_for_every_key(tiny_run):
     run = open_run(tiny_run)
     batch = next(iter(ActivationReader(run, ["resid.1", "mlp_out.2"], 64, seed=0)))
