@@ -153,6 +153,39 @@ def test_crosscoder_feature_edits_every_key_it_writes(multikey_run, lm, ids):
     assert all(r["delta"] == 0 for r in same["logits"])
 
 
+def test_a_crosscoder_reading_only_deeper_keys_is_reported_downstream(multikey_run, lm, ids):
+    """Zeroing a layer-0 CLT feature changes resid.1 and resid.2, both of which the crosscoder reads: its features'
+    changes are listed, each its codes on the hand-edited activations minus its clean codes."""
+    saes = load_saes(multikey_run, "clt") | load_saes(multikey_run, "cc")
+    clt, cc = saes["clt"], saes["crosscoder"]
+    x0 = capture(lm.model, ["mlp_in.0"], ids)["mlp_in.0"][0]
+    f_Tn = clt.encode_layer(0, x0)
+    f_Tn[-1] = 0
+    pos, j = divmod(int(f_Tn.argmax()), f_Tn.shape[1])
+    value = float(f_Tn[pos, j])
+    result = intervene(lm.model, lm.tokenizer, saes, ids, [Edit("clt", j, 0.0, pos)], n_features=50)
+    T = ids.shape[1]
+    deltas = {}
+    for t in range(3):
+        d_Td = torch.zeros(T, x0.shape[1])
+        d_Td[pos] = -value * clt_block(clt, j, t)
+        deltas[f"mlp_out.{t}"] = d_Td
+    with torch.no_grad(), ExitStack() as stack:
+        for key, d_Td in deltas.items():
+            stack.enter_context(splice(lm.model, key, lambda x, _d=d_Td: x + _d[None]))
+        edited = capture(lm.model, ["resid.1", "resid.2"], ids)
+    clean = capture(lm.model, ["resid.1", "resid.2"], ids)
+    both = [torch.cat([acts["resid.1"][0], acts["resid.2"][0]], -1) for acts in (edited, clean)]
+    truth_n = (cc.encode(both[0]) - cc.encode(both[1]))[-1]
+    rows = [r for r in result["features"] if r["sae"] == "crosscoder"]
+    assert rows, "the crosscoder's features move and are reported"
+    for r in rows:
+        assert r["delta"] == pytest.approx(float(truth_n[r["feature"]]), abs=1e-4)
+    # a crosscoder reading a key on the near side of an edit (resid.1, edited at resid.2) is not reported
+    near = intervene(lm.model, lm.tokenizer, saes, ids, [Edit("clt", 2 * f_Tn.shape[1], 0.0, pos)])
+    assert not [r for r in near["features"] if r["sae"] == "crosscoder"]
+
+
 @pytest.mark.parametrize("train, spec, keys", [("clt", "clt:{j}*6", ["mlp_out.0", "mlp_out.1", "mlp_out.2"]),
                                                ("cc", "crosscoder:3*6", ["resid.1", "resid.2"])])
 def test_steering_adds_the_direction_at_every_written_key(multikey_run, lm, ids, train, spec, keys):

@@ -229,12 +229,15 @@ def _site_codes(sae, sid: str, site: Site, seen: dict, fixed: dict) -> torch.Ten
 
 
 def _reader_sites(saes: dict, after: float) -> list[tuple[str, Site]]:
-    """(SAE, site) of every single-key SAE slot and CLT layer that reads deeper than `after` (a crosscoder reads
-    keys on both sides of an edit, so its features are not reported downstream)."""
+    """(SAE, site) of every single-key SAE slot and CLT layer that reads deeper than `after`, and of every crosscoder
+    whose keys all lie deeper (one that reads keys on both sides of an edit mixes edited and unedited inputs, so its
+    features are not reported downstream)."""
     out = []
     for sid, sae in saes.items():
         cfg = sae.cfg
         if cfg.mode == "crosscoder":
+            if min(key_depth(k) for k in cfg.in_keys) > after:
+                out.append((sid, Site(tuple(cfg.in_keys), ())))
             continue
         keys = cfg.in_keys if cfg.mode in ("multilayer", "clt") else cfg.in_keys[:1]
         for key in keys:
@@ -251,11 +254,12 @@ def _pass(model, ids_1T, saes, edits, after, fixed) -> tuple[torch.Tensor, dict,
     hooks = _Hooks(model)
     readers = _reader_sites(saes, after)
     for sid, site in readers:  # readers first: they see the activation before an edit there
-        hooks.add(site.read_keys[0], _record(seen, ("down", sid, site.read_keys[0])))
+        for key in site.read_keys:
+            hooks.add(key, _record(seen, ("down", sid, key)))
     _add_edits(hooks, saes, edits, seen, fixed)
     with hooks:
         logits_TV = model(input_ids=ids_1T, use_cache=False).logits[0].float()
-    down = {(sid, site.read_keys[0]): codes(saes[sid], site, {site.read_keys[0]: seen[("down", sid, site.read_keys[0])]})
+    down = {(sid, site.read_keys[0]): codes(saes[sid], site, {k: seen[("down", sid, k)] for k in site.read_keys})
             for sid, site in readers}
     edited = {}
     for e in edits:
