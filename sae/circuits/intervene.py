@@ -188,13 +188,12 @@ def _record(seen: dict, slot):
     return record
 
 
-def _add_edits(hooks: _Hooks, saes: dict, edits: list[Edit], seen: dict, fixed: dict) -> None:
+def _add_edits(hooks: _Hooks, saes: dict, edits: list[Edit], sites: list[Site], seen: dict, fixed: dict) -> None:
     """Every read key of an edited feature is recorded into `seen`; at every key the feature writes, the
     activation is shifted by its change of value times its decoder direction there. The codes come from what was
     recorded in the same pass (computed once per SAE and read site), or from `fixed[(sae, read_keys)]` for a
     site that is not live. Every recorder comes before every edit, so edits of one key all start from the value
     the activation had there."""
-    sites = [site_of(saes[e.sae], e.sae, e.key, e.feature) for e in edits]
     for e, site in zip(edits, sites):
         for k in site.read_keys:
             hooks.add(k, _record(seen, ("read", e.sae, k)))
@@ -220,7 +219,9 @@ def _edit_fn(sae, e: Edit, site: Site, write_key: str, seen: dict, fixed: dict):
 
 
 def _site_codes(sae, sid: str, site: Site, seen: dict, fixed: dict) -> torch.Tensor:
-    if not site.live:
+    """The SAE's codes at `site` in this pass: `fixed` for a site that is not live, else computed once from the
+    recorded activations and kept in `seen` until the read key is recorded again."""
+    if not site.live and (sid, site.read_keys) in fixed:
         return fixed[(sid, site.read_keys)]
     slot = ("codes", ("read", sid, site.read_keys[0]))
     if slot not in seen:
@@ -247,25 +248,21 @@ def _reader_sites(saes: dict, after: float) -> list[tuple[str, Site]]:
 
 
 @torch.no_grad()
-def _pass(model, ids_1T, saes, edits, after, fixed) -> tuple[torch.Tensor, dict, dict]:
-    """(logits [T, vocab], {(sae, read key): codes} of the readers deeper than `after`, {(sae, read keys):
-    codes} each edited SAE read in this pass)."""
+def _pass(model, ids_1T, saes, edits, sites, after, fixed) -> tuple[torch.Tensor, dict, dict]:
+    """(logits [T, vocab], {(sae, read key): codes} of the readers deeper than `after`, what was recorded: the
+    activations each edited SAE read, and the codes computed from them)."""
     seen: dict = {}
     hooks = _Hooks(model)
     readers = _reader_sites(saes, after)
     for sid, site in readers:  # readers first: they see the activation before an edit there
         for key in site.read_keys:
             hooks.add(key, _record(seen, ("down", sid, key)))
-    _add_edits(hooks, saes, edits, seen, fixed)
+    _add_edits(hooks, saes, edits, sites, seen, fixed)
     with hooks:
         logits_TV = model(input_ids=ids_1T, use_cache=False).logits[0].float()
     down = {(sid, site.read_keys[0]): codes(saes[sid], site, {k: seen[("down", sid, k)] for k in site.read_keys})
             for sid, site in readers}
-    edited = {}
-    for e in edits:
-        site = site_of(saes[e.sae], e.sae, e.key, e.feature)
-        edited[(e.sae, site.read_keys)] = codes(saes[e.sae], site, {k: seen[("read", e.sae, k)] for k in site.read_keys})
-    return logits_TV, down, edited
+    return logits_TV, down, seen
 
 
 @torch.no_grad()
@@ -283,9 +280,11 @@ def intervene(model, tokenizer, saes: dict, ids_1T: torch.Tensor, edits: list[Ed
     sites = [site_of(saes[e.sae], e.sae, e.key, e.feature) for e in edits]
     after = min(key_depth(s.writes[0]) for s in sites)
     unchanged = [Edit(e.sae, e.feature, 1.0, e.pos, e.key) for e in edits]  # records the edited SAEs' clean codes
-    clean_TV, clean_codes, clean_read = _pass(model, ids_1T, saes, unchanged, after, {})
+    clean_TV, clean_codes, clean_seen = _pass(model, ids_1T, saes, unchanged, sites, after, {})
+    clean_read = {(e.sae, s.read_keys): _site_codes(saes[e.sae], e.sae, s, clean_seen, {})
+                  for e, s in zip(edits, sites)}  # the edited SAEs' clean codes
     fixed = {(e.sae, s.read_keys): clean_read[(e.sae, s.read_keys)] for e, s in zip(edits, sites) if not s.live}
-    edited_TV, edited_codes, _ = _pass(model, ids_1T, saes, edits, after, fixed)
+    edited_TV, edited_codes, _ = _pass(model, ids_1T, saes, edits, sites, after, fixed)
 
     c, d = clean_TV[position], edited_TV[position]
     pc, pd = c.softmax(-1), d.softmax(-1)
