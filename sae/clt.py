@@ -254,7 +254,7 @@ class CrossLayerTranscoder(SAE):
         parts = {"recon": loss.detach()}
         if aux_jobs:
             residual = (y - recon).detach()
-            auxk = torch.stack([torch.nan_to_num(fvu(residual[:, s * d:], kernels.sparse_decode(
+            auxk = torch.stack([torch.nan_to_num(loss_fn.one(residual[:, s * d:], kernels.sparse_decode(
                 g_aux, aux[1], kernels.row_offsets(aux[0], B), self.dec_block(s))), nan=0.0) for s, g_aux, aux in aux_jobs]).mean()
             parts["auxk"] = auxk.detach()
             loss = loss + self.cfg.aux_coef * auxk

@@ -83,7 +83,6 @@ class Parallel:
         """data: rank 0's SAEs everywhere (init done once); layers: keep this rank's share of the bank."""
         self.all_ids = list(saes)
         if self.mode == "data":
-            _use_global_fvu(self)
             for sae in saes.values():
                 for t in sae.state_dict().values():
                     self.dist.broadcast(t, 0)
@@ -91,19 +90,27 @@ class Parallel:
             return {sid: s for i, (sid, s) in enumerate(saes.items()) if i % self.size == self.rank}
         return saes
 
-    def wrap_steppers(self, steppers: dict) -> dict:
-        """data: gradients averaged over processes before clipping, firing counts summed (SAEStepper.sync)."""
-        if self.mode == "data":
-            for st in steppers.values():
-                st.sync = self
-        return steppers
+    @property
+    def sync(self):
+        """What SAEStepper(sync=...) takes: this process group in data-parallel training (gradients averaged over
+        processes before clipping, firing counts summed, FVU over the global batch), else None."""
+        return self if self.mode == "data" else None
 
-    # in-place all-reduces for SAEStepper.sync
+    # in-place all-reduces for SAEStepper's sync
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         return _all_reduce(t, self).div_(self.size)
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         return _all_reduce(t, self)
+
+    def global_variance(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The FVU denominator of the global batch (this process holds a slice y of it), and the process count
+        (sae.base.FVU)."""
+        s = torch.cat([y.double().sum(0), torch.tensor([float(y.shape[0])], dtype=torch.float64, device=y.device)])
+        _all_reduce(s, self)
+        mean = (s[:-1] / s[-1]).to(y.dtype)
+        var = _all_reduce(F.mse_loss(y, mean.expand_as(y), reduction="sum").double(), self).to(y.dtype)
+        return var, self.size
 
     def local_batch(self, acts: dict) -> dict:
         if self.mode != "data":
@@ -173,20 +180,6 @@ def _all_reduce(t: torch.Tensor, par: Parallel) -> torch.Tensor:
     if c is not t:
         t.copy_(c)
     return t
-
-
-def _use_global_fvu(par: Parallel) -> None:
-    """Make every FVU (reconstruction losses, AuxK) use the variance of the global batch (see sae.base.fvu)."""
-    import sae.base
-
-    def global_variance(y: torch.Tensor):
-        s = torch.cat([y.double().sum(0), torch.tensor([float(y.shape[0])], dtype=torch.float64, device=y.device)])
-        _all_reduce(s, par)
-        mean = (s[:-1] / s[-1]).to(y.dtype)
-        var = _all_reduce(F.mse_loss(y, mean.expand_as(y), reduction="sum").double(), par).to(y.dtype)
-        return var, par.size
-
-    sae.base.global_batch_variance = global_variance
 
 
 class NullLogger:

@@ -27,7 +27,7 @@ import torch
 
 from activations.errors import StrataError
 from activations.hooks import parse_layers, split_key
-from sae.base import SAE, fvu
+from sae.base import FVU, SAE
 from sae.clt import CLT_ARCHS, check_fits
 from sae.config import SAEConfig
 from sae.train_config import TrainConfig
@@ -44,23 +44,20 @@ class Unit:
         dev = sae.W_dec.device
         self.in_s = [torch.tensor(float(s), device=dev) for s in cfg.in_scales]
         self.out_s = [torch.tensor(float(s), device=dev) for s in cfg.out_scales]
-        self.loss_fn = fvu
+        self.loss_fn = _loss(cfg.mode, len(self.in_keys), len(self.out_keys))
 
     def io(self, acts: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) in normalised units."""
         mode = self.sae.cfg.mode
         if mode == "multilayer":
             x = torch.cat([acts[k] * s for k, s in zip(self.in_keys, self.in_s)])
-            self.loss_fn = _layer_mean_fvu(len(self.in_keys))
             return x, x
         if mode == "crosscoder":
             x = torch.cat([acts[k] * s for k, s in zip(self.in_keys, self.in_s)], dim=1)
-            self.loss_fn = _block_sum_fvu(len(self.in_keys))
             return x, x
         if mode == "clt":
             x = torch.cat([acts[k] * s for k, s in zip(self.in_keys, self.in_s)], dim=1)
             y = torch.cat([acts[k] * s for k, s in zip(self.out_keys, self.out_s)], dim=1)
-            self.loss_fn = _block_sum_fvu(len(self.out_keys))
             return x, y
         x = acts[self.in_keys[0]] * self.in_s[0]
         y = x if self.out_keys == self.in_keys else acts[self.out_keys[0]] * self.out_s[0]
@@ -79,16 +76,15 @@ class Unit:
         return {self.out_keys[0]: (y, recon)}
 
 
-def _layer_mean_fvu(n_layers: int):
-    def loss(y, recon):
-        return torch.stack([fvu(a, b) for a, b in zip(y.chunk(n_layers), recon.chunk(n_layers))]).mean()
-    return loss
-
-
-def _block_sum_fvu(n_layers: int):
-    def loss(y, recon):
-        return torch.stack([fvu(a, b) for a, b in zip(y.chunk(n_layers, 1), recon.chunk(n_layers, 1))]).sum()
-    return loss
+def _loss(mode: str, n_in: int, n_out: int) -> FVU:
+    """The mode's reconstruction loss (see the module docstring)."""
+    if mode == "multilayer":
+        return FVU(blocks=n_in, dim=0, reduce="mean")
+    if mode == "crosscoder":
+        return FVU(blocks=n_in, dim=1, reduce="sum")
+    if mode == "clt":
+        return FVU(blocks=n_out, dim=1, reduce="sum")
+    return FVU()
 
 
 def select_keys(cfg: TrainConfig, run_keys: list[str], n_layers: int) -> list[str]:

@@ -6,11 +6,12 @@ warm-up over `warmup_steps`, constant, then linear decay to zero over the last `
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from activations.errors import StrataError
-from sae.base import SAE, Output, fvu
+from sae.base import FVU, SAE, Output, fvu
 
 
 def default_lr(n_latents: int) -> float:
@@ -39,8 +40,10 @@ class NonFiniteLoss(StrataError):
 
 class SAEStepper:
     def __init__(self, sae: SAE, lr: float, total_steps: int, warmup_steps: int = 0, decay_fraction: float = 0.2,
-                 grad_clip: float = 1.0, betas=(0.9, 0.999), eps: float = 6.25e-10):
-        self.sae = sae
+                 grad_clip: float = 1.0, betas=(0.9, 0.999), eps: float = 6.25e-10, sync=None):
+        """sync: in data-parallel training (sae/distributed.py) the process group's in-place all-reduces mean_(t) and
+        sum_(t), its `size` and `global_variance(y)`; the step is otherwise the single-process one. None: one process."""
+        self.sae, self.sync = sae, sync
         self.base_lr = lr
         self.total_steps, self.warmup_steps, self.decay_fraction = total_steps, warmup_steps, decay_fraction
         self.grad_clip = grad_clip
@@ -50,12 +53,10 @@ class SAEStepper:
         except (RuntimeError, TypeError):
             self.opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
 
-    # Data-parallel training (sae/distributed.py) sets this to an object with mean_(t) and sum_(t), in-place
-    # all-reduces over processes, and `size`; the step is otherwise the single-process one.
-    sync = None
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, step: int, loss_fn=fvu) -> Output:
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int, loss_fn: FVU = fvu) -> Output:
         sae, sync = self.sae, self.sync
+        if sync is not None:  # every FVU (reconstruction, AuxK) over the global batch's variance
+            loss_fn = replace(loss_fn, variance=sync.global_variance)
         out = sae(x, y, loss_fn, step)
         loss = out.loss.detach() if sync is None else sync.mean_(out.loss.detach().clone())
         if not bool(torch.isfinite(loss)):

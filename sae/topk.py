@@ -89,7 +89,7 @@ class TopKSAE(SAE):
         if aux is not None:
             residual = (y - recon).detach()
             aux_recon = kernels.sparse_decode(g[nnz:], aux[1], kernels.row_offsets(aux[0], B), self.W_dec)
-            auxk = torch.nan_to_num(fvu(residual, aux_recon), nan=0.0)
+            auxk = torch.nan_to_num(loss_fn.one(residual, aux_recon), nan=0.0)
             parts["auxk"] = auxk.detach()
             loss = loss + self.cfg.aux_coef * auxk
         active = vals > 0

@@ -214,8 +214,7 @@ def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_s
         if isinstance(u.sae, ReLUSAE):
             u.sae.l1_warmup_steps = cfg.l1_warmup_steps or max(1, total_steps // 20)
         steppers[u.sae_id] = SAEStepper(u.sae, cfg.lr or default_lr(latents_per_dictionary(u.sae.cfg)), total_steps, warmup,
-                                        cfg.decay_fraction, cfg.grad_clip, eps=cfg.adam_eps)
-    steppers = par.wrap_steppers(steppers)
+                                        cfg.decay_fraction, cfg.grad_clip, eps=cfg.adam_eps, sync=par.sync)
     if ckpt is not None:
         restore_optimizers(ckpt[1], ckpt[0], saes, {sid: st.opt for sid, st in steppers.items()})
         restore_rng(ckpt[0])

@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from sae.base import FVU
 from sae.config import SAEConfig
 from sae.models import build_sae
-from sae.modes import _block_sum_fvu
 from sae.optim import SAEStepper, default_lr
 
 
@@ -33,7 +33,7 @@ def steppers(L: int, d: int, n: int, k: int):
             for i in range(L)]
     clt_st = SAEStepper(clt, default_lr(n), total_steps=10_000, warmup_steps=0)
     bank_st = [SAEStepper(sae, default_lr(n), total_steps=10_000, warmup_steps=0) for sae in bank]
-    loss_fn = _block_sum_fvu(L)
+    loss_fn = FVU(blocks=L, dim=1, reduce="sum")
 
     def clt_step(x, y, s):
         clt_st.step(x, y, s, loss_fn)

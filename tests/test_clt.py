@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from activations import layout
 from activations.errors import StrataError
+from sae.base import FVU
 from sae.checkpoint import load_saes
 from sae.circuits.adapter import TranscoderSet
 from sae.clt import CrossLayerTranscoder, check_fits, size_plan
 from sae.config import SAEConfig
 from sae.models import build_sae
-from sae.modes import _block_sum_fvu
 from sae.optim import SAEStepper
 from strata.cli import main
 
@@ -99,7 +99,7 @@ def test_sparse_training_step_equals_dense_autograd():
             w.normal_(0, 0.2)
         clt.b_enc.normal_(0, 0.1)
     x, y = torch.randn(64, 48), torch.randn(64, 48)
-    loss_fn = _block_sum_fvu(3)
+    loss_fn = FVU(blocks=3, dim=1, reduce="sum")
     clt(x, y, loss_fn).loss.backward()
     sparse = {k: p.grad.clone() for k, p in clt.named_parameters()}
     clt.zero_grad()
@@ -140,7 +140,7 @@ def test_clt_recovers_a_planted_cross_layer_feature():
     clt.reset_parameters(torch.Generator().manual_seed(1))
     clt.init_from_sample(*_toy_batch(4096, dirs, g), "mean")
     stepper = SAEStepper(clt, 1e-2, 300, 10, 0.2, 1.0)
-    loss_fn = _block_sum_fvu(L)
+    loss_fn = FVU(blocks=L, dim=1, reduce="sum")
     first = None
     for step in range(300):
         out = stepper.step(*_toy_batch(256, dirs, g), step, loss_fn)
@@ -173,7 +173,7 @@ def test_tanh_penalty_is_the_papers_formula():
             w.normal_(0, 0.2)
         clt.log_threshold.fill_(-1.0)
     x, y = torch.randn(64, 48), torch.randn(64, 48)
-    loss_fn = _block_sum_fvu(3)
+    loss_fn = FVU(blocks=3, dim=1, reduce="sum")
     out = clt(x, y, loss_fn)
     with torch.no_grad():
         pre = clt.preacts(x)  # [L, B, n]
@@ -197,7 +197,7 @@ def test_tanh_penalty_lowers_l0_as_lambda_rises():
     g = torch.Generator().manual_seed(0)
     dirs = (_unit(L, 8, d, g=g), _unit(L, 8, d, g=g), _unit(d, g=g), _unit(L, d, g=g))
     batches = [_toy_batch(256, dirs, g) for _ in range(150)]
-    loss_fn = _block_sum_fvu(L)
+    loss_fn = FVU(blocks=L, dim=1, reduce="sum")
     l0s = []
     for lam in (0.0, 0.03, 0.3):
         clt = build_sae(clt_config(L, d, n, k=8, arch="jumprelu", sparsity="tanh", tanh_coef=lam, tanh_c=1.0))
