@@ -181,15 +181,14 @@ def read_saelens(folder) -> SAELensSAE:
                      input_scale=scale, hook_name=str(meta.get("hook_name") or cfg.get("hook_name") or ""),
                      model_name=str(meta.get("model_name") or cfg.get("model_name") or ""),
                      context_size=context if isinstance(context, int) and context > 0 else 0,
-                     strata_key=meta.get("strata_key") if isinstance(meta.get("strata_key"), str) else None)
+                     strata_key=meta.get("strata_key") if isinstance(meta.get("strata_key"), str) else None,
+                     log_sparsity=_sparsity(folder / SPARSITY, d_sae) if (folder / SPARSITY).is_file() else None)
     if rescale:
         fold_decoder_norms(sae.tensors)
         sae.folded.append("rescale_acts_by_decoder_norm: decoder row norms n folded in (W_enc*n, b_enc*n, W_dec/n)")
     if norm == "expected_average_only_in":
         sae.folded.append(f"normalize_activations expected_average_only_in: scaling_factor {scale!r} from {SCALER} "
                           f"as the input scalar (in_scales/out_scales)")
-    if (folder / SPARSITY).is_file():
-        sae.log_sparsity = _sparsity(folder / SPARSITY, d_sae)
     return sae
 
 
