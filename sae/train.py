@@ -19,7 +19,7 @@ from activations.lock import run_lock
 from activations.model import resolve_device
 from activations.precision import Precision, resolve
 from activations.reader import ActivationReader, open_run
-from sae import train_folder
+from sae import cpu_select, train_folder
 from sae.checkpoint import (
     load_sae,
     read_checkpoint,
@@ -109,6 +109,8 @@ def train(cfg: TrainConfig) -> Path:
     prec = train_precision(cfg, configs, par)
     if par.writes:
         print(prec.line())
+        if cfg.arch == "topk" and resolve_device(cfg.device).type == "cpu" and not cpu_select.available():
+            print(f"top-k selection: {cpu_select.status()}; a C++ compiler (g++ or clang++) makes it ~2x cheaper")
     lock = run_lock(cfg.run_dir, f"strata train --name {name}", scope=f"train-{name}") if par.writes else contextlib.nullcontext()
     with lock:
         tdir = layout.train_dir(cfg.run_dir, name)

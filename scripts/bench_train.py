@@ -35,6 +35,7 @@ import time
 import torch
 
 from activations.precision import resolve
+from sae import cpu_select
 from sae.config import SAEConfig
 from sae.models import build_sae
 from sae.optim import SAEStepper, default_lr
@@ -192,6 +193,7 @@ def main():
           f"{a.rounds} rounds x {a.steps} steps, interleaved, medians of {a.clock} time")
     auto = resolve("auto", torch.device("cpu"), [(B, d, n)])
     print(f"--precision auto: {auto.line()}")
+    print(f"top-k selection: {cpu_select.status()}")
 
     torch.manual_seed(0)
     contenders = {f"matmul {p}{tag}": matmul_step(B, d, n, dt, tag == " buf")

@@ -1,7 +1,13 @@
 """The training step's kernels against the plain dense computation they replace: values and gradients."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
-from sae import kernels
+from sae import cpu_select, kernels
 from sae.config import SAEConfig
 from sae.models import build_sae
 
@@ -10,35 +16,72 @@ def same_set(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.sort(1).values, b.sort(1).values)
 
 
-def test_grouped_topk_picks_the_same_latents_as_torch_topk():
+# kernels.topk_rows is the compiled selection on CPU wherever a C++ compiler works (sae/cpu_select.py);
+# grouped_topk_rows is the torch-operations path it falls back to (and the one GPUs take)
+TOPKS = [pytest.param(kernels.topk_rows, id="topk_rows"), pytest.param(kernels.grouped_topk_rows, id="grouped")]
+
+
+def test_the_compiled_topk_is_built_wherever_a_compiler_is():
+    if cpu_select._compiler() is None:
+        pytest.skip("no C++ compiler on this machine: the torch path is used (tested below)")
+    assert cpu_select.available(), cpu_select.status()
+    assert cpu_select.supports(torch.zeros(8, 64), 4) and cpu_select.supports(torch.zeros(8, 64).bfloat16(), 4)
+    assert not cpu_select.supports(torch.zeros(8, 64, dtype=torch.float64), 4)
+
+
+@pytest.mark.parametrize("topk", TOPKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_rows_picks_the_same_latents_as_torch_topk(topk, dtype):
     torch.manual_seed(0)
-    for B, n, k in ((64, 4608, 32), (33, 512, 8), (20, 97, 5)):  # 97 is prime: the plain topk fallback
-        pre = torch.randn(B, n) * torch.rand(1, n) - 0.5  # uneven latent scales, many negatives
-        vals, cols = kernels.topk_rows(pre, k)
+    # 97 is prime (the grouped path's plain-topk fallback); 20 entries hold fewer chunks than k (every entry a candidate)
+    for B, n, k in ((300, 4608, 32), (33, 512, 8), (20, 97, 5), (7, 20, 5), (5, 64, 64)):
+        pre = (torch.randn(B, n) * torch.rand(1, n) - 0.5).to(dtype)  # uneven latent scales, many negatives
+        vals, cols = topk(pre, k)
         ref_vals, ref_cols = pre.topk(k, dim=1)
-        assert same_set(vals, ref_vals) and same_set(cols, ref_cols)
-        assert torch.equal(pre.gather(1, cols), vals)
+        assert vals.dtype == dtype and cols.dtype == torch.int64
+        assert same_set(vals, ref_vals) and torch.equal(pre.gather(1, cols), vals)
+        if dtype == torch.float32:  # bf16 rows tie often: equal values may swap columns
+            assert same_set(cols, ref_cols)
+    wide = torch.randn(64, 700).to(dtype)
+    vals, cols = topk(wide[:, 50:650], 16)  # rows that are a strided view of a wider tensor
+    assert same_set(vals, wide[:, 50:650].topk(16, dim=1).values) and bool((cols < 600).all())
     assert kernels._group_size(4608, 32) == 24 and kernels._group_size(97, 5) is None
 
 
-def test_grouped_topk_with_ties_infinities_and_a_nan_row():
+@pytest.mark.parametrize("topk", TOPKS)
+def test_topk_rows_with_ties_infinities_and_a_nan_row(topk):
     torch.manual_seed(2)
     pre = torch.randint(-3, 4, (64, 4608)).float()  # seven values: ties everywhere, also at the k-th value
     pre[1] = float("-inf")
     pre[2, :100] = float("inf")
-    vals, cols = kernels.topk_rows(pre, 32)
+    pre[4] = -0.0
+    pre[4, 5] = 0.0
+    vals, cols = topk(pre, 32)
     assert torch.equal(vals.sort(1).values, pre.topk(32, dim=1).values.sort(1).values)
     assert torch.equal(pre.gather(1, cols), vals) and all(len(set(r.tolist())) == 32 for r in cols)
     pre[3, 7] = float("nan")  # a diverged step: no crash; the training loop then stops on the non-finite loss
-    vals, cols = kernels.topk_rows(pre, 32)
+    vals, cols = topk(pre, 32)
     assert vals.shape == (64, 32) and bool(vals[3].isnan().any())
 
 
-def test_grouped_topk_on_bf16_matches_torch_topk():
-    torch.manual_seed(1)
-    pre = torch.randn(16, 4608).bfloat16()
-    vals, _ = kernels.topk_rows(pre, 32)
-    assert torch.equal(vals.sort(1).values, pre.topk(32, dim=1).values.sort(1).values)  # values: ties may swap cols
+def test_without_a_compiler_training_selects_with_torch_and_gets_the_same_latents(tmp_path):
+    """A machine with no C++ compiler: status says so, and the TopK forward picks the same latents."""
+    code = (
+        "import torch\n"
+        "from sae import cpu_select, kernels\n"
+        "assert not cpu_select.available(), cpu_select.status()\n"
+        "print(cpu_select.status())\n"
+        "torch.manual_seed(0)\n"
+        "pre = torch.randn(256, 4608)\n"
+        "vals, cols = kernels.topk_rows(pre, 32)\n"
+        "assert torch.equal(vals.sort(1).values, pre.topk(32, dim=1).values.sort(1).values)\n"
+    )
+    env = dict(os.environ, PATH=str(tmp_path), CXX="", STRATA_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "torch top-k (no C++ compiler found ($CXX, c++, g++, clang++))"
+    assert not (tmp_path / "cache").exists()
 
 
 def test_sparse_decode_matches_the_dense_product_and_its_gradients():
