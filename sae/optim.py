@@ -68,8 +68,11 @@ class SAEStepper:
                 if p.grad is not None:  # None on every process alike (it depends on the architecture, not the data)
                     sync.mean_(p.grad)
         sae.remove_parallel_grad()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], self.grad_clip, foreach=True)
+        if self.grad_clip > 0:  # rescaled only when over the limit: most steps skip that pass over every gradient
+            params = self.opt.param_groups[0]["params"]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+            if float(norm) > self.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm, foreach=True)
         lr = self.base_lr * lr_factor(step, self.total_steps, self.warmup_steps, self.decay_fraction)
         for group in self.opt.param_groups:
             group["lr"] = lr

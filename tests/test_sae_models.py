@@ -137,3 +137,23 @@ def test_decoder_stays_unit_norm_and_gradient_is_tangent():
     sae(x, x).loss.backward()
     sae.remove_parallel_grad()
     assert float((sae.W_dec.grad * sae.W_dec).sum(1).abs().max()) < 1e-6
+
+
+def test_gradients_are_clipped_to_the_limit_only_when_over_it():
+    """grad_clip bounds the global gradient norm before Adam: an over-limit gradient is scaled down to the limit
+    (same direction), one under it is left exactly as it is."""
+    true, g = true_dictionary()
+    x = sample(true, g, 256)
+
+    def grads_after_a_step(clip):
+        torch.manual_seed(0)
+        sae = build_sae(cfg_for("topk"))
+        SAEStepper(sae, 1e-3, total_steps=10, grad_clip=clip).step(x, x, 0)
+        return torch.cat([p.grad.flatten() for p in sae.parameters() if p.grad is not None])
+
+    free = grads_after_a_step(0.0)  # 0: no clipping
+    norm = float(free.norm())
+    clipped = grads_after_a_step(norm / 10)
+    assert float(clipped.norm()) == pytest.approx(norm / 10, rel=1e-4)
+    assert torch.allclose(clipped * 10, free, rtol=1e-4, atol=1e-9)
+    assert torch.equal(grads_after_a_step(norm * 10), free)
