@@ -222,7 +222,7 @@ class SAE(nn.Module):
     def decode_n(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, step: int = 0) -> Output:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, sparsity_scale: float = 1.0) -> Output:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ raw-unit API (loader contract)

@@ -22,7 +22,12 @@ cfg.sparsity == "tanh", the paper's penalty on decoder-norm-weighted activations
     tanh_coef * sum over layers s and latents i of tanh(tanh_c * a_si * ||W_dec_from[s][i]||)   (mean over tokens)
 where ||W_dec_from[s][i]|| is the norm of latent i's decoders to every layer it writes, concatenated. It reaches
 the thresholds through the same straight-through estimator as the reconstruction (the JumpReLU's), and it cannot
-be lowered by shrinking decoders and growing activations.
+be lowered by shrinking decoders and growing activations. As in Anthropic's recipe (Circuits Updates, January
+2025) its weight ramps linearly from 0 over the run (SAEStepper's sparsity_scale; --tanh-warmup-steps), and a
+pre-activation loss keeps latents from dying:
+    pre_act_coef / d * sum over s, i of ReLU(theta_si - h_si) * ||W_dec_from[s][i]||   (mean over tokens)
+with h the pre-activations: it pushes up (only) the pre-activations below their thresholds; divided by d because
+the reconstruction loss is an FVU (per unit of normalised squared error, as ReLU's l1_coef).
 
 Raw-unit API (for attribution graphs; unnormalised activation units in and out, latent values as the trainer
 sees them):
@@ -221,9 +226,9 @@ class CrossLayerTranscoder(SAE):
             beta = min(0.999, 1.0 - 1.0 / float(self.threshold_updates + 1))
             self.threshold[s] = beta * self.threshold[s] + (1 - beta) * pos.min()
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, step: int = 0) -> Output:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, sparsity_scale: float = 1.0) -> Output:
         if self.cfg.arch == "jumprelu":
-            return self._forward_jumprelu(x, y, loss_fn)
+            return self._forward_jumprelu(x, y, loss_fn, sparsity_scale)
         B, L, n, d = x.shape[0], self.n_layers, self.n, self.d
         xs = self.layers_of(x).contiguous()  # [L, B, d]: each layer's rows contiguous for the sparse backward
         with torch.no_grad():
@@ -260,7 +265,7 @@ class CrossLayerTranscoder(SAE):
             loss = loss + self.cfg.aux_coef * auxk
         return Output(loss=loss, parts=parts, recon=recon.detach(), l0=active_total / B, fired=torch.cat(fired))
 
-    def _forward_jumprelu(self, x: torch.Tensor, y: torch.Tensor, loss_fn) -> Output:
+    def _forward_jumprelu(self, x: torch.Tensor, y: torch.Tensor, loss_fn, sparsity_scale: float) -> Output:
         B, L, n, d = x.shape[0], self.n_layers, self.n, self.d
         z = self.preacts(x).transpose(0, 1)  # [B, L, n]
         theta, bw = self.log_threshold.exp(), self.cfg.jumprelu_bandwidth
@@ -269,17 +274,24 @@ class CrossLayerTranscoder(SAE):
         for s in range(L):
             recon[:, s * d:] += f[:, s] @ self.dec_block(s)
         rec = loss_fn(y, recon)
+        parts = {"recon": rec.detach()}
         if self.cfg.sparsity == "tanh":
             dec_norm_Ln = torch.stack([w.norm(dim=(1, 2)) for w in self.W_dec_from])
             penalty = torch.tanh(self.cfg.tanh_c * f * dec_norm_Ln).sum((1, 2)).mean()
-            loss, part = rec + self.cfg.tanh_coef * penalty, "tanh_penalty"
+            loss = rec + sparsity_scale * self.cfg.tanh_coef * penalty
+            parts["tanh_penalty"] = penalty.detach()
+            if self.cfg.pre_act_coef > 0:
+                pre_act = (torch.relu(theta - z) * dec_norm_Ln).sum((1, 2)).mean()
+                loss = loss + self.cfg.pre_act_coef / d * pre_act
+                parts["pre_act_loss"] = pre_act.detach()
             l0_L = (z.detach() > theta.detach()).sum(2).float().mean(0)
         else:
             l0_L = _Step.apply(z, theta, bw).sum(2).mean(0)  # per layer
             penalty = ((l0_L / self.cfg.k - 1.0) ** 2).mean()
-            loss, part = rec + self.cfg.l0_coef * penalty, "l0_penalty"
+            loss = rec + self.cfg.l0_coef * penalty
+            parts["l0_penalty"] = penalty.detach()
         active = f.detach() > 0
-        return Output(loss=loss, parts={"recon": rec.detach(), part: penalty.detach()},
+        return Output(loss=loss, parts=parts,
                       recon=recon.detach(), l0=l0_L.sum().detach(), fired=active.sum(0).reshape(L * n))
 
     # ------------------------------------------------------------------ raw units

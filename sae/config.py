@@ -34,6 +34,7 @@ class SAEConfig:
     sparsity: str = "target_l0"        # clt jumprelu: target_l0 (l0_coef * (L0/k - 1)^2) or tanh (the paper's)
     tanh_coef: float = 0.0             # clt tanh: lambda in lambda * sum_i tanh(c * a_i * ||W_dec,i||)
     tanh_c: float = 1.0                # clt tanh: c, the scale inside the tanh
+    pre_act_coef: float = 0.0          # clt tanh: lambda_P of the pre-activation loss (divided by d, as l1_coef)
     matryoshka_prefixes: list = field(default_factory=list)  # nested dictionary sizes, last = n_latents
     model_id: str = ""
     hook_names: dict = field(default_factory=dict)  # key -> model module path (for interop)

@@ -70,7 +70,7 @@ class JumpReLUSAE(SAE):
         z = self.dense_preacts(self.centered(x))
         return z * (z > self.threshold)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, step: int = 0) -> Output:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, sparsity_scale: float = 1.0) -> Output:
         z = self.dense_preacts(self.centered(x))
         theta, bw = self.threshold, self.cfg.jumprelu_bandwidth
         f = _JumpReLU.apply(z, theta, bw)

@@ -179,7 +179,7 @@ def sae_configs(cfg: TrainConfig, keys: list[str], dims: dict, model: dict, cont
         outs = [f"mlp_out.{k.rpartition('.')[2]}" for k in keys]
         c = dict(common, normalize_decoder=False, n_latents=n * len(keys), sparsity=cfg.sparsity)
         if cfg.sparsity == "tanh":
-            c.update(l0_coef=0.0, tanh_coef=cfg.tanh_coef, tanh_c=cfg.tanh_c)
+            c.update(l0_coef=0.0, tanh_coef=cfg.tanh_coef, tanh_c=cfg.tanh_c, pre_act_coef=cfg.pre_act_coef)
         out["clt"] = SAEConfig(d_in=d * len(keys), d_out=d * len(keys), mode="clt", in_keys=keys, out_keys=outs,
                                apply_b_dec_to_input=False, k_aux=k_aux(d), **c)
     else:

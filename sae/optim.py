@@ -40,13 +40,17 @@ class NonFiniteLoss(StrataError):
 
 class SAEStepper:
     def __init__(self, sae: SAE, lr: float, total_steps: int, warmup_steps: int = 0, decay_fraction: float = 0.2,
-                 grad_clip: float = 1.0, betas=(0.9, 0.999), eps: float = 6.25e-10, sync=None):
-        """sync: in data-parallel training (sae/distributed.py) the process group's in-place all-reduces mean_(t) and
+                 grad_clip: float = 1.0, betas=(0.9, 0.999), eps: float = 6.25e-10, sync=None,
+                 sparsity_warmup_steps: int = 0):
+        """sparsity_warmup_steps: the sparsity penalty's weight ramps linearly to its full value over these steps
+        (ReLU's L1 warm-up, the CLT tanh penalty's ramp; the SAE's forward takes it as sparsity_scale); 0: none.
+        sync: in data-parallel training (sae/distributed.py) the process group's in-place all-reduces mean_(t) and
         sum_(t), its `size` and `global_variance(y)`; the step is otherwise the single-process one. None: one process."""
         self.sae, self.sync = sae, sync
         self.base_lr = lr
         self.total_steps, self.warmup_steps, self.decay_fraction = total_steps, warmup_steps, decay_fraction
         self.grad_clip = grad_clip
+        self.sparsity_warmup_steps = sparsity_warmup_steps
         params = [p for p in sae.parameters() if p.requires_grad]
         try:  # the fused CPU/GPU kernel is ~4x faster than foreach on CPU
             self.opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
@@ -57,7 +61,8 @@ class SAEStepper:
         sae, sync = self.sae, self.sync
         if sync is not None:  # every FVU (reconstruction, AuxK) over the global batch's variance
             loss_fn = replace(loss_fn, variance=sync.global_variance)
-        out = sae(x, y, loss_fn, step)
+        warm = self.sparsity_warmup_steps
+        out = sae(x, y, loss_fn, sparsity_scale=min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
         loss = out.loss.detach() if sync is None else sync.mean_(out.loss.detach().clone())
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLoss(f"loss became {float(loss)} at step {step}")

@@ -63,7 +63,7 @@ class TopKSAE(SAE):
             recon = recon + self._skip
         return loss_fn(y, recon), recon, {}
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, step: int = 0) -> Output:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_fn=fvu, sparsity_scale: float = 1.0) -> Output:
         B, n = x.shape[0], self.cfg.n_latents
         with torch.no_grad():
             x_c = self.centered(x)

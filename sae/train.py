@@ -34,7 +34,6 @@ from sae.metrics import LatentStats, ReconStats
 from sae.models import build_sae
 from sae.modes import Unit, check_exclude_first, norm_scale, sae_configs, select_keys, split_seed
 from sae.optim import NonFiniteLoss, SAEStepper, default_lr, latents_per_dictionary
-from sae.relu import ReLUSAE
 from sae.train_config import TrainConfig
 
 
@@ -125,6 +124,16 @@ def train(cfg: TrainConfig) -> Path:
     return tdir
 
 
+def sparsity_warmup(cfg: TrainConfig, sae_cfg, total_steps: int) -> int:
+    """Steps over which the sparsity penalty ramps up: ReLU's L1 warm-up (default 5% of the steps); the CLT tanh
+    penalty's ramp (default the whole run, as in Anthropic's recipe); none for the other architectures."""
+    if sae_cfg.arch == "relu":
+        return cfg.l1_warmup_steps or max(1, total_steps // 20)
+    if sae_cfg.mode == "clt" and sae_cfg.arch == "jumprelu" and sae_cfg.sparsity == "tanh":
+        return cfg.tanh_warmup_steps or total_steps
+    return 0
+
+
 def train_precision(cfg: TrainConfig, configs: dict, par: Parallel) -> Precision:
     """The encoder matmul's dtype: --precision (auto probes the [batch, d_in] x [d_in, n_latents] shapes)."""
     if cfg.bf16 and cfg.precision == "fp32":
@@ -213,10 +222,9 @@ def _fit(cfg: TrainConfig, par: Parallel, run, name: str, configs: dict, train_s
     steppers = {}
     for u in units:
         u.sae.set_compute_dtype(prec.dtype)
-        if isinstance(u.sae, ReLUSAE):
-            u.sae.l1_warmup_steps = cfg.l1_warmup_steps or max(1, total_steps // 20)
         steppers[u.sae_id] = SAEStepper(u.sae, cfg.lr or default_lr(latents_per_dictionary(u.sae.cfg)), total_steps, warmup,
-                                        cfg.decay_fraction, cfg.grad_clip, eps=cfg.adam_eps, sync=par.sync)
+                                        cfg.decay_fraction, cfg.grad_clip, eps=cfg.adam_eps, sync=par.sync,
+                                        sparsity_warmup_steps=sparsity_warmup(cfg, u.sae.cfg, total_steps))
     if ckpt is not None:
         restore_optimizers(ckpt[1], ckpt[0], saes, {sid: st.opt for sid, st in steppers.items()})
         restore_rng(ckpt[0])

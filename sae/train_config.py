@@ -60,6 +60,12 @@ class TrainConfig:
                                                   "unit of the summed per-layer FVU)")
     tanh_c: Annotated[float, Gt(0)] = _f(1.0, "clt --sparsity tanh: c, the scale inside the tanh (larger: the penalty "
                                               "saturates sooner, nearer an L0 count)")
+    tanh_warmup_steps: Annotated[int, Ge(0)] = _f(0, "clt --sparsity tanh: steps over which lambda ramps linearly from 0 "
+                                                     "to --tanh-coef (0 = the whole run, the paper's schedule; 1 = none)")
+    pre_act_coef: Annotated[float, Ge(0)] = _f(3e-6, "clt --sparsity tanh: lambda_P of the pre-activation loss "
+                                                     "lambda_P / d * sum_i ReLU(theta_i - h_i) ||W_dec,i|| (Anthropic, "
+                                                     "Jan 2025: 3e-6 on E||x||^2 = d units); it lifts dead latents' "
+                                                     "pre-activations h_i toward their thresholds (0 = off)")
     matryoshka_prefixes: Annotated[str, SIZE_LIST] = _f("", "matryoshka: comma list of nested sizes (default n/16,n/4,n)")
     skip: bool = _f(False, "transcoder: add a learned linear skip connection")
     lr: Annotated[float, Gt(0)] | None = _f(None, "Adam learning rate (default 2e-4 * sqrt(2^14 / n_latents))")

@@ -667,6 +667,12 @@ CLT_TANH = [
          "not for --mode clt --arch topk"),
     Case("tanh-c-zero", lambda w: ["train", w.run, "--mode", "clt", "--arch", "jumprelu", "--sparsity", "tanh",
                                    "--tanh-c", "0", *FAST], "tanh_c='0' is not a valid float > 0"),
+    Case("pre-act-coef-negative", lambda w: ["train", w.run, "--mode", "clt", "--arch", "jumprelu", "--sparsity",
+                                             "tanh", "--pre-act-coef", "-1e-6", *FAST],
+         "pre_act_coef='-1e-6' is not a valid float >= 0"),
+    Case("tanh-warmup-negative", lambda w: ["train", w.run, "--mode", "clt", "--arch", "jumprelu", "--sparsity",
+                                            "tanh", "--tanh-warmup-steps", "-5", *FAST],
+         "tanh_warmup_steps='-5' is not a valid int >= 0"),
 ]
 
 # ---------------------------------------------------------------- `strata graph` (sae/circuits)

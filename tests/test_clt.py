@@ -163,55 +163,82 @@ def test_clt_recovers_a_planted_cross_layer_feature():
 
 # ---------------------------------------------------------------- the paper's tanh sparsity penalty
 def test_tanh_penalty_is_the_papers_formula():
-    """loss = sum of per-layer FVU + lambda * mean over tokens of sum_(s,i) tanh(c a_si ||W_dec,si||), the norm taken
-    over latent i's decoders to every layer it writes; the thresholds get its gradient through the straight-through
-    estimator."""
+    """loss = sum of per-layer FVU + ramp * lambda * mean over tokens of sum_(s,i) tanh(c a_si ||W_dec,si||), the norm
+    taken over latent i's decoders to every layer it writes, + lambda_P / d * mean over tokens of
+    sum_(s,i) ReLU(theta_si - h_si) ||W_dec,si|| (the pre-activation loss); the thresholds get the penalty's gradient
+    through the straight-through estimator, and only pre-activations below their thresholds get the second's."""
     torch.manual_seed(0)
-    clt = build_sae(clt_config(arch="jumprelu", sparsity="tanh", tanh_coef=0.3, tanh_c=2.0))
+    clt = build_sae(clt_config(arch="jumprelu", sparsity="tanh", tanh_coef=0.3, tanh_c=2.0, pre_act_coef=0.05))
     with torch.no_grad():
         for w in clt.W_dec_from:
             w.normal_(0, 0.2)
         clt.log_threshold.fill_(-1.0)
     x, y = torch.randn(64, 48), torch.randn(64, 48)
     loss_fn = FVU(blocks=3, dim=1, reduce="sum")
-    out = clt(x, y, loss_fn)
+    out = clt(x, y, loss_fn, sparsity_scale=0.25)
     with torch.no_grad():
         pre = clt.preacts(x)  # [L, B, n]
-        a = pre * (pre > clt.log_threshold.exp()[:, None, :])
-        expect = 0.0
+        theta = clt.log_threshold.exp()[:, None, :]
+        a = pre * (pre > theta)
+        expect, below = 0.0, 0.0
         for s in range(3):
             norms = torch.cat([clt.W_dec_from[s][:, t] for t in range(3 - s)], 1).norm(dim=1)  # concatenated decoders
             expect = expect + torch.tanh(2.0 * a[s] * norms).sum(1)
-        expect = expect.mean()
+            below = below + ((theta[s] - pre[s]).clamp(min=0) * norms).sum(1)
+        expect, below = expect.mean(), below.mean()
     assert "l0_penalty" not in out.parts and float(out.l0) > 0
     torch.testing.assert_close(out.parts["tanh_penalty"], expect)
-    torch.testing.assert_close(out.loss.detach(), out.parts["recon"] + 0.3 * expect)
+    torch.testing.assert_close(out.parts["pre_act_loss"], below)
+    torch.testing.assert_close(out.loss.detach(), out.parts["recon"] + 0.25 * 0.3 * expect + 0.05 / 16 * below)
     out.loss.backward()
     assert clt.log_threshold.grad.abs().sum() > 0 and all(w.grad.abs().sum() > 0 for w in clt.W_dec_from)
 
 
-def test_tanh_penalty_lowers_l0_as_lambda_rises():
-    """Three CLTs on the planted-feature data, alike but for lambda: the reconstruction loss falls for each, and
-    the larger lambda, the fewer latents fire."""
+def test_the_tanh_penalty_ramps_up_over_the_warmup():
+    """SAEStepper(sparsity_warmup_steps=W) weighs the penalty (step + 1) / W until W, then fully, as `strata train`
+    does over the whole run by default (Anthropic's schedule)."""
+    torch.manual_seed(0)
+    clt = build_sae(clt_config(arch="jumprelu", sparsity="tanh", tanh_coef=0.3))
+    with torch.no_grad():
+        for w in clt.W_dec_from:
+            w.normal_(0, 0.2)
+        clt.log_threshold.fill_(-1.0)
+    stepper = SAEStepper(clt, 1e-3, total_steps=8, sparsity_warmup_steps=4)
+    loss_fn = FVU(blocks=3, dim=1, reduce="sum")
+    x, y = torch.randn(64, 48), torch.randn(64, 48)
+    for step in range(6):
+        out = stepper.step(x, y, step, loss_fn)
+        weight = (out.loss.detach() - out.parts["recon"]) / (0.3 * out.parts["tanh_penalty"])
+        assert float(weight) == pytest.approx(min(1.0, (step + 1) / 4), rel=1e-4), step
+
+
+def test_the_pre_activation_loss_brings_dead_latents_back():
+    """A CLT trains 40 steps, then its thresholds jump x20 (log +3) and most latents die. Trained on for 120 steps,
+    without the pre-activation loss few come back and the reconstruction stays broken; with it the pre-activations
+    climb back to the thresholds, (nearly) every latent fires again and the FVU recovers."""
     L, d, n = 3, 16, 32
     g = torch.Generator().manual_seed(0)
     dirs = (_unit(L, 8, d, g=g), _unit(L, 8, d, g=g), _unit(d, g=g), _unit(L, d, g=g))
-    batches = [_toy_batch(256, dirs, g) for _ in range(150)]
+    batches = [_toy_batch(256, dirs, g) for _ in range(160)]
     loss_fn = FVU(blocks=L, dim=1, reduce="sum")
-    l0s = []
-    for lam in (0.0, 0.03, 0.3):
-        clt = build_sae(clt_config(L, d, n, k=8, arch="jumprelu", sparsity="tanh", tanh_coef=lam, tanh_c=1.0))
+    alive, fvus = [], []
+    for coef in (0.0, 3.0):
+        clt = build_sae(clt_config(L, d, n, k=8, arch="jumprelu", sparsity="tanh", tanh_coef=0.01, pre_act_coef=coef))
         clt.reset_parameters(torch.Generator().manual_seed(1))
         clt.init_from_sample(*_toy_batch(2048, dirs, torch.Generator().manual_seed(2)), "mean")
         stepper = SAEStepper(clt, 1e-2, len(batches), 10, 0.2, 1.0)
-        recs, l0 = [], []
+        fired = torch.zeros(L * n)
         for step, (x, y) in enumerate(batches):
+            if step == 40:
+                with torch.no_grad():
+                    clt.log_threshold.add_(3.0)
             out = stepper.step(x, y, step, loss_fn)
-            recs.append(float(out.parts["recon"]))
-            l0.append(float(out.l0))
-        assert sum(recs[-10:]) < 0.5 * sum(recs[:10]), (lam, recs[:10], recs[-10:])
-        l0s.append(sum(l0[-10:]) / 10)
-    assert l0s[0] > l0s[1] > l0s[2], l0s
+            if step >= len(batches) - 20:
+                fired += out.fired
+        alive.append(int((fired > 0).sum()))
+        fvus.append(float(out.parts["recon"]))
+    assert alive[0] <= L * n // 2 and alive[1] >= 0.9 * L * n, alive
+    assert fvus[1] < 0.5 * fvus[0], fvus
 
 
 def test_clt_trains_with_the_tanh_penalty(tmp_path, tiny_run):
@@ -220,9 +247,9 @@ def test_clt_trains_with_the_tanh_penalty(tmp_path, tiny_run):
                   "--name", "t", "--epochs", "2", "--log-every", "5", *FAST) == 0
     recs = [r["saes"]["clt"] for r in records(run, "t")]
     assert recs[-1]["loss"] < recs[0]["loss"] and recs[-1]["fvu"] < recs[0]["fvu"]
-    assert "tanh_penalty" in recs[-1] and "l0_penalty" not in recs[-1]
+    assert "tanh_penalty" in recs[-1] and "pre_act_loss" in recs[-1] and "l0_penalty" not in recs[-1]
     cfg = load_saes(run, "t")["clt"].cfg
-    assert (cfg.sparsity, cfg.tanh_coef, cfg.tanh_c, cfg.l0_coef) == ("tanh", 0.01, 1.0, 0.0)
+    assert (cfg.sparsity, cfg.tanh_coef, cfg.tanh_c, cfg.l0_coef, cfg.pre_act_coef) == ("tanh", 0.01, 1.0, 0.0, 3e-6)
 
 
 # ---------------------------------------------------------------- checkpoint, resume

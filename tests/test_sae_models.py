@@ -9,6 +9,8 @@ from sae.config import SAEConfig
 from sae.kernels import gather_preacts, sparse_decode
 from sae.models import build_sae
 from sae.optim import SAEStepper
+from sae.train import sparsity_warmup
+from sae.train_config import TrainConfig
 
 D, N_TRUE = 32, 128
 
@@ -157,3 +159,24 @@ def test_gradients_are_clipped_to_the_limit_only_when_over_it():
     assert float(clipped.norm()) == pytest.approx(norm / 10, rel=1e-4)
     assert torch.allclose(clipped * 10, free, rtol=1e-4, atol=1e-9)
     assert torch.equal(grads_after_a_step(norm * 10), free)
+
+
+def test_sparsity_penalties_warm_up_as_configured():
+    """ReLU's L1 weight ramps (step + 1) / W over SAEStepper's sparsity_warmup_steps; `strata train` sets W to
+    --l1-warmup-steps (default 5% of the steps) for ReLU, the whole run for the CLT tanh penalty, nothing else."""
+    torch.manual_seed(0)
+    sae = build_sae(cfg_for("relu", l1_coef=5.0))
+    stepper = SAEStepper(sae, 1e-3, total_steps=10, sparsity_warmup_steps=4)
+    x = torch.randn(128, D)
+    for step in range(6):
+        out = stepper.step(x, x, step)
+        weight = (out.loss.detach() - out.parts["recon"]) / (5.0 / D * out.parts["l1"])
+        assert float(weight) == pytest.approx(min(1.0, (step + 1) / 4), rel=1e-4), step
+    cfg = TrainConfig(run_dir="unused")
+    assert sparsity_warmup(cfg, cfg_for("relu"), 200) == 10
+    assert sparsity_warmup(TrainConfig(run_dir="unused", l1_warmup_steps=7), cfg_for("relu"), 200) == 7
+    clt = SAEConfig(arch="jumprelu", mode="clt", sparsity="tanh", d_in=8, d_out=8, n_latents=8, in_keys=["a"],
+                    out_keys=["b"], in_scales=[1.0], out_scales=[1.0])
+    assert sparsity_warmup(cfg, clt, 200) == 200
+    assert sparsity_warmup(TrainConfig(run_dir="unused", tanh_warmup_steps=1), clt, 200) == 1
+    assert sparsity_warmup(cfg, cfg_for("topk"), 200) == 0 and sparsity_warmup(cfg, cfg_for("jumprelu"), 200) == 0
