@@ -52,7 +52,7 @@ def test_replacement_with_error_nodes_reproduces_clean_logits(setup):
     lm, adapter, clean = setup
     reference = lm.model(clean.ids[None]).logits[0]
     feats = active_features(adapter, clean)
-    const, skips, errors = frozen_mlps(adapter, clean, feats)
+    const, skips, errors = frozen_mlps(adapter, clean)
     _, logits = replacement_forward(lm.model, clean, const, skips, {})
     assert torch.allclose(logits, reference, atol=1e-5), float((logits - reference).abs().max())
     # a covered MLP's output is exactly its nodes: features' writes + decoder bias + skip + the error node
@@ -83,8 +83,7 @@ def test_each_edge_equals_the_effect_measured_on_the_frozen_model(setup, att):
 
 def _check_edges_against_frozen_model(setup, att, exclude_first: int):
     lm, adapter, clean = setup
-    feats = (att.feat_layer, att.feat_pos, att.feat_idx, att.feat_act)
-    const, skips, _ = frozen_mlps(adapter, clean, feats, exclude_first)
+    const, skips, _ = frozen_mlps(adapter, clean, exclude_first)
     T, n_layers, Fv, K = att.T, att.n_layers, att.visited.numel(), att.logit_ids.numel()
     N = att.adjacency.shape[0]
     assert Fv == att.feat_layer.numel()  # budget not reached: every active feature is a node
@@ -135,8 +134,7 @@ def test_positions_left_out_of_training_have_no_feature_nodes(setup, att):
     assert int(cut.feat_pos.min()) == first and bool((att.feat_pos < first).any())
     later = att.feat_pos >= first  # the same features as without the cut, from position `first` on
     assert torch.equal(cut.feat_idx, att.feat_idx[later]) and torch.equal(cut.feat_layer, att.feat_layer[later])
-    feats = (cut.feat_layer, cut.feat_pos, cut.feat_idx, cut.feat_act)
-    const, skips, errors = frozen_mlps(adapter, clean, feats, first)
+    const, skips, errors = frozen_mlps(adapter, clean, first)
     _, logits = replacement_forward(lm.model, clean, const, skips, {})
     assert torch.allclose(logits, lm.model(clean.ids[None]).logits[0], atol=1e-5)
     for L in range(len(clean.mlp_out)):
@@ -269,7 +267,7 @@ def test_graph_on_real_smollm2_with_two_transcoders(smollm2_mlp_run):
     # the replacement on the real model reproduces its logits, and a kept edge is the measured effect
     adapter = TranscoderSet(load_saes(run, "tc"))
     clean = clean_pass(lm.model, ids)
-    const, skips, errors = frozen_mlps(adapter, clean, active_features(adapter, clean))
+    const, skips, errors = frozen_mlps(adapter, clean)
     base = replacement_forward(lm.model, clean, const, skips, {})[1]
     assert torch.allclose(base[-1], lm.model(ids[None]).logits[0, -1], atol=1e-3)
     feat_ids = {n["node_id"]: n for n in feats}

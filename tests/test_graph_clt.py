@@ -79,7 +79,7 @@ def test_clt_replacement_with_error_nodes_reproduces_clean_logits(runs, name):
     adapter = adapter_for(load_saes(run, name))
     reference = lm.model(clean.ids[None]).logits[0]
     feats = active_features(adapter, clean)
-    const, skips, errors = frozen_mlps(adapter, clean, feats)
+    const, skips, errors = frozen_mlps(adapter, clean)
     _, logits = replacement_forward(lm.model, clean, const, skips, {})
     assert torch.allclose(logits, reference, atol=1e-5), float((logits - reference).abs().max())
     # a covered MLP's output is the writes of every source layer at or before it + the bias + its error node
@@ -101,8 +101,7 @@ def test_clt_replacement_with_error_nodes_reproduces_clean_logits(runs, name):
 def test_each_clt_edge_equals_the_effect_measured_on_the_frozen_model(runs, clt_att):
     run, lm, clean = runs
     adapter, att = clt_att
-    feats = (att.feat_layer, att.feat_pos, att.feat_idx, att.feat_act)
-    const, skips, _ = frozen_mlps(adapter, clean, feats)
+    const, skips, _ = frozen_mlps(adapter, clean)
     T, n_layers, Fv, K = att.T, att.n_layers, att.visited.numel(), att.logit_ids.numel()
     N = att.adjacency.shape[0]
     assert Fv == att.feat_layer.numel()  # budget not reached: every active feature is a node
@@ -242,7 +241,7 @@ def test_zeroing_a_feature_moves_the_logits_as_the_graph_predicts(runs, name):
     paths = a[-K:, :Fv] @ torch.linalg.inv(torch.eye(Fv, dtype=torch.float64) - m)
     torch.testing.assert_close(total.double(), paths, rtol=1e-4, atol=1e-5)
 
-    base = centred(replacement_forward(lm.model, clean, *frozen_mlps(adapter, clean, feats)[:2], {})[1], att.logit_ids)
+    base = centred(replacement_forward(lm.model, clean, *frozen_mlps(adapter, clean)[:2], {})[1], att.logit_ids)
     tol = 1e-6 * float(clean.logits_TV[-1].abs().max())  # float32 rounding of the logits themselves
     through_features = (total - direct).abs().max(0).values
     picks = (through_features.topk(3).indices.tolist() + direct.abs().max(0).values.topk(2).indices.tolist()
@@ -277,7 +276,7 @@ def test_clt_graph_on_real_smollm2(smollm2_mlp_run):
     ids = torch.tensor(lm.tokenizer(prompt).input_ids)
     adapter = adapter_for(load_saes(run, "clt"))
     clean = clean_pass(lm.model, ids)
-    const, skips, _ = frozen_mlps(adapter, clean, active_features(adapter, clean))
+    const, skips, _ = frozen_mlps(adapter, clean)
     base = replacement_forward(lm.model, clean, const, skips, {})[1]
     assert torch.allclose(base[-1], lm.model(ids[None]).logits[0, -1], atol=1e-3)
     # the strongest edge from a CLT feature to a logit is what all its decoders' writes do

@@ -165,7 +165,7 @@ def _skip_from(skip, first: int):
 
 
 @torch.no_grad()
-def frozen_mlps(adapter, clean: CleanPass, feats: tuple, exclude_first: int = 0):
+def frozen_mlps(adapter, clean: CleanPass, exclude_first: int = 0):
     """(constant MLP outputs, skip maps, error vectors [n_layers, T, D]). Covered layer: error = MLP output -
     the replacement's output there (the decodes of every source layer that writes into it, skip included);
     uncovered layer, and positions < exclude_first of every layer (the transcoders never trained there): the MLP
@@ -192,7 +192,7 @@ def attribute(model, clean: CleanPass, adapter, max_feature_nodes: int = 2048, m
     T, D = clean.embed_TD.shape
     n_layers = len(clean.mlp_out)
     feats = active_features(adapter, clean, exclude_first)
-    const, skips, errors = frozen_mlps(adapter, clean, feats, exclude_first)
+    const, skips, errors = frozen_mlps(adapter, clean, exclude_first)
     src = _Sources(clean, adapter, feats, errors, hold_bytes)
     logit_ids, logit_probs = top_logits(clean.logits_TV[-1], max_logits, logit_coverage)
     K, F = logit_ids.numel(), src.F

@@ -33,11 +33,12 @@ def _add_writes(writes: dict, adapter, src: int, pos: torch.Tensor, idx: torch.T
 
 @torch.no_grad()
 def scale_feature(model, clean: CleanPass, adapter, feats: tuple, f: int, factor: float,
-                  respond: bool = False) -> torch.Tensor:
+                  respond: bool = False, exclude_first: int = 0) -> torch.Tensor:
     """Logits [T, V] of the frozen replacement model with active feature `f` (an index into `feats`, as
-    attribute.active_features returns them) scaled by `factor`; `respond` lets later features follow (above)."""
+    attribute.active_features returns them) scaled by `factor`; `respond` lets later features follow (above).
+    exclude_first: as the graph was attributed with (the MLP outputs of those positions stay frozen whole)."""
     layer, pos, idx, act = feats
-    const, skips, _ = frozen_mlps(adapter, clean, feats)
+    const, skips, _ = frozen_mlps(adapter, clean, exclude_first)
     shape = tuple(clean.embed_TD.shape)
     writes: dict = {}
     src = int(layer[f])
