@@ -397,14 +397,15 @@ def _activation_rows(acts: dict, keys, d: int, dtype: str, where: str):
     """Stored rows and norm sums per key; non-finite values (e.g. float16 overflow) stop the run with their place."""
     rows, stats = {}, {}
     for key in keys:
-        x = acts[key].reshape(-1, d)
-        stored = x.to(torch.float16 if dtype == "float16" else torch.bfloat16)
-        finite = torch.isfinite(stored).all(dim=-1)
+        stored = acts[key].reshape(-1, d).to(torch.float16 if dtype == "float16" else torch.bfloat16)
+        # the stored rows' norms, accumulated in fp32 without an fp32 copy; a row holding inf/NaN has a non-finite
+        # norm, so one pass both checks and measures (a separate isfinite pass cost as much as the rest together)
+        norms = torch.linalg.vector_norm(stored, dim=-1, dtype=torch.float32)
+        finite = torch.isfinite(norms)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
             raise StrataError(f"non-finite activation at {key}, token {where} + {bad}; float16 overflow? "
                               f"try --dtype bfloat16, or check the model")
-        norms = x.float().norm(dim=-1)
         rows[key] = to_storage(stored, dtype)
         stats[key] = (float(norms.sum()), float((norms * norms).sum()), float(norms.max()))
     return rows, stats

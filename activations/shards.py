@@ -46,7 +46,13 @@ def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 class ActivationShardWriter:
-    """Appends row blocks to one activation shard file (opened on a temporary path by the caller)."""
+    """Appends row blocks to one activation shard file (opened on a temporary path by the caller).
+
+    Each full chunk is written as it completes, as raw bytes (HDF5's direct chunk write: the dataset has no filters),
+    and hashed from memory for CHUNK_SUMS; rows short of a chunk wait in `pending`. So the file's bytes go out while
+    the harvest's next forward runs, and close() only writes the last chunk and the metadata: through HDF5's chunk
+    cache the whole file was written, then read back for its hashes, at close, on the harvest's critical path (the
+    last shard's commit)."""
 
     def __init__(self, path, d: int, dtype: str, expected_rows: int):
         self.file = h5py.File(path, "w", libver="latest")
@@ -54,21 +60,36 @@ class ActivationShardWriter:
         self.ds = self.file.create_dataset(ACTS, shape=(expected_rows, d), maxshape=(None, d), dtype=np_dtype,
                                            chunks=(min(chunk_rows(d), max(1, expected_rows)), d), track_times=False)
         self.ds.attrs["dtype"] = dtype
-        self.rows = 0
+        self.step = self.ds.chunks[0]
+        self.pending = np.empty((0, d), dtype=np_dtype)  # rows after the last written chunk
+        self.rows = 0  # rows appended (written or pending)
+        self.sums: list[int] = []
+
+    def _write_chunk(self, rows: np.ndarray) -> None:
+        """Write the next chunk (rows: at most a chunk of them; a short one is zero-padded to the chunk's size, as HDF5
+        stores edge chunks) and record the hash of its rows."""
+        start = len(self.sums) * self.step
+        if start + len(rows) > self.ds.shape[0]:
+            self.ds.resize(start + len(rows), axis=0)
+        self.sums.append(rows_hash(rows))
+        if len(rows) < self.step:
+            rows = np.concatenate([rows, np.zeros((self.step - len(rows), rows.shape[1]), rows.dtype)])
+        self.ds.id.write_direct_chunk((start, 0), np.ascontiguousarray(rows))
 
     def append(self, block: np.ndarray) -> None:
-        n = len(block)
-        if self.rows + n > self.ds.shape[0]:
-            self.ds.resize(self.rows + n, axis=0)
-        self.ds[self.rows:self.rows + n] = block
-        self.rows += n
+        rows = np.concatenate([self.pending, block]) if len(self.pending) else block
+        full = len(rows) // self.step * self.step
+        for a in range(0, full, self.step):
+            self._write_chunk(rows[a:a + self.step])
+        self.pending = rows[full:].copy()
+        self.rows += len(block)
 
     def close(self) -> None:
+        if len(self.pending):
+            self._write_chunk(self.pending)
         if self.rows != self.ds.shape[0]:
             self.ds.resize(self.rows, axis=0)
-        step = self.ds.chunks[0]
-        sums = [rows_hash(self.ds[a:a + step]) for a in range(0, self.rows, step)]
-        self.file.create_dataset(CHUNK_SUMS, data=np.array(sums, dtype=np.uint64), track_times=False)
+        self.file.create_dataset(CHUNK_SUMS, data=np.array(self.sums, dtype=np.uint64), track_times=False)
         self.file.close()
 
 
