@@ -77,11 +77,12 @@ def harvest_vs_forward(model: str, tokens: int, tmp: Path, device: str = "cpu", 
     for name, lm in lms.items():
         bare_forward_rate(lm, "resid.1", batches[:1])  # warm-up
         rates[name] = {"harvest": 0.0, "full": 0.0, "half": 0.0}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for name, lm in lms.items():
-            cfg = HarvestConfig(run_dir=str(tmp / "h"), model=model, sites="resid", layers="all", context=ctx,
-                                batch_contexts=bc, max_tokens=tokens, shard_tokens=4096, progress=False,
-                                overwrite=True, device=device)
+            # a fresh folder each time (deleting the last round's run is no part of a harvest), removed untimed
+            run_dir = tmp / f"h-{name}-{round_}"
+            cfg = HarvestConfig(run_dir=str(run_dir), model=model, sites="resid", layers="all", context=ctx,
+                                batch_contexts=bc, max_tokens=tokens, shard_tokens=4096, progress=False, device=device)
             r = rates[name]
             _sync(dev)
             t = time.perf_counter()
@@ -89,6 +90,7 @@ def harvest_vs_forward(model: str, tokens: int, tmp: Path, device: str = "cpu", 
                 harvest(cfg, lm=lm)
             _sync(dev)
             r["harvest"] = max(r["harvest"], tokens / (time.perf_counter() - t))
+            shutil.rmtree(run_dir)
             r["full"] = max(r["full"], bare_forward_rate(lm, f"resid.{n}", batches))
             if name == "fp32":
                 r["half"] = max(r["half"], bare_forward_rate(lm, f"resid.{n // 2}", batches))
