@@ -25,8 +25,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BF16_MIN_SPEEDUP = 1.5
 PROBE_FLOP = 4e8  # per timing of one shape and dtype (the whole probe takes well under a second)
-PROBE_REPS = 3
-PROBE_VERSION = 2  # part of the cache key: a changed probe measures again
+PROBE_REPS = 5
+PROBE_VERSION = 3  # part of the cache key: a changed probe measures again
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,8 @@ def probe(device: torch.device, shapes) -> dict:
     cache = _read_cache(path)
     if key in cache:
         return cache[key]
-    timings = {name: sum(_time_matmul(device, s, dt) for s in shapes) for name, dt in DTYPES.items()}
+    per_shape = [_time_matmuls(device, s) for s in shapes]
+    timings = {name: sum(t[name] for t in per_shape) for name in DTYPES}
     cache[key] = timings
     try:
         atomic_write_json(path, cache)
@@ -109,26 +110,37 @@ def probe(device: torch.device, shapes) -> dict:
     return timings
 
 
-def _time_matmul(device: torch.device, shape: tuple, dtype: torch.dtype) -> float:
-    """Seconds per [m, k] x [k, n] matmul: rows are cut so one matmul is at most PROBE_FLOP, and small ones are
-    repeated up to PROBE_FLOP per timing (a single microsecond matmul is all timer noise)."""
+def _time_matmuls(device: torch.device, shape: tuple) -> dict[str, float]:
+    """Seconds per [m, k] x [k, n] matmul in each dtype, the best of PROBE_REPS timings. The dtypes take turns, so
+    a burst of load from elsewhere slows a timing of each rather than every timing of one: timed fp32 first and bf16
+    after, a probe once cached bf16 as 4.3x slower on a CPU where it is 3-5x faster, and every later command here
+    ran in fp32. Rows are cut so one matmul is at most PROBE_FLOP, and small ones are repeated up to PROBE_FLOP per
+    timing (a single microsecond matmul is all timer noise)."""
     m, k, n = shape
     rows = max(1, min(m, int(PROBE_FLOP // (2 * k * n))))
     repeat = max(1, min(200, int(PROBE_FLOP // (2 * rows * k * n))))
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype).t()  # W_enc / nn.Linear layout
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up (allocations, kernel selection)
-    sync()
-    best = float("inf")
+    operands = {}
+    for name, dtype in DTYPES.items():
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype).t()  # W_enc / nn.Linear layout
+        _timed(a, b, 1, sync)  # warm-up (allocations, kernel selection)
+        operands[name] = (a, b)
+    best = dict.fromkeys(operands, float("inf"))
     for _ in range(PROBE_REPS):
-        t = time.perf_counter()
-        for _ in range(repeat):
-            a @ b
-        sync()
-        best = min(best, (time.perf_counter() - t) / repeat)
-    return best * (m / rows)
+        for name, (a, b) in operands.items():
+            best[name] = min(best[name], _timed(a, b, repeat, sync))
+    return {name: t / repeat * (m / rows) for name, t in best.items()}
+
+
+def _timed(a: torch.Tensor, b: torch.Tensor, repeat: int, sync) -> float:
+    """Seconds for `repeat` matmuls a @ b."""
+    t = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    sync()
+    return time.perf_counter() - t
 
 
 def machine_id(device: torch.device) -> str:
