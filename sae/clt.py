@@ -213,7 +213,7 @@ class CrossLayerTranscoder(SAE):
         """Training selection of source position s: (rows, cols, vals) sorted by row, vals relu'd."""
         B, k = pre.shape[0], self.cfg.k
         if self.cfg.arch == "batchtopk":
-            vals, flat = pre.reshape(-1).topk(k * B, sorted=False)
+            vals, flat = kernels.topk_flat(pre, k * B)
             flat, order = flat.sort()
             return flat // self.n, flat % self.n, vals[order].clamp_(min=0)
         vals, cols = kernels.topk_rows(pre, k)

@@ -56,6 +56,17 @@ def topk_rows(pre_BN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return grouped_topk_rows(pre_BN, k)
 
 
+def topk_flat(pre_BN: torch.Tensor, k_total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, flat indices into pre_BN.reshape(-1)) [k_total], unsorted: the k_total largest entries of the whole
+    tensor, BatchTopK's batch-level choice. On CPU the compiled selection over the tensor as one row (4,096 x 4,608
+    bf16, k_total = 131,072: ~19 vs ~227 ms for torch.topk); elsewhere torch.topk."""
+    row_1N = pre_BN.reshape(1, -1)
+    if cpu_select.supports(row_1N, k_total):
+        vals_1K, flat_1K = cpu_select.topk_rows(row_1N, k_total)
+        return vals_1K[0], flat_1K[0]
+    return pre_BN.reshape(-1).topk(k_total, sorted=False)
+
+
 def grouped_topk_rows(pre_BN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_rows in torch operations.
 

@@ -114,7 +114,7 @@ class BatchTopKSAE(TopKSAE):
             rows, cols = (pre > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
             return rows, cols, pre[rows, cols]
         n = pre.shape[1]
-        vals, flat = pre.reshape(-1).topk(self.cfg.k * pre.shape[0], sorted=False)
+        vals, flat = kernels.topk_flat(pre, self.cfg.k * pre.shape[0])
         flat, order = flat.sort()  # row-major order = sorted by row
         return flat // n, flat % n, vals[order].clamp_(min=0)
 

@@ -108,7 +108,7 @@ def train(cfg: TrainConfig) -> Path:
     prec = train_precision(cfg, configs, par)
     if par.writes:
         print(prec.line())
-        if cfg.arch == "topk" and resolve_device(cfg.device).type == "cpu" and not cpu_select.available():
+        if cfg.arch in ("topk", "batchtopk", "matryoshka") and resolve_device(cfg.device).type == "cpu" and not cpu_select.available():
             print(f"top-k selection: {cpu_select.status()}; a C++ compiler (g++ or clang++) makes it ~2x cheaper")
     lock = run_lock(cfg.run_dir, f"strata train --name {name}", scope=f"train-{name}") if par.writes else contextlib.nullcontext()
     with lock:

@@ -1,11 +1,13 @@
 """Before/after of Strata's training step: two checkouts timed side by side in one run.
 
 Each checkout gets its own worker process (its tree first on the path) holding bench_train.py's contenders: the
-TopK step in fp32 and in bf16 (d=576, 4,608 latents, k=32, batch 4,096, Adam, AuxK on) and the encoder matmul in
-both precisions (the roofline). The workers take turns call by call, the order swapped every round, so machine
-noise hits both alike; figures are medians. --clock cpu (one thread's CPU time) is the usable one on a busy machine.
+TopK step (or --arch batchtopk / matryoshka) in fp32 and in bf16 (d=576, 4,608 latents, k=32, batch 4,096, Adam,
+AuxK on) and the encoder matmul in both precisions (the roofline). The workers take turns call by call, the order
+swapped every round, so machine noise hits both alike; figures are medians. --clock cpu (one thread's CPU time) is
+the usable one on a busy machine.
 
     python scripts/bench_train_ab.py /path/to/before /path/to/after [--rounds 10] [--steps 2] [--clock cpu]
+        [--arch topk|batchtopk|matryoshka]
     (e.g. before: `git worktree add /tmp/before main`)
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ D, N, K, B = 576, 4608, 32, 4096
 NAMES = ("matmul fp32", "matmul bf16", "strata fp32", "strata bf16")
 
 
-def worker(threads: int, clock_name: str) -> None:
+def worker(threads: int, clock_name: str, arch: str) -> None:
     """Build the contenders of the checkout on sys.path, then step on command (stdin '<name>\\t<steps>', stdout the
     seconds of each step)."""
     import torch
@@ -35,8 +37,9 @@ def worker(threads: int, clock_name: str) -> None:
     clock = time.thread_time if clock_name == "cpu" else time.perf_counter
 
     def strata(dtype):
-        cfg = SAEConfig(arch="topk", d_in=D, d_out=D, n_latents=N, k=K, in_keys=["x"], out_keys=["x"],
-                        in_scales=[1.0], out_scales=[1.0], k_aux=D // 2)
+        cfg = SAEConfig(arch=arch, d_in=D, d_out=D, n_latents=N, k=K, in_keys=["x"], out_keys=["x"],
+                        in_scales=[1.0], out_scales=[1.0], k_aux=D // 2,
+                        matryoshka_prefixes=[N // 16, N // 4, N] if arch == "matryoshka" else [])
         sae = build_sae(cfg)
         if hasattr(sae, "set_compute_dtype"):
             sae.set_compute_dtype(dtype)
@@ -75,11 +78,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per contender per turn")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
+    ap.add_argument("--arch", choices=("topk", "batchtopk", "matryoshka"), default="topk")
     a = ap.parse_args()
     if a.clock == "cpu":
         a.threads = 1
     trees = {"before": a.before.resolve(), "after": a.after.resolve()}
-    procs = {label: subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(a.threads), a.clock],
+    procs = {label: subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(a.threads), a.clock,
+                                      a.arch],
                                      cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
              for label, tree in trees.items()}
@@ -99,7 +104,7 @@ def main() -> None:
         p.wait()
 
     flop_per_token = 2 * D * N + 10 * K * D  # as bench_train.py
-    print(f"{a.rounds} rounds x {a.steps} steps, {a.threads} thread(s), medians of {a.clock} time")
+    print(f"{a.arch}: {a.rounds} rounds x {a.steps} steps, {a.threads} thread(s), medians of {a.clock} time")
     med = {key: statistics.median(ts) for key, ts in times.items()}
     for label, tree in trees.items():
         parts = [f"{label:6s} ({tree})"]
@@ -115,6 +120,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(int(sys.argv[2]), sys.argv[3])
+        worker(int(sys.argv[2]), sys.argv[3], sys.argv[4])
     else:
         main()

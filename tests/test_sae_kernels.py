@@ -64,6 +64,22 @@ def test_topk_rows_with_ties_infinities_and_a_nan_row(topk):
     assert vals.shape == (64, 32) and bool(vals[3].isnan().any())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_level_topk_picks_the_same_entries_as_torch_topk(dtype):
+    """BatchTopK's choice: the k*B largest entries of the whole batch (compiled on CPU where it could be built)."""
+    torch.manual_seed(3)
+    for B, n, k in ((512, 4608, 32), (33, 97, 5), (4, 8, 8)):
+        pre = (torch.randn(B, n) * torch.rand(1, n) - 0.3).to(dtype)
+        vals, flat = kernels.topk_flat(pre, k * B)
+        assert vals.shape == flat.shape == (k * B,) and flat.dtype == torch.int64
+        assert torch.equal(vals.sort().values, pre.reshape(-1).topk(k * B).values.sort().values)
+        assert torch.equal(pre.reshape(-1)[flat], vals) and flat.unique().numel() == k * B
+    ties = torch.randint(-2, 3, (64, 256)).to(dtype)
+    vals, flat = kernels.topk_flat(ties, 1000)
+    assert torch.equal(vals.sort().values, ties.reshape(-1).topk(1000).values.sort().values)
+    assert flat.unique().numel() == 1000
+
+
 def test_without_a_compiler_training_selects_with_torch_and_gets_the_same_latents(tmp_path):
     """A machine with no C++ compiler: status says so, and the TopK forward picks the same latents."""
     code = (
@@ -75,6 +91,8 @@ def test_without_a_compiler_training_selects_with_torch_and_gets_the_same_latent
         "pre = torch.randn(256, 4608)\n"
         "vals, cols = kernels.topk_rows(pre, 32)\n"
         "assert torch.equal(vals.sort(1).values, pre.topk(32, dim=1).values.sort(1).values)\n"
+        "vals, flat = kernels.topk_flat(pre, 32 * 256)\n"
+        "assert torch.equal(vals.sort().values, pre.reshape(-1).topk(32 * 256).values.sort().values)\n"
     )
     env = dict(os.environ, PATH=str(tmp_path), CXX="", STRATA_CACHE=str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
