@@ -62,8 +62,7 @@ class ActivationShardWriter:
         self.ds.attrs["dtype"] = dtype
         self.step = self.ds.chunks[0]
         self.pending = np.empty((0, d), dtype=np_dtype)  # rows after the last written chunk
-        self.rows = 0  # rows appended (written or pending)
-        self.sums: list[int] = []
+        self.sums: list[int] = []  # one per written chunk
 
     def _write_chunk(self, rows: np.ndarray) -> None:
         """Write the next chunk (rows: at most a chunk of them; a short one is zero-padded to the chunk's size, as HDF5
@@ -82,13 +81,13 @@ class ActivationShardWriter:
         for a in range(0, full, self.step):
             self._write_chunk(rows[a:a + self.step])
         self.pending = rows[full:].copy()
-        self.rows += len(block)
 
     def close(self) -> None:
+        rows = len(self.sums) * self.step + len(self.pending)  # every row appended
         if len(self.pending):
             self._write_chunk(self.pending)
-        if self.rows != self.ds.shape[0]:
-            self.ds.resize(self.rows, axis=0)
+        if rows != self.ds.shape[0]:
+            self.ds.resize(rows, axis=0)
         self.file.create_dataset(CHUNK_SUMS, data=np.array(self.sums, dtype=np.uint64), track_times=False)
         self.file.close()
 
