@@ -11,13 +11,13 @@ exact selection per row in cache, without temporaries:
 Ties at the k-th value may pick another of the equal entries, as torch.topk may.
 
 The C++ source below is compiled once per machine with the system's C++ compiler ($CXX, else c++) into
-$STRATA_CACHE/native (default ~/.cache/strata), keyed by the source, the compiler and the CPU's flags, and called
-through ctypes. The rows are split over torch.get_num_threads() OpenMP threads. The library asks for libgomp.so.1,
-which the loader resolves to the copy torch has already loaded (torch's Linux wheels ship it under that name), so
-the work goes to torch's own workers, still spinning from the encoder matmul; threads of our own would fight them
-for the cores (3.2 vs 1.6 ms per 1,024 bf16 rows of 4,608 on 2 cores). A compiler without OpenMP gets a thread pool
-instead. Where no compiler works, `available()` is False and kernels.topk_rows keeps its torch path; `status()` says
-which is in use.
+$STRATA_CACHE/native (default ~/.cache/strata), keyed by the source, the compiler and the CPU's model and flags
+(activations.precision.machine_id), and called through ctypes. The rows are split over torch.get_num_threads()
+OpenMP threads. The library asks for libgomp.so.1, which the loader resolves to the copy torch has already loaded
+(torch's Linux wheels ship it under that name), so the work goes to torch's own workers, still spinning from the
+encoder matmul; threads of our own would fight them for the cores (3.2 vs 1.6 ms per 1,024 bf16 rows of 4,608 on
+2 cores). A compiler without OpenMP gets a thread pool instead. Where no compiler works, `available()` is False
+and kernels.topk_rows keeps its torch path; `status()` says which is in use.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from activations.model import cache_root
+from activations.precision import machine_id
 
 SOURCE = r"""
 #include <algorithm>
@@ -140,16 +141,6 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the compiled library, what happened), built once per process; (None, why) where it cannot be built."""
@@ -158,7 +149,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     cxx = _compiler()
     if cxx is None:
         return None, "no C++ compiler found ($CXX, c++, g++, clang++)"
-    digest = hashlib.sha256("\0".join([SOURCE, cxx, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    machine = f"{platform.machine()} {machine_id(torch.device('cpu'))}"  # the CPU's model and flags, as the probe's
+    digest = hashlib.sha256("\0".join([SOURCE, cxx, machine]).encode()).hexdigest()[:16]
     target = cache_root() / "native" / f"cpu_select-{digest}.so"
     if not target.is_file():
         try:
