@@ -213,9 +213,7 @@ class CrossLayerTranscoder(SAE):
         """Training selection of source position s: (rows, cols, vals) sorted by row, vals relu'd."""
         B, k = pre.shape[0], self.cfg.k
         if self.cfg.arch == "batchtopk":
-            vals, flat = kernels.topk_flat(pre, k * B)
-            flat, order = flat.sort()
-            return flat // self.n, flat % self.n, vals[order].clamp_(min=0)
+            return kernels.batch_select(pre, k * B)
         vals, cols = kernels.topk_rows(pre, k)
         return torch.arange(B, device=pre.device).repeat_interleave(k), cols.reshape(-1), vals.reshape(-1).clamp_(min=0)
 

@@ -67,6 +67,15 @@ def topk_flat(pre_BN: torch.Tensor, k_total: int) -> tuple[torch.Tensor, torch.T
     return pre_BN.reshape(-1).topk(k_total, sorted=False)
 
 
+def batch_select(pre_BN: torch.Tensor, k_total: int):
+    """BatchTopK's training choice: (rows, cols, vals) of the k_total largest entries of the batch, sorted by row
+    (row-major), vals relu'd."""
+    n = pre_BN.shape[1]
+    vals, flat = topk_flat(pre_BN, k_total)
+    flat, order = flat.sort()
+    return flat // n, flat % n, vals[order].clamp_(min=0)
+
+
 def grouped_topk_rows(pre_BN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_rows in torch operations.
 

@@ -113,10 +113,7 @@ class BatchTopKSAE(TopKSAE):
         if not self.training:  # inference: fixed threshold, rows vary in size
             rows, cols = (pre > self.threshold.clamp_min(0)).nonzero(as_tuple=True)
             return rows, cols, pre[rows, cols]
-        n = pre.shape[1]
-        vals, flat = kernels.topk_flat(pre, self.cfg.k * pre.shape[0])
-        flat, order = flat.sort()  # row-major order = sorted by row
-        return flat // n, flat % n, vals[order].clamp_(min=0)
+        return kernels.batch_select(pre, self.cfg.k * pre.shape[0])
 
     @torch.no_grad()
     def after_select(self, vals: torch.Tensor, n_rows: int) -> None:
