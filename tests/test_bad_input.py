@@ -676,14 +676,19 @@ CLT_TANH = [
 ]
 
 # ---------------------------------------------------------------- `strata graph` (sae/circuits)
-def _graph_run(w: Workspace) -> Path:
-    """ws.root/graph-run: a copy of the harvest with transcoders on MLPs 0 and 2 (made once, before a snapshot)."""
-    run = w.root / "graph-run"
-    if not (run / "train" / "tc").is_dir():
+def _trained_copy(w: Workspace, folder: str, name: str, train: list) -> Path:
+    """ws.root/<folder>: a copy of the harvest with `strata train ... --name <name>` run on it (made once, before a
+    snapshot)."""
+    run = w.root / folder
+    if not (run / "train" / name).is_dir():
         shutil.copytree(w.run, run, ignore=shutil.ignore_patterns("train", ".locks", ".strata.lock", "README-mine.txt"))
-        assert main(["train", str(run), "--mode", "transcoder", "--layers", "0,2", "--name", "tc", "--max-tokens", "1024",
-                     *FAST]) == 0
+        assert main(["train", str(run), *train, "--name", name, *FAST]) == 0
     return run
+
+
+def _graph_run(w: Workspace) -> Path:
+    """ws.root/graph-run: transcoders on MLPs 0 and 2."""
+    return _trained_copy(w, "graph-run", "tc", ["--mode", "transcoder", "--layers", "0,2", "--max-tokens", "1024"])
 
 
 def _gcase(case_id: str, tail: list, match: str, setup=None) -> Case:
@@ -732,13 +737,8 @@ GRAPHPERF_CASES = [  # tc trained with the default --exclude-first 1: position 0
 
 # `strata graph` on a cross-layer transcoder (sae/circuits/adapter.py CLTAdapter)
 def _clt_graph_run(w: Workspace) -> Path:
-    """ws.root/clt-graph-run: a copy of the harvest with a CLT "c" over MLPs 0 and 2 (made once, before a snapshot)."""
-    run = w.root / "clt-graph-run"
-    if not (run / "train" / "c").is_dir():
-        shutil.copytree(w.run, run, ignore=shutil.ignore_patterns("train", ".locks", ".strata.lock", "README-mine.txt"))
-        assert main(["train", str(run), "--mode", "clt", "--layers", "0,2", "--name", "c", "--max-tokens", "512",
-                     *FAST]) == 0
-    return run
+    """ws.root/clt-graph-run: a CLT "c" over MLPs 0 and 2."""
+    return _trained_copy(w, "clt-graph-run", "c", ["--mode", "clt", "--layers", "0,2", "--max-tokens", "512"])
 
 
 def _cltcase(case_id: str, tail: list, match: str) -> Case:
